@@ -1,0 +1,374 @@
+"""Typed configuration: dataclasses, YAML files and ``key.sub=value`` overrides.
+
+Every run is described by one top-level dataclass (``SFTConfig``, ``RLConfig``, ``EvalConfig``)
+built from sections defined here. ``load_config`` reads a YAML file, applies command-line
+overrides, checks every key and type, and raises :class:`ConfigError` with a one-line message that
+names the offending key. Nothing heavy (no model, no dataset) is touched before validation ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as a single line."""
+
+
+# --------------------------------------------------------------------------------------------
+# Shared sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the embedded default model (``dirl make-tiny-model``)."""
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 256
+    max_position_embeddings: int = 1024
+    block_size: int = 4
+    tie_word_embeddings: bool = False
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # Checkpoint folder (SDAR or plain Qwen3 layout). Empty: the embedded tiny model, made on the spot.
+    path: str = ""
+    # None: read from the checkpoint (an SDAR config carries both); a value that disagrees with the
+    # checkpoint is an error.
+    block_size: Optional[int] = None
+    mask_token_id: Optional[int] = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_backend: Literal["auto", "flex", "sdpa"] = "auto"
+    gradient_checkpointing: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class DecodingConfig:
+    """Block-diffusion decoding (SPEC section 4). ``block_size`` None: the model's."""
+
+    block_size: Optional[int] = None
+    denoising_steps: int = 4
+    unmasking_strategy: Literal[
+        "low_confidence_dynamic", "low_confidence_static", "sequential"
+    ] = "low_confidence_dynamic"
+    confidence_threshold: float = 0.9
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    do_sample: bool = True
+    max_new_tokens: int = 512
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["cosine", "constant_with_warmup", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    tensorboard: bool = True
+    wandb_project: str = ""
+    progress_bar: bool = True
+
+
+# --------------------------------------------------------------------------------------------
+# Mechanism
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(
+            f"config key '{key}': expected one of {', '.join(repr(a) for a in args)}, got {value!r}"
+        )
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, prefix=key + ".")
+    if origin in (list, tuple):
+        if isinstance(value, str):  # "a,b,c" from the command line
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise bad
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    raise bad from None
+                if f.is_integer():
+                    return int(f)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise ConfigError(f"config key '{key}': unsupported type {tp!r}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type[T], data: dict, prefix: str = "") -> T:
+    hints = _hints(cls)
+    names = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = prefix + str(unknown[0])
+        hint = ", ".join(sorted(names))
+        raise ConfigError(f"unknown config key '{key}' (valid keys here: {hint})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # __post_init__ checks
+        raise ConfigError(f"config section '{prefix.rstrip('.') or cls.__name__}': {e}") from None
+    return obj
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value the way YAML would (numbers, booleans, null, lists)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        k, v = item.split("=", 1)
+        k = k.strip().lstrip("-")
+        if not k:
+            raise ConfigError(f"override '{item}' has an empty key")
+        _set_path(tree, k, _parse_scalar(v))
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file '{p}{where}' is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
+    return data
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
+    """Build ``cls`` from an optional YAML file plus ``key.sub=value`` overrides, validated."""
+    data = read_yaml(path) if path else {}
+    data = _merge(data, parse_overrides(overrides or []))
+    cfg = _build(cls, data)
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    def conv(v: Any) -> Any:
+        if is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, p)
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    return dataclasses.replace(cfg, **changes)
+
+
+def check_positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config key '{key}': must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def check_path_exists(key: str, value: str) -> None:
+    if value and not Path(value).exists():
+        raise ConfigError(f"config key '{key}': path '{value}' does not exist")
+
+
+def check_decoding(dec: DecodingConfig, prefix: str = "decoding") -> None:
+    check_positive(f"{prefix}.denoising_steps", dec.denoising_steps)
+    check_positive(f"{prefix}.block_size", dec.block_size)
+    check_positive(f"{prefix}.max_new_tokens", dec.max_new_tokens)
+    check_positive(f"{prefix}.temperature", dec.temperature, allow_zero=True)
+    if not 0.0 < dec.top_p <= 1.0:
+        raise ConfigError(f"config key '{prefix}.top_p': must be in (0, 1], got {dec.top_p!r}")
+    if not 0.0 <= dec.confidence_threshold <= 1.0:
+        raise ConfigError(
+            f"config key '{prefix}.confidence_threshold': must be in [0, 1], got {dec.confidence_threshold!r}"
+        )
+
+
+def check_model(model: ModelConfig, prefix: str = "model") -> None:
+    check_path_exists(f"{prefix}.path", model.path)
+    check_positive(f"{prefix}.block_size", model.block_size)
+    if model.path:
+        from dirl.model.sdar import read_checkpoint_config  # light: reads JSON only
+
+        info = read_checkpoint_config(model.path, key=f"{prefix}.path")
+        if model.block_size is not None and info.block_size is not None and model.block_size != info.block_size:
+            raise ConfigError(
+                f"config key '{prefix}.block_size': {model.block_size} disagrees with the checkpoint's "
+                f"block_size {info.block_size} ({model.path})"
+            )
+
+
+def check_block_sizes(model: ModelConfig, dec: DecodingConfig, prefix: str = "decoding") -> None:
+    """The engine's, the trainer's and the checkpoint's block sizes must agree (SPEC section 11)."""
+    if dec.block_size is None:
+        return
+    model_bs = model.block_size
+    if model_bs is None and model.path:
+        from dirl.model.sdar import read_checkpoint_config
+
+        model_bs = read_checkpoint_config(model.path, key="model.path").block_size
+    if model_bs is None and not model.path:
+        model_bs = model.tiny.block_size
+    if model_bs is not None and dec.block_size != model_bs:
+        raise ConfigError(
+            f"config key '{prefix}.block_size': {dec.block_size} disagrees with the model's block size {model_bs}"
+        )

@@ -1,0 +1,148 @@
+"""The block-diffusion attention rule (SPEC section 2), built from per-token metadata.
+
+Every token of a forward carries five integers:
+
+* ``doc``   which sample it belongs to (packing); tail padding is a doc of its own;
+* ``pos``   its absolute position in prompt + response (RoPE position);
+* ``blk``   ``pos // block_size``;
+* ``noisy`` 0 for a clean copy of the text, 1 for a token of a (partly masked) noisy copy;
+* ``grp``   for noisy tokens, the id of the copy they belong to (unique within a doc).
+
+:func:`allowed` is the only statement of the rule. The dense SDPA mask (CPU) and the FlexAttention
+``mask_mod`` (CUDA) both call it, so the two backends cannot drift apart. Masks are built from
+O(L) metadata; no L x L tensor is materialised on the flex path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+Backend = Literal["auto", "flex", "sdpa"]
+
+
+def allowed(q_doc, q_blk, q_noisy, q_grp, k_doc, k_blk, k_noisy, k_grp):
+    """True where query q may attend to key k. Works on broadcastable integer tensors.
+
+    q clean : k clean and blk(k) <= blk(q)                (block-causal, bidirectional in a block)
+    q noisy : (k clean and blk(k) < blk(q)) or (k noisy and grp(k) == grp(q))
+    and always doc(q) == doc(k). Only integer comparisons: FlexAttention's mask compiler accepts them.
+    """
+    same_doc = q_doc == k_doc
+    k_clean = k_noisy == 0
+    q_clean = q_noisy == 0
+    earlier_clean = k_clean & (k_blk < q_blk)
+    same_block_clean = k_clean & q_clean & (k_blk == q_blk)
+    same_copy = (k_noisy != 0) & (q_noisy != 0) & (k_grp == q_grp)
+    return same_doc & (earlier_clean | same_block_clean | same_copy)
+
+
+@dataclass
+class TokenMeta:
+    """Per-token metadata, each field a ``[batch, length]`` int tensor."""
+
+    doc: torch.Tensor
+    pos: torch.Tensor
+    blk: torch.Tensor
+    noisy: torch.Tensor
+    grp: torch.Tensor
+
+    @classmethod
+    def make(
+        cls,
+        pos: torch.Tensor,
+        block_size: int,
+        doc: Optional[torch.Tensor] = None,
+        noisy: Optional[torch.Tensor] = None,
+        grp: Optional[torch.Tensor] = None,
+    ) -> "TokenMeta":
+        pos = _as_2d(pos).long()
+        zeros = torch.zeros_like(pos)
+        doc = zeros if doc is None else _as_2d(doc).long().expand_as(pos)
+        noisy = zeros if noisy is None else _as_2d(noisy).long().expand_as(pos)
+        grp = zeros if grp is None else _as_2d(grp).long().expand_as(pos)
+        return cls(doc=doc, pos=pos, blk=torch.div(pos, block_size, rounding_mode="floor"), noisy=noisy, grp=grp)
+
+    @classmethod
+    def cat(cls, metas: list["TokenMeta"], dim: int = 1) -> "TokenMeta":
+        return cls(*(torch.cat([getattr(m, f) for m in metas], dim=dim) for f in cls.fields()))
+
+    @staticmethod
+    def fields() -> tuple[str, ...]:
+        return ("doc", "pos", "blk", "noisy", "grp")
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.pos.shape
+
+    def to(self, device) -> "TokenMeta":
+        return TokenMeta(*(getattr(self, f).to(device) for f in self.fields()))
+
+    def select(self, index) -> "TokenMeta":
+        """Index every field the same way (e.g. ``meta.select((slice(None), slice(a, b)))``)."""
+        return TokenMeta(*(getattr(self, f)[index] for f in self.fields()))
+
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t)
+    return t.unsqueeze(0) if t.dim() == 1 else t
+
+
+def block_causal_meta(length: int, block_size: int, batch: int = 1, device=None, offset: int = 0) -> TokenMeta:
+    """A plain clean sequence (one doc): block-causal attention."""
+    pos = torch.arange(offset, offset + length, device=device).unsqueeze(0).expand(batch, -1)
+    return TokenMeta.make(pos, block_size)
+
+
+def sft_meta(pos: torch.Tensor, doc: torch.Tensor, block_size: int) -> TokenMeta:
+    """Metadata of the SFT layout ``[x_t ; x_0]``: a noisy copy of every block (grp = blk), then the
+    clean text, both halves at the same positions. ``pos`` and ``doc`` are ``[B, L]`` for x_0."""
+    pos = _as_2d(pos).long()
+    doc = _as_2d(doc).long()
+    blk = torch.div(pos, block_size, rounding_mode="floor")
+    noisy = TokenMeta(doc=doc, pos=pos, blk=blk, noisy=torch.ones_like(pos), grp=blk)
+    clean = TokenMeta(doc=doc, pos=pos, blk=blk, noisy=torch.zeros_like(pos), grp=torch.zeros_like(pos))
+    return TokenMeta.cat([noisy, clean])
+
+
+def dense_mask(q: TokenMeta, k: Optional[TokenMeta] = None) -> torch.Tensor:
+    """``[B, 1, Lq, Lk]`` boolean mask (True = attend) for SDPA."""
+    k = q if k is None else k
+    rule = ("doc", "blk", "noisy", "grp")
+    m = allowed(
+        *(getattr(q, f)[:, :, None] for f in rule),
+        *(getattr(k, f)[:, None, :] for f in rule),
+    )
+    return m[:, None, :, :]
+
+
+def flex_block_mask(q: TokenMeta, k: Optional[TokenMeta] = None, block: int = 128):
+    """A FlexAttention ``BlockMask`` for the rule, from O(L) metadata."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    k = q if k is None else k
+    qd, qb, qn, qg = q.doc, q.blk, q.noisy, q.grp
+    kd, kb, kn, kg = k.doc, k.blk, k.noisy, k.grp
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed(qd[b, q_idx], qb[b, q_idx], qn[b, q_idx], qg[b, q_idx],
+                       kd[b, kv_idx], kb[b, kv_idx], kn[b, kv_idx], kg[b, kv_idx])
+
+    B, Lq = q.pos.shape
+    Lk = k.pos.shape[1]
+    return create_block_mask(mask_mod, B=B, H=None, Q_LEN=Lq, KV_LEN=Lk, device=q.pos.device, BLOCK_SIZE=block)
+
+
+def resolve_backend(backend: Backend, device: torch.device | str) -> Literal["flex", "sdpa"]:
+    """``auto`` picks flex on CUDA and SDPA elsewhere (torch has no FlexAttention backward on CPU)."""
+    if backend == "auto":
+        return "flex" if torch.device(device).type == "cuda" else "sdpa"
+    if backend not in ("flex", "sdpa"):
+        raise ValueError(f"unknown attention backend {backend!r} (expected auto, flex or sdpa)")
+    return backend
+
+
+def build_mask(q: TokenMeta, k: Optional[TokenMeta] = None, backend: Literal["flex", "sdpa"] = "sdpa"):
+    return flex_block_mask(q, k) if backend == "flex" else dense_mask(q, k)

@@ -1,0 +1,298 @@
+"""SDAR checkpoints on transformers' Qwen3: load, save, and the block-diffusion forward.
+
+An SDAR checkpoint is a Qwen3 decoder whose ``config.json`` says ``model_type: "sdar"`` and carries
+``block_size`` and ``mask_token_id``. We build a :class:`transformers.Qwen3Config` from that file
+ourselves, so no remote code runs and nothing is copied into the checkpoint folder, and load the
+weights into :class:`transformers.Qwen3ForCausalLM` unchanged. Saving writes the same SDAR layout.
+
+:class:`SDARModel` wraps the HF model with the attention rule of :mod:`dirl.model.attention`:
+every forward gets an explicit mask built from per-token metadata (transformers would otherwise
+infer a token-causal mask), and logits are *not* shifted (output i predicts token i).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from dirl.config import ConfigError
+from dirl.model.attention import Backend, TokenMeta, build_mask, resolve_backend
+
+SDAR_MODEL_TYPE = "sdar"
+SDAR_ARCHITECTURE = "SDARForCausalLM"
+QWEN_MASK_TOKEN = "<|MASK|>"
+QWEN_MASK_TOKEN_ID = 151669
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# Keys of an SDAR config.json that a Qwen3Config must not receive.
+_NON_QWEN_KEYS = ("model_type", "architectures", "auto_map", "transformers_version")
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    model_type: str
+    block_size: Optional[int]
+    mask_token_id: Optional[int]
+    raw: dict
+
+
+def read_checkpoint_config(path: str | os.PathLike, key: str = "model.path") -> CheckpointInfo:
+    """Read and check ``config.json`` of a checkpoint folder; one-line :class:`ConfigError` on problems."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config key '{key}': model folder '{p}' does not exist")
+    if not p.is_dir():
+        raise ConfigError(f"config key '{key}': '{p}' is not a folder (expected a checkpoint folder with config.json)")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"config key '{key}': '{p}' has no config.json, so it is not a model checkpoint")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config key '{key}': '{cfg_file}' is not valid JSON (line {e.lineno}: {e.msg})") from None
+    mt = raw.get("model_type")
+    if mt not in (SDAR_MODEL_TYPE, "qwen3"):
+        raise ConfigError(
+            f"config key '{key}': '{cfg_file}' has model_type {mt!r}; expected 'sdar' or 'qwen3'"
+        )
+    if not any((p / w).is_file() for w in WEIGHT_FILES):
+        raise ConfigError(f"config key '{key}': '{p}' has no weights (model.safetensors or pytorch_model.bin)")
+    bs = raw.get("block_size")
+    mid = raw.get("mask_token_id")
+    if bs is not None and (not isinstance(bs, int) or bs <= 0):
+        raise ConfigError(f"config key '{key}': '{cfg_file}' has an invalid block_size {bs!r}")
+    return CheckpointInfo(path=p, model_type=mt, block_size=bs, mask_token_id=mid, raw=raw)
+
+
+def qwen3_config_from_dict(raw: dict):
+    from transformers import Qwen3Config
+
+    d = {k: v for k, v in raw.items() if k not in _NON_QWEN_KEYS}
+    return Qwen3Config(**d)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r} (expected auto, float32, bfloat16 or float16)") from None
+
+
+_HF_ATTN = {"flex": "flex_attention", "sdpa": "sdpa"}
+
+
+class SDARModel(nn.Module):
+    """A Qwen3 decoder run under the block-diffusion attention rule."""
+
+    def __init__(self, hf_model: nn.Module, block_size: int, mask_token_id: int, attn_backend: Backend = "auto",
+                 source: Optional[Path] = None):
+        super().__init__()
+        self.hf = hf_model
+        self.block_size = int(block_size)
+        self.mask_token_id = int(mask_token_id)
+        self.attn_backend: Backend = attn_backend
+        self.source = source  # folder it was loaded from (for copying layout files on save)
+        self._active_backend: Optional[str] = None
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.hf.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.hf.lm_head
+
+    def backend(self, override: Optional[Backend] = None) -> str:
+        return resolve_backend(override or self.attn_backend, self.device)
+
+    def _use_backend(self, backend: str) -> None:
+        if self._active_backend != backend:
+            self.hf.set_attn_implementation(_HF_ATTN[backend])
+            self._active_backend = backend
+
+    # -- forward ------------------------------------------------------------------------------
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        meta: TokenMeta,
+        k_meta: Optional[TokenMeta] = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        backend: Optional[Backend] = None,
+    ):
+        """Final (normed) hidden states ``[B, L, H]``, and the cache when ``use_cache``.
+
+        ``meta`` describes the query tokens (``input_ids``); ``k_meta`` the keys, i.e. the cached
+        tokens followed by the query tokens (defaults to ``meta`` when nothing is cached).
+        """
+        be = self.backend(backend)
+        self._use_backend(be)
+        mask = build_mask(meta, k_meta, backend=be)
+        out = self.hf.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=meta.pos,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        if use_cache:
+            return out.last_hidden_state, out.past_key_values
+        return out.last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, meta: TokenMeta, k_meta: Optional[TokenMeta] = None,
+                backend: Optional[Backend] = None) -> torch.Tensor:
+        """Full logits ``[B, L, V]`` (unshifted). Training code should prefer ``hidden_states`` and
+        send only the positions it scores through ``lm_head``."""
+        return self.lm_head(self.hidden_states(input_ids, meta, k_meta=k_meta, backend=backend))
+
+    # -- save ---------------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str | os.PathLike, tokenizer: Any = None, extra_files: Optional[dict] = None) -> Path:
+        """Write an SDAR-layout checkpoint atomically: config.json (model_type sdar, block_size,
+        mask_token_id), model.safetensors, tokenizer files. The folder appears only when complete."""
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            self.hf.save_pretrained(tmp, safe_serialization=True)
+            cfg_path = tmp / "config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["model_type"] = SDAR_MODEL_TYPE
+            cfg["architectures"] = [SDAR_ARCHITECTURE]
+            cfg["block_size"] = self.block_size
+            cfg["mask_token_id"] = self.mask_token_id
+            # Older readers (LMDeploy, transformers 4.x) look for these flat keys.
+            rope = cfg.get("rope_parameters") or {}
+            if "rope_theta" in rope:
+                cfg.setdefault("rope_theta", rope["rope_theta"])
+            if "dtype" in cfg:
+                cfg.setdefault("torch_dtype", cfg["dtype"])
+            src_cfg = self.source / "config.json" if self.source else None
+            if src_cfg is not None and src_cfg.is_file():
+                src = json.loads(src_cfg.read_text())
+                if "auto_map" in src:
+                    cfg["auto_map"] = src["auto_map"]
+                # keep the source's Python files (e.g. configuration_sdar.py) so SDAR tools load it
+                for f in self.source.glob("*.py"):
+                    shutil.copy2(f, tmp / f.name)
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, content in (extra_files or {}).items():
+                (tmp / name).write_text(content)
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+
+def load_model(
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: str | torch.dtype = "auto",
+    attn_backend: Backend = "auto",
+    block_size: Optional[int] = None,
+    mask_token_id: Optional[int] = None,
+    key: str = "model.path",
+) -> SDARModel:
+    """Load an SDAR (or plain Qwen3) checkpoint folder into an :class:`SDARModel`.
+
+    ``block_size``/``mask_token_id`` fill in what the checkpoint lacks; a value that contradicts the
+    checkpoint is a :class:`ConfigError`.
+    """
+    from transformers import Qwen3ForCausalLM
+
+    info = read_checkpoint_config(path, key=key)
+    if block_size is not None and info.block_size is not None and block_size != info.block_size:
+        raise ConfigError(
+            f"config key 'model.block_size': {block_size} disagrees with the checkpoint's block_size "
+            f"{info.block_size} ({info.path})"
+        )
+    bs = info.block_size if info.block_size is not None else block_size
+    if bs is None:
+        raise ConfigError(
+            f"config key 'model.block_size': the checkpoint '{info.path}' has no block_size; set model.block_size"
+        )
+    mid = info.mask_token_id if info.mask_token_id is not None else mask_token_id
+    if mid is None:
+        mid = _mask_id_from_tokenizer(info.path)
+    if mid is None:
+        raise ConfigError(
+            f"config key 'model.mask_token_id': the checkpoint '{info.path}' has no mask_token_id; set model.mask_token_id"
+        )
+    if mask_token_id is not None and info.mask_token_id is not None and mask_token_id != info.mask_token_id:
+        raise ConfigError(
+            f"config key 'model.mask_token_id': {mask_token_id} disagrees with the checkpoint's mask_token_id "
+            f"{info.mask_token_id} ({info.path})"
+        )
+    vocab = info.raw.get("vocab_size")
+    if isinstance(vocab, int) and not 0 <= mid < vocab:
+        raise ConfigError(f"config key 'model.mask_token_id': {mid} is outside the vocabulary (size {vocab})")
+    torch_dtype = resolve_dtype(dtype, device)
+    backend = resolve_backend(attn_backend, device)
+    hf_cfg = qwen3_config_from_dict(info.raw)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # silence "model of type sdar ... Qwen3": that is the point
+    try:
+        hf = Qwen3ForCausalLM.from_pretrained(
+            info.path, config=hf_cfg, dtype=torch_dtype, attn_implementation=_HF_ATTN[backend]
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    hf.to(device)
+    model = SDARModel(hf, bs, mid, attn_backend=attn_backend, source=info.path)
+    model._active_backend = backend
+    return model
+
+
+def _mask_id_from_tokenizer(path: Path) -> Optional[int]:
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():
+        return None
+    try:
+        data = json.loads(tok_file.read_text())
+    except json.JSONDecodeError:
+        return None
+    for t in data.get("added_tokens", []):
+        if t.get("content") == QWEN_MASK_TOKEN:
+            return int(t["id"])
+    return None
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's tokenizer (no remote code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - re-raised as a one-line error
+        raise ConfigError(f"config key 'model.path': cannot load a tokenizer from '{path}': {e}") from None

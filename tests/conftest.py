@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny SDAR model (a few hundred thousand parameters) made once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+BENCHMARKS = SHARED / "data" / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from dirl.model.tiny import make_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    make_tiny_model(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    """(model, tokenizer) loaded from the tiny checkpoint, fp32 on CPU, eval mode."""
+    from dirl.model.sdar import load_model, load_tokenizer
+
+    model = load_model(tiny_dir, device="cpu", dtype="float32")
+    model.eval()
+    return model, load_tokenizer(tiny_dir)
+
+
+@pytest.fixture
+def benchmarks_dir() -> Path:
+    if not BENCHMARKS.is_dir():
+        pytest.skip(f"local benchmark copies not found at {BENCHMARKS} (the ../shared folder is absent)")
+    return BENCHMARKS
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,118 @@
+"""Typed config: YAML + overrides, and one-line errors that name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+
+from dirl.config import (
+    ConfigError, DecodingConfig, ModelConfig, OptimConfig, check_block_sizes, check_decoding, check_model,
+    load_config, save_config,
+)
+
+
+@dataclass
+class Job:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 10
+    name: str = "run"
+
+    def validate(self):
+        check_model(self.model)
+        check_decoding(self.decoding)
+        check_block_sizes(self.model, self.decoding)
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def one_line(e):
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = write(tmp_path, "steps: 3\noptim:\n  lr: 1.0e-4\ndecoding:\n  top_k: 50\n")
+    cfg = load_config(Job, p, ["optim.lr=2e-5", "decoding.unmasking_strategy=sequential", "optim.betas=[0.9,0.95]"])
+    assert cfg.steps == 3 and cfg.optim.lr == 2e-5 and cfg.decoding.top_k == 50
+    assert cfg.decoding.unmasking_strategy == "sequential" and cfg.optim.betas == (0.9, 0.95)
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(Job, tmp_path / "resolved.yaml")
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "text, overrides, match",
+    [
+        ("stepz: 3\n", [], "unknown config key 'stepz'"),
+        ("optim:\n  learning_rate: 1\n", [], "unknown config key 'optim.learning_rate'"),
+        ("", ["steps=ten"], "config key 'steps': expected int"),
+        ("", ["optim.lr=fast"], "config key 'optim.lr': expected float"),
+        ("", ["decoding.unmasking_strategy=random"], "config key 'decoding.unmasking_strategy': expected one of"),
+        ("", ["model.path=/no/such/folder"], "config key 'model.path': path '/no/such/folder' does not exist"),
+        ("", ["decoding.top_p=1.5"], "config key 'decoding.top_p'"),
+        ("", ["decoding.block_size=8"], "config key 'decoding.block_size': 8 disagrees"),
+        ("", ["steps"], "not of the form key.sub=value"),
+        ("optim: 3\n", [], "config key 'optim': expected a mapping"),
+        ("steps: [1\n", [], "is not valid YAML"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path, text, overrides, match):
+    with pytest.raises(ConfigError) as e:
+        load_config(Job, write(tmp_path, text), overrides)
+    assert match in one_line(e)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Job, tmp_path / "nope.yaml")
+
+
+def test_block_size_against_checkpoint(tiny_dir):
+    cfg = load_config(Job, None, [f"model.path={tiny_dir}", "decoding.block_size=4"])
+    assert cfg.decoding.block_size == 4
+    with pytest.raises(ConfigError) as e:
+        load_config(Job, None, [f"model.path={tiny_dir}", "decoding.block_size=8"])
+    assert "decoding.block_size" in one_line(e)
+    with pytest.raises(ConfigError) as e:
+        load_config(Job, None, [f"model.path={tiny_dir}", "model.block_size=2"])
+    assert "model.block_size" in one_line(e)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "dirl.cli", "make-tiny-model", "--out", str(tmp_path / "m"), "hiden_size=3"],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert lines == [lines[0]] and "unknown config key 'hiden_size'" in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_help_and_unknown_command():
+    r = subprocess.run([sys.executable, "-m", "dirl.cli"], capture_output=True, text=True)
+    assert r.returncode == 0 and "make-tiny-model" in r.stdout and "serve" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "dirl.cli", "frobnicate"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr
+
+
+def test_cli_make_tiny_model(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "dirl.cli", "make-tiny-model", "--out", str(tmp_path / "m"), "seed=2", "hidden_size=64"],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    from dirl.model.sdar import load_model
+
+    m = load_model(tmp_path / "m")
+    assert m.config.hidden_size == 64 and m.block_size == 4
