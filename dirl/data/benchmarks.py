@@ -1,0 +1,256 @@
+"""Evaluation benchmarks: the five math test sets of DiRL plus the synthetic task.
+
+Each benchmark loads from the Hugging Face Hub by default, or from a local file (JSONL, JSON or
+parquet) or a folder holding ``<file name>`` (e.g. ``shared/data/benchmarks``). Every problem comes
+out as the same dict::
+
+    {"benchmark": "math500", "id": "17", "index": 17, "question": ..., "answer": <gold string>,
+     "prompt": <user turn>, "meta": {...}}
+
+``id`` is the problem's position in the full set, so it is stable under ``limit`` / ``subset_seed``
+(and resuming an evaluation relies on it). ``answer`` is the gold answer ready for grading: the
+number after ``####`` for GSM8K, OlympiadBench's ``final_answer`` list joined with commas and
+without ``$``. ``prompt`` is the user turn: the DiRL template for the math sets, the bare question
+(``What is 43+75?``, exactly what the SFT data uses) for ``synthetic``; the model's chat template
+is applied later (by the rollout server or :func:`dirl.data.chat.render_prompt`).
+
+A source string is a path (file or folder) or a Hub dataset ``owner/name``, optionally with a
+config and a split: ``owner/name:config@split``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from dirl.rewards.math import gold_answer
+
+DIRL_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within $\\boxed{{}}$."
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    name: str
+    hub: str  # default Hub dataset
+    hub_config: Optional[str]
+    split: str
+    file: str  # file name inside a local data folder
+    question_fields: tuple[str, ...]
+    answer_fields: tuple[str, ...]
+    template: str = DIRL_TEMPLATE
+    meta_fields: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = field(default=())
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    s.name: s
+    for s in [
+        BenchmarkSpec(
+            "math500", "HuggingFaceH4/MATH-500", None, "test", "math500.jsonl",
+            ("problem",), ("answer",), meta_fields=("subject", "level", "unique_id"), aliases=("math", "math-500"),
+        ),
+        BenchmarkSpec(
+            "gsm8k", "openai/gsm8k", "main", "test", "gsm8k.jsonl", ("question",), ("answer",),
+        ),
+        BenchmarkSpec(
+            "aime2024", "HuggingFaceH4/aime_2024", None, "train", "aime24.jsonl", ("problem",), ("answer",),
+            meta_fields=("id", "url"), aliases=("aime24",),
+        ),
+        BenchmarkSpec(
+            "aime2025", "math-ai/aime25", None, "test", "aime25.jsonl", ("problem",), ("answer",),
+            meta_fields=("id",), aliases=("aime25",),
+        ),
+        BenchmarkSpec(
+            "olympiadbench", "Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train", "olympiadbench.jsonl",
+            ("question",), ("final_answer",), meta_fields=("id", "answer_type", "is_multiple_answer", "unit"),
+            aliases=("olympiad", "olympiad_bench"),
+        ),
+        BenchmarkSpec(
+            "synthetic", "", None, "test", "", ("prompt", "question"), ("answer",), template="{question}",
+            aliases=("add", "arithmetic"),
+        ),
+    ]
+}
+MATH_BENCHMARKS = ("math500", "gsm8k", "aime2024", "aime2025", "olympiadbench")
+
+# Fallback field names for files of other schemas.
+_QUESTION_FALLBACK = ("problem", "question", "prompt", "input", "query")
+_ANSWER_FALLBACK = ("answer", "final_answer", "ground_truth", "gold", "target", "solution")
+
+
+def canonical_name(name: str) -> str:
+    key = name.strip().lower()
+    for spec in BENCHMARKS.values():
+        if key == spec.name or key in spec.aliases:
+            return spec.name
+    raise ValueError(f"unknown benchmark '{name}' (known: {', '.join(BENCHMARKS)})")
+
+
+def format_prompt(question: str, template: str = DIRL_TEMPLATE) -> str:
+    """The user turn for ``question`` (DiRL's template by default)."""
+    return template.format(question=question)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading rows
+# --------------------------------------------------------------------------------------------
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a local JSONL, JSON (a list, or a dict holding one) or parquet file."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(p).to_pylist()
+    text = p.read_text(encoding="utf-8")
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if isinstance(data, list):
+            return [dict(r) for r in data]
+        if isinstance(data, dict):
+            for v in data.values():
+                if isinstance(v, list) and v and isinstance(v[0], dict):
+                    return [dict(r) for r in v]
+            raise ValueError(f"{p}: a JSON object without a list of rows")
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise ValueError(f"{p}:{n}: not a JSON line ({e})") from None
+    return rows
+
+
+def _parse_hub(source: str, spec: BenchmarkSpec) -> tuple[str, Optional[str], str]:
+    split, config = spec.split, None
+    if "@" in source:
+        source, split = source.rsplit("@", 1)
+    if ":" in source:
+        source, config = source.split(":", 1)
+    if config is None and source == spec.hub:
+        config = spec.hub_config
+    return source, config, split
+
+
+def _load_hub(source: str, spec: BenchmarkSpec) -> list[dict]:
+    name, config, split = _parse_hub(source, spec)
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover
+        raise RuntimeError("loading benchmarks from the Hub needs the 'datasets' package") from e
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # noqa: BLE001 - offline, gated, renamed ...
+        raise RuntimeError(
+            f"could not load benchmark '{spec.name}' from the Hub ({name}"
+            f"{':' + config if config else ''}@{split}): {type(e).__name__}: {e}. "
+            f"Point eval's data.data_dir at a folder with {spec.file or 'the file'} or set data.sources.{spec.name}"
+        ) from None
+    return [dict(r) for r in ds]
+
+
+def resolve_source(name: str, source: Optional[str] = None, data_dir: Optional[str] = None) -> str:
+    """Where benchmark ``name`` is read from: ``source`` if given (a file, a folder or a Hub name),
+    else ``data_dir/<file>`` when it exists, else the default Hub dataset."""
+    spec = BENCHMARKS[canonical_name(name)]
+    if source:
+        p = Path(source).expanduser()
+        if p.is_dir():
+            if not spec.file or not (p / spec.file).is_file():
+                raise FileNotFoundError(f"benchmark '{spec.name}': {p} has no {spec.file or 'data file'}")
+            return str(p / spec.file)
+        return str(p) if p.exists() else source
+    if data_dir and spec.file:
+        p = Path(data_dir).expanduser() / spec.file
+        if p.is_file():
+            return str(p)
+    return spec.hub
+
+
+def _pick(row: dict, names: Iterable[str], fallback: Iterable[str], what: str, where: str) -> Any:
+    for n in list(names) + [f for f in fallback if f not in names]:
+        if n in row and row[n] is not None:
+            return row[n]
+    raise KeyError(f"{where}: no {what} field (looked for {', '.join(names)}; row keys: {', '.join(row)})")
+
+
+def _subset(items: list, limit: Optional[int], seed: Optional[int]) -> list:
+    if limit is None or limit >= len(items):
+        if seed is None:
+            return items
+        limit = len(items)
+    if seed is None:
+        return items[:limit]
+    return random.Random(seed).sample(items, limit)
+
+
+def load_benchmark(
+    name: str,
+    source: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    limit: Optional[int] = None,
+    subset_seed: Optional[int] = None,
+    synthetic_size: int = 200,
+    synthetic_seed: int = 0,
+) -> list[dict]:
+    """The problems of one benchmark (see the module docstring for the row format).
+
+    ``limit``: keep N problems (the first N, or a seeded random N with ``subset_seed``). For
+    ``synthetic`` the held-out test split of :mod:`dirl.data.synthetic` is drawn
+    (``synthetic_size`` problems, ``synthetic_seed`` order) unless ``source`` names a file.
+    """
+    spec = BENCHMARKS[canonical_name(name)]
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if spec.name == "synthetic" and not source:
+        from dirl.data.synthetic import synthetic_problems
+
+        rows = synthetic_problems("test", n=synthetic_size, seed=synthetic_seed)
+        where = "synthetic test split"
+    else:
+        where = resolve_source(spec.name, source, data_dir)
+        p = Path(where)
+        rows = read_rows(p) if p.is_file() else _load_hub(where, spec)
+    problems = []
+    for i, row in enumerate(rows):
+        loc = f"{where} row {i}"
+        question = str(_pick(row, spec.question_fields, _QUESTION_FALLBACK, "question", loc))
+        raw = _pick(row, spec.answer_fields, _ANSWER_FALLBACK, "answer", loc)
+        gold = gold_answer(raw)
+        if not gold:
+            raise ValueError(f"{loc}: empty gold answer")
+        meta = {k: row[k] for k in spec.meta_fields if k in row}
+        if "id" in row and "id" not in meta:
+            meta["id"] = row["id"]
+        problems.append(
+            {
+                "benchmark": spec.name,
+                "id": str(i),
+                "index": i,
+                "question": question,
+                "answer": gold,
+                "prompt": format_prompt(question, spec.template),
+                "meta": _jsonable(meta),
+            }
+        )
+    return _subset(problems, limit, subset_seed)
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+            out[k] = v
+        except TypeError:
+            out[k] = str(v)
+    return out
