@@ -1,0 +1,341 @@
+"""Rollout backends: the protocol ``dirl serve`` wraps, the request schema, and the reference backend.
+
+A backend decodes :class:`GenerateRequest` objects (prompt already tokenised, every sampling field
+filled in) into trajectory dicts (docs/CONTRACTS.md) and takes weight updates in place. Requests
+arrive as JSON-like dicts; :class:`RequestParser` checks them (unknown fields, wrong types, empty or
+over-long prompts) and raises :class:`RequestError` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, runtime_checkable
+
+import torch
+
+from dirl.config import ConfigError, DecodingConfig, check_decoding
+
+ENGINE_NAME = "dirl-reference"
+CONFIDENCE_RULE = "softmax(logits / T)[sampled token], before top-k/top-p filtering"
+REQUEST_FIELDS = ("request_id", "input_ids", "prompt", "messages", "max_new_tokens", "temperature", "top_k",
+                  "top_p", "do_sample", "stop_token_ids", "seed")
+
+
+class RequestError(ValueError):
+    """A malformed generate request (HTTP 400)."""
+
+
+class StateError(RuntimeError):
+    """An operation not allowed in the backend's current sleep state (HTTP 409)."""
+
+
+@dataclass
+class GenerateRequest:
+    """One request as a backend sees it: tokenised prompt, every sampling field resolved."""
+
+    request_id: str
+    input_ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    do_sample: bool
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: Optional[int] = None
+
+
+@runtime_checkable
+class RolloutBackend(Protocol):
+    name: str
+
+    def info(self) -> dict: ...
+
+    def generate(self, requests: list[GenerateRequest]) -> list[dict]: ...
+
+    def sleep(self, level: int = 1) -> None: ...
+
+    def wakeup(self, tags: Optional[list[str]] = None) -> None: ...
+
+    def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], finished: bool) -> None: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# Requests
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class RequestParser:
+    """Turns request dicts into :class:`GenerateRequest` (defaults from a :class:`DecodingConfig`)."""
+
+    def __init__(self, defaults: DecodingConfig, block_size: int, vocab_size: int, max_context: Optional[int],
+                 tokenizer: Any = None, stop_token_ids: Optional[list[int]] = None):
+        self.defaults = defaults
+        self.block_size = int(block_size)
+        self.vocab_size = int(vocab_size)
+        self.max_context = max_context
+        self.tokenizer = tokenizer
+        if stop_token_ids is None:
+            stop_token_ids = []
+            if tokenizer is not None:
+                from dirl.data.chat import stop_token_ids as chat_stop_ids
+
+                stop_token_ids = chat_stop_ids(tokenizer)
+        self.stop_token_ids = list(stop_token_ids)
+
+    def parse_many(self, objs: list[Any]) -> list[GenerateRequest]:
+        reqs = [self.parse(o, where=f"requests[{i}]") for i, o in enumerate(objs)]
+        seen: set[str] = set()
+        for r in reqs:
+            if r.request_id in seen:
+                raise RequestError(f"duplicate request_id {r.request_id!r} in one batch")
+            seen.add(r.request_id)
+        return reqs
+
+    def parse(self, obj: Any, where: str = "request") -> GenerateRequest:
+        if not isinstance(obj, dict):
+            raise RequestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        unknown = sorted(set(obj) - set(REQUEST_FIELDS))
+        if unknown:
+            raise RequestError(f"{where}: unknown field {unknown[0]!r} (valid fields: {', '.join(REQUEST_FIELDS)})")
+        rid = obj.get("request_id")
+        if rid is None:
+            rid = uuid.uuid4().hex
+        elif not isinstance(rid, str) or not rid:
+            raise RequestError(f"{where}: 'request_id' must be a non-empty string, got {rid!r}")
+        else:
+            where = f"request {rid!r}"
+        ids = self._prompt(obj, where)
+        d = self.defaults
+
+        def get(name: str, check, kind: str, default):
+            v = obj.get(name)
+            if v is None:
+                return default
+            if not check(v):
+                raise RequestError(f"{where}: '{name}' must be {kind}, got {v!r}")
+            return v
+
+        max_new = get("max_new_tokens", lambda v: _is_int(v) and v >= 1, "an integer >= 1", d.max_new_tokens)
+        temperature = float(get("temperature", lambda v: _is_num(v) and v >= 0, "a number >= 0", d.temperature))
+        top_k = get("top_k", _is_int, "an integer (<= 0: off)", d.top_k)
+        top_p = float(get("top_p", lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]", d.top_p))
+        do_sample = get("do_sample", lambda v: isinstance(v, bool), "true or false", d.do_sample)
+        stop = get("stop_token_ids", lambda v: isinstance(v, list) and all(_is_int(t) for t in v),
+                   "a list of integers", self.stop_token_ids)
+        seed = get("seed", _is_int, "an integer", None)
+        return GenerateRequest(request_id=rid, input_ids=ids, max_new_tokens=int(max_new), temperature=temperature,
+                               top_k=int(top_k), top_p=top_p, do_sample=bool(do_sample),
+                               stop_token_ids=[int(t) for t in stop], seed=seed)
+
+    def _prompt(self, obj: dict, where: str) -> list[int]:
+        given = [k for k in ("input_ids", "prompt", "messages") if obj.get(k) is not None]
+        if len(given) != 1:
+            raise RequestError(
+                f"{where}: give exactly one of 'input_ids', 'prompt' or 'messages' (got {', '.join(given) or 'none'})"
+            )
+        kind = given[0]
+        v = obj[kind]
+        if kind == "input_ids":
+            if not isinstance(v, list) or not all(_is_int(t) for t in v):
+                raise RequestError(f"{where}: 'input_ids' must be a list of integers")
+            bad = [t for t in v if not 0 <= t < self.vocab_size]
+            if bad:
+                raise RequestError(f"{where}: token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+            ids = list(v)
+        else:
+            if self.tokenizer is None:
+                raise RequestError(f"{where}: this server has no tokenizer; send 'input_ids'")
+            if kind == "prompt":
+                if not isinstance(v, str):
+                    raise RequestError(f"{where}: 'prompt' must be a string")
+                from dirl.data.chat import encode
+
+                ids = encode(self.tokenizer, v) if v else []
+            else:
+                if not isinstance(v, list) or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in v
+                ):
+                    raise RequestError(f"{where}: 'messages' must be a list of {{role, content}} string objects")
+                if not v:
+                    raise RequestError(f"{where}: 'messages' is empty")
+                from dirl.data.chat import prompt_ids
+
+                try:
+                    ids = prompt_ids(self.tokenizer, v)
+                except Exception as e:  # noqa: BLE001 - template errors are the request's fault
+                    raise RequestError(f"{where}: cannot apply the chat template: {e}") from None
+        if not ids:
+            raise RequestError(f"{where}: empty prompt")
+        if self.max_context is not None:
+            need = (len(ids) // self.block_size + 1) * self.block_size
+            if need > self.max_context:
+                raise RequestError(
+                    f"{where}: prompt of {len(ids)} tokens is over the context limit of {self.max_context} "
+                    f"(with its first block it needs {need})"
+                )
+        return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference backend
+# ----------------------------------------------------------------------------------------------
+
+
+def normalize_weight_name(name: str) -> str:
+    """Parameter names as in ``Qwen3ForCausalLM``: drop the ``hf.`` of :class:`SDARModel` and the
+    ``module.`` of DDP/DeepSpeed wrappers."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in ("module.", "hf.", "_orig_mod."):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                changed = True
+    return name
+
+
+class ReferenceBackend:
+    """The pure-PyTorch engine of :mod:`dirl.rollout.engine` behind the backend protocol."""
+
+    name = "reference"
+
+    def __init__(self, model_dir: str, decoding: Optional[DecodingConfig] = None, device: str = "cpu",
+                 dtype: str = "auto", max_batch_size: int = 64, model=None, tokenizer=None):
+        from dirl import __version__
+        from dirl.model.sdar import load_model, load_tokenizer
+        from dirl.rollout.engine import Engine
+
+        self.version = __version__
+        self.decoding = decoding or DecodingConfig()
+        check_decoding(self.decoding)
+        self.model_dir = str(model_dir)
+        if model is None:
+            model = load_model(model_dir, device=device, dtype=dtype, block_size=self.decoding.block_size)
+            model.eval()
+        elif self.decoding.block_size is not None and self.decoding.block_size != model.block_size:
+            raise ConfigError(f"config key 'decoding.block_size': {self.decoding.block_size} disagrees with the "
+                              f"model's block size {model.block_size}")
+        if tokenizer is None:
+            try:
+                tokenizer = load_tokenizer(model_dir)
+            except ConfigError:
+                tokenizer = None
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.device
+        self.engine = Engine(model, tokenizer, denoising_steps=self.decoding.denoising_steps,
+                             unmasking_strategy=self.decoding.unmasking_strategy,
+                             confidence_threshold=self.decoding.confidence_threshold,
+                             max_batch_size=max_batch_size)
+        self.asleep = {"weights": False, "kv_cache": False}
+        # state_dict, not named_parameters: a tied lm_head.weight keeps its own name there
+        self._params = {normalize_weight_name(n): p for n, p in model.hf.state_dict(keep_vars=True).items()}
+
+    def parser(self) -> RequestParser:
+        return RequestParser(self.decoding, self.model.block_size, self.model.config.vocab_size,
+                             self.engine.max_context, tokenizer=self.tokenizer)
+
+    def info(self) -> dict:
+        d = self.decoding
+        return {
+            "engine": ENGINE_NAME,
+            "version": self.version,
+            "backend": self.name,
+            "model": self.model_dir,
+            "block_size": self.model.block_size,
+            "denoising_steps": d.denoising_steps,
+            "unmasking_strategy": d.unmasking_strategy,
+            "confidence_threshold": d.confidence_threshold,
+            "confidence": CONFIDENCE_RULE,
+            "mask_token_id": self.model.mask_token_id,
+            "vocab_size": self.model.config.vocab_size,
+            "dtype": str(self.model.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "max_context": self.engine.max_context,
+            "max_batch_size": self.engine.max_batch_size,
+            "defaults": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
+                         "do_sample": d.do_sample, "max_new_tokens": d.max_new_tokens},
+            "stop_token_ids": self.parser().stop_token_ids,
+            "asleep": dict(self.asleep),
+        }
+
+    def _check_awake(self) -> None:
+        if any(self.asleep.values()):
+            raise StateError(f"the backend is asleep ({', '.join(k for k, v in self.asleep.items() if v)}); "
+                             "call wakeup first")
+
+    def generate(self, requests: list[GenerateRequest]) -> list[dict]:
+        self._check_awake()
+        return self.engine.generate(requests)
+
+    def generate_continuous(self, requests: list[GenerateRequest], more, on_result) -> None:
+        """Continuous batching for the server: ``more()`` returns requests that arrived since, which
+        join the running batch; ``on_result(i, trajectory)`` fires as each finishes (``i`` counts
+        ``requests`` first, then what ``more`` returned, in order)."""
+        self._check_awake()
+        self.engine.generate(requests, on_result=on_result, more=more)
+
+    def sleep(self, level: int = 1) -> None:
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+        self.engine.free_cache()
+        self.asleep["kv_cache"] = True
+        if level == 2 and not self.asleep["weights"]:
+            if self.device.type == "cuda":
+                self.model.to("cpu")
+                torch.cuda.empty_cache()
+            self.asleep["weights"] = True
+
+    def wakeup(self, tags: Optional[list[str]] = None) -> None:
+        tags = ["weights", "kv_cache"] if tags is None else list(tags)
+        bad = [t for t in tags if t not in ("weights", "kv_cache")]
+        if bad:
+            raise ValueError(f"unknown wakeup tag {bad[0]!r} (expected 'weights' or 'kv_cache')")
+        if "weights" in tags and self.asleep["weights"]:
+            self.model.to(self.device)
+            self.asleep["weights"] = False
+        if "kv_cache" in tags:
+            if self.asleep["weights"]:
+                raise StateError("wake the weights before the KV cache")
+            self.asleep["kv_cache"] = False
+
+    def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], finished: bool) -> None:
+        if not self.asleep["kv_cache"]:
+            raise StateError("update_weights needs the KV cache asleep: call sleep first")
+        pairs = []
+        for name, t in named_tensors:
+            key = normalize_weight_name(name)
+            p = self._params.get(key)
+            if p is None:
+                raise ValueError(f"unknown parameter {name!r}")
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"parameter {name!r}: shape {tuple(t.shape)} does not match {tuple(p.shape)}")
+            pairs.append((key, p, t))
+        with torch.no_grad():
+            for _, p, t in pairs:
+                p.copy_(t.to(device=p.device, dtype=p.dtype))
+
+
+def get_backend(name: str, model_dir: str, decoding: Optional[DecodingConfig] = None, device: str = "cpu",
+                **kwargs) -> RolloutBackend:
+    """Build a backend by name: ``reference`` (this module) or ``lmdeploy`` (imported lazily)."""
+    if name == "reference":
+        return ReferenceBackend(model_dir, decoding=decoding, device=device, **kwargs)
+    if name == "lmdeploy":
+        try:
+            from dirl.rollout import lmdeploy_backend
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"backend 'lmdeploy' is not available: {e}") from None
+        build = getattr(lmdeploy_backend, "LMDeployBackend", None) or getattr(lmdeploy_backend, "build_backend")
+        return build(model_dir, decoding=decoding, device=device, **kwargs)
+    raise ConfigError(f"unknown rollout backend {name!r} (expected reference or lmdeploy)")

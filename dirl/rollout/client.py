@@ -1,0 +1,331 @@
+"""Client of a pool of rollout servers, used by the trainers and the evaluator.
+
+* ``generate(requests)`` returns one trajectory per request, in input order, matched by
+  ``request_id`` (assigned when missing) and never by position. Requests travel in small batches,
+  many in flight at once, pulled from one shared queue by every server of the pool, so a fast server
+  takes more. Connection errors, timeouts and 5xx answers are retried with exponential backoff,
+  on any server; a request that still fails raises :class:`RolloutError` naming it. A 4xx answer is
+  the request's fault: it raises at once with the server's reason.
+* ``push_weights(model_or_state_dict)`` runs sleep → update_weights (segmented, ``finished`` on the
+  last) → wakeup on every server (SPEC section 8).
+
+The core is async (``agenerate``, ``apush_weights`` ...); the plain methods wrap it and also work when
+called from inside a running event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from typing import Any, Iterable, Optional
+from urllib.parse import urlparse
+
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class RolloutError(RuntimeError):
+    """A request (or a server operation) that failed for good."""
+
+    def __init__(self, message: str, request_ids: Optional[list[str]] = None, url: Optional[str] = None):
+        super().__init__(message)
+        self.request_ids = list(request_ids or [])
+        self.url = url
+
+
+class _Retry(Exception):
+    pass
+
+
+def _run(coro):
+    """Run a coroutine to completion from sync code, inside or outside a running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="dirl-client")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class RolloutClient:
+    """``RolloutClient(urls, api_key=None, max_concurrency=8, retries=3, timeout=600)``.
+
+    ``max_concurrency``: HTTP calls in flight per server; ``batch_size``: requests per call;
+    ``retries``: further attempts after the first; ``timeout``: seconds per HTTP call.
+    """
+
+    def __init__(self, urls: list[str] | str, api_key: Optional[str] = None, max_concurrency: int = 8,
+                 retries: int = 3, timeout: float = 600.0, batch_size: int = 16, backoff: float = 0.5):
+        if isinstance(urls, str):
+            urls = [urls]
+        urls = [u.rstrip("/") for u in urls]
+        if not urls:
+            raise ValueError("RolloutClient needs at least one server URL")
+        self.urls = urls
+        self.api_key = api_key
+        self.max_concurrency = max(1, int(max_concurrency))
+        self.retries = max(0, int(retries))
+        self.timeout = timeout
+        self.batch_size = max(1, int(batch_size))
+        self.backoff = backoff
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _client(self):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        limits = httpx.Limits(max_connections=self.max_concurrency * len(self.urls) + len(self.urls))
+        return httpx.AsyncClient(headers=headers, timeout=self.timeout, limits=limits)
+
+    @staticmethod
+    def _reason(resp) -> str:
+        try:
+            return str(resp.json().get("error", resp.text))
+        except Exception:  # noqa: BLE001
+            return resp.text[:500]
+
+    async def _call(self, client, method: str, url: str, path: str, body: Any = None) -> Any:
+        """One HTTP call with retries (connection errors, timeouts, 5xx); a 4xx raises at once."""
+        import httpx
+
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                resp = await client.request(method, url + path, json=body)
+                if resp.status_code < 400:
+                    return resp.json()
+                if resp.status_code < 500 and resp.status_code != 429:
+                    raise RolloutError(f"{url}{path}: HTTP {resp.status_code}: {self._reason(resp)}", url=url)
+                err = f"HTTP {resp.status_code}: {self._reason(resp)}"
+            except httpx.TransportError as e:
+                err = f"{type(e).__name__}: {e}"
+            if attempt < self.retries:
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise RolloutError(f"{url}{path} failed after {self.retries + 1} attempts: {err}", url=url)
+
+    # -- generate ------------------------------------------------------------------------------
+    def prepare(self, requests: Iterable[dict]) -> list[dict]:
+        """Copies of the requests, each with a ``request_id`` (assigned when missing), all distinct."""
+        out, seen = [], set()
+        for r in requests:
+            if not isinstance(r, dict):
+                raise TypeError(f"a request must be a dict, got {type(r).__name__}")
+            r = copy.copy(r)
+            if r.get("request_id") is None:
+                r["request_id"] = uuid.uuid4().hex
+            rid = r["request_id"]
+            if rid in seen:
+                raise ValueError(f"duplicate request_id {rid!r}")
+            seen.add(rid)
+            out.append(r)
+        return out
+
+    async def agenerate(self, requests: Iterable[dict]) -> list[dict]:
+        reqs = self.prepare(requests)
+        if not reqs:
+            return []
+        chunks = [reqs[i:i + self.batch_size] for i in range(0, len(reqs), self.batch_size)]
+        todo: asyncio.Queue = asyncio.Queue()
+        for c in chunks:
+            todo.put_nowait((c, 0))
+        results: dict[str, dict] = {}
+        failure: list[BaseException] = []
+        done = asyncio.Event()
+        remaining = [len(chunks)]
+        down_until = {u: 0.0 for u in self.urls}  # a server that failed is left alone for a while
+        streak = {u: 0 for u in self.urls}
+        loop = asyncio.get_running_loop()
+
+        import httpx
+
+        async def post(client, url: str, chunk: list[dict]) -> list[dict]:
+            body = chunk[0] if len(chunk) == 1 else {"requests": chunk}
+            try:
+                resp = await client.post(url + "/generate", json=body)
+            except httpx.TransportError as e:
+                streak[url] += 1
+                down_until[url] = loop.time() + self.backoff * 2 ** min(streak[url], 6)
+                raise _Retry(f"{url}: {type(e).__name__}: {e}") from None
+            if resp.status_code >= 500 or resp.status_code == 429:
+                raise _Retry(f"{url}: HTTP {resp.status_code}: {self._reason(resp)}")
+            streak[url] = 0
+            if resp.status_code >= 400:
+                ids = [r["request_id"] for r in chunk]
+                raise RolloutError(f"request {', '.join(map(repr, ids))} refused by {url}: HTTP {resp.status_code}: "
+                                   f"{self._reason(resp)}", request_ids=ids, url=url)
+            data = resp.json()
+            got = [data] if len(chunk) == 1 else data.get("results")
+            want = [r["request_id"] for r in chunk]
+            if not isinstance(got, list) or sorted(g.get("request_id") for g in got) != sorted(want):
+                raise _Retry(f"{url}: the answer does not match the request ids {want}")
+            return got
+
+        async def worker(client, url: str):
+            while not done.is_set():
+                wait = down_until[url] - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                chunk, attempt = await todo.get()
+                try:
+                    for res in await post(client, url, chunk):
+                        results[res["request_id"]] = res
+                except _Retry as e:
+                    if attempt >= self.retries:
+                        ids = [r["request_id"] for r in chunk]
+                        failure.append(RolloutError(
+                            f"request {', '.join(map(repr, ids))} failed after {attempt + 1} attempts; last error: {e}",
+                            request_ids=ids))
+                        done.set()
+                        return
+                    await asyncio.sleep(self.backoff * (2 ** attempt))
+                    todo.put_nowait((chunk, attempt + 1))
+                    continue
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as e:  # noqa: BLE001 - ends the whole call
+                    failure.append(e)
+                    done.set()
+                    return
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    done.set()
+
+        async with self._client() as client:
+            tasks = [asyncio.create_task(worker(client, u)) for u in self.urls for _ in range(self.max_concurrency)]
+            try:
+                await done.wait()
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        if failure:
+            raise failure[0]
+        missing = [r["request_id"] for r in reqs if r["request_id"] not in results]
+        if missing:  # cannot happen unless a server misbehaves; never return shifted results
+            raise RolloutError(f"no result for request {', '.join(map(repr, missing[:5]))}", request_ids=missing)
+        return [results[r["request_id"]] for r in reqs]
+
+    def generate(self, requests: Iterable[dict]) -> list[dict]:
+        """Trajectories in the order of ``requests`` (see the module docstring)."""
+        return _run(self.agenerate(requests))
+
+    # -- control -------------------------------------------------------------------------------
+    async def _all(self, method: str, path: str, body: Any = None) -> list[Any]:
+        async with self._client() as client:
+            return list(await asyncio.gather(*(self._call(client, method, u, path, body) for u in self.urls)))
+
+    async def ainfo(self) -> list[dict]:
+        return await self._all("GET", "/info")
+
+    def info(self) -> list[dict]:
+        """``/info`` of every server, in the order of ``urls``."""
+        return _run(self.ainfo())
+
+    async def ahealth(self) -> list[dict]:
+        return await self._all("GET", "/health")
+
+    def health(self) -> list[dict]:
+        return _run(self.ahealth())
+
+    async def asleep(self, level: int = 1) -> list[dict]:
+        return await self._all("POST", "/sleep", {"level": level})
+
+    def sleep(self, level: int = 1) -> list[dict]:
+        return _run(self.asleep(level))
+
+    async def awakeup(self, tags: Optional[list[str]] = None) -> list[dict]:
+        return await self._all("POST", "/wakeup", {"tags": tags} if tags else {})
+
+    def wakeup(self, tags: Optional[list[str]] = None) -> list[dict]:
+        return _run(self.awakeup(tags))
+
+    async def aupdate_weights(self, payload: dict) -> list[dict]:
+        return await self._all("POST", "/update_weights", payload)
+
+    def update_weights(self, payload: dict) -> list[dict]:
+        """Send one ``/update_weights`` segment (see :mod:`dirl.rollout.weights`) to every server."""
+        return _run(self.aupdate_weights(payload))
+
+    # -- weights -------------------------------------------------------------------------------
+    def choose_transport(self, pairs: list, infos: Optional[list[dict]] = None) -> str:
+        """``ipc`` when the tensors are on CUDA and every server is local and on CUDA; ``file`` when
+        every server is local; ``inline`` otherwise."""
+        local = all(urlparse(u).hostname in _LOCAL_HOSTS for u in self.urls)
+        on_cuda = bool(pairs) and all(t.device.type == "cuda" for _, t in pairs)
+        if local and on_cuda and infos and all(str(i.get("device", "")).startswith("cuda") for i in infos):
+            return "ipc"
+        return "file" if local else "inline"
+
+    async def apush_weights(self, weights: Any, transport: str = "auto", segment_bytes: Optional[int] = None,
+                            sleep_level: int = 1, tmp_dir: Optional[str] = None) -> dict:
+        from dirl.rollout import weights as W
+
+        pairs = W.named_tensors(weights)
+        if transport == "auto":
+            transport = self.choose_transport(pairs, await self.ainfo() if any(
+                t.device.type == "cuda" for _, t in pairs) else None)
+        if transport not in W.TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r} (expected auto, {', '.join(W.TRANSPORTS)})")
+        default = W.DEFAULT_BUCKET_BYTES if transport == "ipc" else W.DEFAULT_SEGMENT_BYTES
+        if transport == "inline":
+            default = 64 << 20
+        groups = W.segments(pairs, segment_bytes or default)
+        keep_alive: list = []
+        workdir = None
+        payloads = []
+        try:
+            for i, g in enumerate(groups):
+                last = i == len(groups) - 1
+                if transport == "inline":
+                    payloads.append(W.inline_payload(g, last))
+                elif transport == "file":
+                    workdir = workdir or tempfile.mkdtemp(prefix="dirl-weights-", dir=tmp_dir)
+                    payloads.append(W.file_payload(g, os.path.join(workdir, f"segment-{i:04d}.safetensors"), last))
+                else:
+                    buckets = W.flatten_buckets(g, segment_bytes or W.DEFAULT_BUCKET_BYTES)
+                    keep_alive.append(buckets)
+                    payloads.append(W.ipc_payload(buckets, last))
+
+            async with self._client() as client:
+                async def one(url: str):
+                    step = "sleep"
+                    try:
+                        await self._call(client, "POST", url, "/sleep", {"level": sleep_level})
+                        for i, p in enumerate(payloads):
+                            step = f"update_weights segment {i + 1}/{len(payloads)}"
+                            await self._call(client, "POST", url, "/update_weights", p)
+                        step = "wakeup"
+                        await self._call(client, "POST", url, "/wakeup", {})
+                    except RolloutError as e:
+                        raise RolloutError(f"push_weights to {url} failed at {step} (the server may be left "
+                                           f"asleep): {e}", url=url) from None
+
+                await asyncio.gather(*(one(u) for u in self.urls))
+        finally:
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+            keep_alive.clear()
+        return {"transport": transport, "segments": len(payloads), "tensors": len(pairs), "servers": len(self.urls)}
+
+    def push_weights(self, weights: Any, transport: str = "auto", segment_bytes: Optional[int] = None,
+                     sleep_level: int = 1, tmp_dir: Optional[str] = None) -> dict:
+        """sleep → update_weights (segmented) → wakeup on every server. ``weights``: a model
+        (SDARModel, HF, DDP-wrapped) or a state dict. ``transport``: auto, file, inline or ipc."""
+        return _run(self.apush_weights(weights, transport, segment_bytes, sleep_level, tmp_dir))

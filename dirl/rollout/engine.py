@@ -1,0 +1,374 @@
+"""The reference rollout engine: batched block-diffusion decoding with a KV cache of committed blocks.
+
+How one forward is laid out (every active sequence is one row of the batch):
+
+    row r:  [ clean tokens to commit (c_r) | current block (B, noisy) | padding ]
+
+* The clean part holds what must enter the KV cache before the current block: the whole prompt
+  blocks on the sequence's first forward (the prefill), the block finished at the previous step
+  (the commit forward), or nothing while a block is still being denoised. A commit is thus done in
+  the same forward as the first denoising step of the next block; the attention rule makes this
+  exactly the separate commit forward of SPEC section 4 item 5 (clean tokens never see noisy
+  ones), one forward fewer per block.
+* After the forward the cache keeps the clean part and forgets the noisy block, so a row's cache
+  always holds exactly positions ``[0, block_start)`` of its sequence.
+* Rows sit at different positions and commit at different steps. :class:`BlockKVCache` gives every
+  row its own length: new keys are written at each row's own offset, and slots past a row's
+  length are marked as padding (a doc of their own), so nobody attends them. Padding queries
+  attend only padding keys.
+* Every forward gets an explicit mask built from per-token metadata (:class:`TokenMeta`).
+
+Rows that finish leave the batch at once and waiting requests take their place (continuous
+batching), so one ``generate`` call may hold many more requests than ``max_batch_size``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from dirl.model.attention import TokenMeta
+from dirl.rollout.decoding import STRATEGIES, SamplingSettings, Sequence, denoise_step, sampling_params
+
+PAD_DOC = -1
+
+
+class BlockKVCache:
+    """Per-row KV cache of committed blocks for transformers' attention layers.
+
+    It answers the one call the attention layers make, ``update(key, value, layer_idx)``: it writes
+    the forward's keys/values at every row's own offset (``lengths[r]``) and returns the keys of
+    ``[0, max(lengths) + Lq)``. :meth:`prepare` must be called before each forward and
+    :meth:`advance` after it. It is not a ``transformers.Cache``: given an explicit 4-D mask and
+    position ids, transformers' Qwen3 only calls ``update`` (and older versions
+    ``get_seq_length``), and keys are preallocated here instead of concatenated every forward.
+    """
+
+    def __init__(self, num_layers: int, device: torch.device, max_rows: Optional[int] = None):
+        self.num_layers = num_layers
+        self.device = torch.device(device)
+        self.max_rows = max_rows
+        self.keys: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.values: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.capacity = 0
+        self._lq = 0
+        self._kv_len = 0
+        self._offset: Optional[int] = None
+        self._index: Optional[torch.Tensor] = None
+
+    # -- rows --------------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def add_rows(self, n: int) -> None:
+        self.lengths = torch.cat([self.lengths, torch.zeros(n, dtype=torch.long, device=self.device)])
+
+    def keep_rows(self, index: list[int]) -> None:
+        """Keep only the rows in ``index`` (in that order)."""
+        idx = torch.tensor(index, dtype=torch.long, device=self.device)
+        self.lengths = self.lengths[idx]
+        n = len(index)
+        if index == list(range(n)):
+            return
+        for buf in (self.keys, self.values):
+            for i, t in enumerate(buf):
+                if t is not None:
+                    t[:n] = t[idx]
+
+    def free(self) -> None:
+        self.keys = [None] * self.num_layers
+        self.values = [None] * self.num_layers
+        self.capacity = 0
+        self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+    # -- one forward -------------------------------------------------------------------------
+    def prepare(self, lq: int) -> int:
+        """Set up the writes of a forward of ``lq`` query tokens per row; returns the key length."""
+        lengths = self.lengths.tolist()
+        self._lq = lq
+        self._kv_len = (max(lengths) if lengths else 0) + lq
+        if lengths and all(x == lengths[0] for x in lengths):
+            self._offset, self._index = lengths[0], None
+        else:
+            self._offset = None
+            self._index = self.lengths[:, None] + torch.arange(lq, device=self.device)[None, :]
+        return self._kv_len
+
+    def advance(self, committed: torch.Tensor) -> None:
+        """After a forward: each row keeps ``committed[r]`` of its query tokens (its clean part)."""
+        self.lengths = self.lengths + committed.to(self.device)
+
+    def _ensure(self, layer: int, key: torch.Tensor, rows: int) -> None:
+        need = self._kv_len
+        t = self.keys[layer]
+        if t is not None and t.shape[0] >= rows and t.shape[2] >= need:
+            return
+        cap = max(need, self.capacity, 64)
+        if t is not None and t.shape[2] < need:
+            cap = max(need, int(t.shape[2] * 1.5))
+        cap = int(math.ceil(cap / 64) * 64)
+        old_rows = t.shape[0] if t is not None else 0
+        nrows = old_rows if rows <= old_rows else max(rows, min(2 * old_rows, self.max_rows or rows))
+        for buf in (self.keys, self.values):
+            old = buf[layer]
+            # zeros, not empty: stale slots are masked out, but must hold finite numbers
+            new = key.new_zeros(nrows, key.shape[1], cap, key.shape[3])
+            if old is not None:
+                new[: old.shape[0], :, : old.shape[2]] = old
+            buf[layer] = new
+        self.capacity = max(self.capacity, cap)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        n = key.shape[0]
+        self._ensure(layer_idx, key, n)
+        kb, vb = self.keys[layer_idx], self.values[layer_idx]
+        if self._index is None:
+            o = self._offset
+            kb[:n, :, o:o + self._lq] = key
+            vb[:n, :, o:o + self._lq] = value
+        else:
+            idx = self._index[:, None, :, None].expand(n, key.shape[1], self._lq, key.shape[3])
+            kb[:n].scatter_(2, idx, key)
+            vb[:n].scatter_(2, idx, value)
+        return kb[:n, :, : self._kv_len], vb[:n, :, : self._kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # for transformers versions that ask
+        return int(self.lengths.max().item()) if self.rows else 0
+
+
+class _Row:
+    """An active sequence in the engine's batch."""
+
+    __slots__ = ("seq", "index", "pending")
+
+    def __init__(self, seq: Sequence, index: int):
+        self.seq = seq
+        self.index = index  # position of the request in the generate() call
+        self.pending: list[int] = seq.prefill_ids()  # clean tokens to write at the next forward
+
+
+class Engine:
+    """Reference block-diffusion decoder with a KV cache (SPEC section 4), CPU or CUDA.
+
+    ``generate(requests)`` takes :class:`~dirl.rollout.backend.GenerateRequest` objects (or
+    anything with ``request_id``, ``input_ids`` and the sampling fields) and returns one trajectory
+    dict per request, in order.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer: Any = None,
+        denoising_steps: int = 4,
+        unmasking_strategy: str = "low_confidence_dynamic",
+        confidence_threshold: float = 0.9,
+        max_batch_size: int = 64,
+        max_context: Optional[int] = None,
+    ):
+        if unmasking_strategy not in STRATEGIES:
+            raise ValueError(f"unknown unmasking strategy {unmasking_strategy!r} (expected one of {', '.join(STRATEGIES)})")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.block_size = int(model.block_size)
+        self.mask_token_id = int(model.mask_token_id)
+        self.denoising_steps = int(denoising_steps)
+        self.unmasking_strategy = unmasking_strategy
+        self.confidence_threshold = float(confidence_threshold)
+        self.max_batch_size = int(max_batch_size)
+        if max_context is None:
+            max_context = getattr(model.config, "max_position_embeddings", None)
+        self.max_context = max_context
+        pad = getattr(model.config, "pad_token_id", None)
+        self.pad_token_id = int(pad) if pad is not None else 0
+        # statistics since construction: model forwards, rows over all forwards, tokens kept
+        self.forwards = 0
+        self.row_forwards = 0
+        self.tokens_kept = 0
+
+    # ------------------------------------------------------------------------------------------
+    def free_cache(self) -> None:
+        """The cache lives only inside ``generate``; this hands cached GPU memory back."""
+        if torch.cuda.is_available() and self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def new_sequence(self, req) -> Sequence:
+        settings = SamplingSettings(
+            max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+            do_sample=req.do_sample, stop_token_ids=list(req.stop_token_ids), seed=req.seed,
+        )
+        return Sequence(req.request_id, req.input_ids, settings, self.block_size, self.mask_token_id,
+                        max_context=self.max_context)
+
+    @torch.inference_mode()
+    def generate(self, requests: Iterable, on_result: Optional[Callable[[int, dict], None]] = None,
+                 more: Optional[Callable[[], list]] = None) -> list[dict]:
+        """Decode every request; results in input order. ``on_result(i, trajectory)`` fires as each
+        finishes (for progress bars). ``more()``, when given, is asked for requests that arrived since
+        (a server's queue) whenever a row is free; they get the indices after the given ones and
+        their results are appended."""
+        seqs = [self.new_sequence(r) for r in requests]  # validates all before any work
+        # OpenMP thread counts are per OS thread: called from a worker thread (the server's), torch
+        # would use every core whatever torch.set_num_threads said, and tiny forwards crawl on a
+        # busy machine. Re-applying the process setting here makes it hold in this thread too.
+        torch.set_num_threads(torch.get_num_threads())
+        waiting = deque(range(len(seqs)))
+        results: list[Optional[dict]] = [None] * len(seqs)
+        device = self.model.device
+        B = self.block_size
+        cache = BlockKVCache(self.model.config.num_hidden_layers, device, max_rows=self.max_batch_size)
+        rows: list[_Row] = []
+        block_ids = torch.zeros(0, B, dtype=torch.long, device=device)
+        masked = torch.zeros(0, B, dtype=torch.bool, device=device)
+        steps = torch.zeros(0, B, dtype=torch.long, device=device)
+        logps = torch.zeros(0, B, dtype=torch.float32, device=device)
+        params = None  # per-row sampling tensors, rebuilt when the rows change
+        while True:
+            if more is not None and len(rows) + len(waiting) < self.max_batch_size:
+                for r in more():
+                    seqs.append(self.new_sequence(r))
+                    results.append(None)
+                    waiting.append(len(seqs) - 1)
+            if not (waiting or rows):
+                break
+            # admit waiting requests into free rows
+            new = []
+            while waiting and len(rows) + len(new) < self.max_batch_size:
+                i = waiting.popleft()
+                new.append(_Row(seqs[i], i))
+            if new:
+                params = None
+                rows += new
+                cache.add_rows(len(new))
+                nb = torch.tensor([r.seq.first_block() for r in new], dtype=torch.long, device=device)
+                nm = torch.tensor([[j >= r.seq.prompt_in_block() for j in range(B)] for r in new],
+                                  dtype=torch.bool, device=device)
+                block_ids = torch.cat([block_ids, nb])
+                masked = torch.cat([masked, nm])
+                steps = torch.cat([steps, torch.zeros_like(nb)])
+                logps = torch.cat([logps, torch.zeros(len(new), B, dtype=torch.float32, device=device)])
+
+            seqs_now = [r.seq for r in rows]
+            if params is None:
+                params = sampling_params(seqs_now, device)
+            logits = self._forward(rows, block_ids, cache)
+            keep, tokens, lps, step = denoise_step(
+                logits, block_ids, masked, seqs_now, self.unmasking_strategy,
+                self.confidence_threshold, self.denoising_steps, params,
+            )
+            block_ids = torch.where(keep, tokens, block_ids)
+            steps = torch.where(keep, step[:, None], steps)
+            logps = torch.where(keep, lps, logps)
+            masked = masked & ~keep
+            self.tokens_kept += int(keep.sum())
+
+            finished_block = (~masked.any(dim=1)).tolist()
+            if not any(finished_block):
+                continue
+            live = []
+            ids_l, steps_l, lps_l = block_ids.tolist(), steps.tolist(), logps.tolist()
+            for k, (row, fin) in enumerate(zip(rows, finished_block)):
+                if not fin:
+                    live.append(k)
+                    continue
+                if row.seq.finish_block(ids_l[k], steps_l[k], lps_l[k]):
+                    results[row.index] = res = row.seq.result(self.tokenizer)
+                    if on_result is not None:
+                        on_result(row.index, res)
+                    continue
+                row.pending = ids_l[k]  # commit it with the next block's first step
+                block_ids[k] = self.mask_token_id
+                masked[k] = True
+                steps[k] = 0
+                logps[k] = 0.0
+                live.append(k)
+            if len(live) < len(rows):
+                params = None
+                rows = [rows[k] for k in live]
+                cache.keep_rows(live)
+                li = torch.tensor(live, dtype=torch.long, device=device)
+                block_ids, masked, steps, logps = block_ids[li], masked[li], steps[li], logps[li]
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------------------------
+    def _forward(self, rows: list[_Row], block_ids: torch.Tensor, cache: BlockKVCache) -> torch.Tensor:
+        """One forward of every row's clean part + current block; logits ``[N, B, V]`` (fp32) of the
+        current blocks. The clean parts stay in the cache."""
+        device = block_ids.device
+        B = self.block_size
+        n = len(rows)
+        pend = [len(r.pending) for r in rows]
+        c = max(pend)
+        lq = c + B
+        starts = torch.tensor([r.seq.block_start for r in rows], dtype=torch.long, device=device)
+        ar = torch.arange(B, device=device)
+        if c == 0:
+            input_ids = block_ids
+            pos = starts[:, None] + ar[None, :]
+            doc = torch.zeros_like(pos)
+            noisy = torch.ones_like(pos)
+            offsets = torch.zeros(n, dtype=torch.long, device=device)
+        else:
+            pad = self.pad_token_id
+            ids_rows, pos_rows, doc_rows, noisy_rows = [], [], [], []
+            for r, p in zip(rows, pend):
+                s = r.seq.block_start
+                fill = lq - p - B
+                ids_rows.append(r.pending + [0] * B + [pad] * fill)
+                pos_rows.append(list(range(s - p, s + B)) + [0] * fill)
+                doc_rows.append([0] * (p + B) + [PAD_DOC] * fill)
+                noisy_rows.append([0] * p + [1] * B + [0] * fill)
+            input_ids = torch.tensor(ids_rows, dtype=torch.long, device=device)
+            offsets = torch.tensor(pend, dtype=torch.long, device=device)
+            cols = offsets[:, None] + ar[None, :]
+            input_ids.scatter_(1, cols, block_ids)
+            pos = torch.tensor(pos_rows, dtype=torch.long, device=device)
+            doc = torch.tensor(doc_rows, dtype=torch.long, device=device)
+            noisy = torch.tensor(noisy_rows, dtype=torch.long, device=device)
+        blk = torch.div(pos, B, rounding_mode="floor")
+        q_meta = TokenMeta(doc=doc, pos=pos, blk=blk, noisy=noisy, grp=blk * noisy)
+        kv_len = cache.prepare(lq)
+        k_meta = self._key_meta(q_meta, cache.lengths, kv_len)
+        hidden = self.model.hidden_states(input_ids, q_meta, k_meta=k_meta, past_key_values=cache,
+                                          use_cache=False, backend="sdpa")
+        cache.advance(offsets)
+        for r in rows:
+            r.pending = []
+        if c > 0:
+            idx = (offsets[:, None] + ar[None, :])[:, :, None].expand(n, B, hidden.shape[-1])
+            hidden = hidden.gather(1, idx)
+        self.forwards += 1
+        self.row_forwards += n
+        return self.model.lm_head(hidden).float()
+
+    def _key_meta(self, q: TokenMeta, lengths: torch.Tensor, kv_len: int) -> TokenMeta:
+        """Metadata of the keys ``[0, kv_len)`` of every row: cached clean tokens at their own
+        positions, then this forward's tokens, then padding."""
+        device = q.pos.device
+        n, lq = q.pos.shape
+        slot = torch.arange(kv_len, device=device)[None, :].expand(n, kv_len)
+        rel = slot - lengths[:, None]
+        cached = rel < 0
+        current = (rel >= 0) & (rel < lq)
+        gi = rel.clamp(0, lq - 1)
+
+        def field(name: str, cached_value: torch.Tensor, pad_value: int) -> torch.Tensor:
+            qv = getattr(q, name).gather(1, gi)
+            return torch.where(cached, cached_value, torch.where(current, qv, torch.full_like(qv, pad_value)))
+
+        zero = torch.zeros_like(slot)
+        pos = field("pos", slot, 0)
+        return TokenMeta(
+            doc=field("doc", zero, PAD_DOC),
+            pos=pos,
+            blk=torch.div(pos, self.block_size, rounding_mode="floor"),
+            noisy=field("noisy", zero, 0),
+            grp=field("grp", zero, 0),
+        )

@@ -1,0 +1,176 @@
+"""The rollout client over a pool of two real servers: order, spread, retries, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from dirl.config import DecodingConfig
+from dirl.rollout.backend import ReferenceBackend
+from dirl.rollout.client import RolloutClient, RolloutError
+from dirl.rollout.server import free_port, start_server
+
+DECODING = DecodingConfig(max_new_tokens=16, do_sample=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class ThreadServer:
+    """The same app served by uvicorn on a thread of this process (a real socket on a free port);
+    saves starting a second interpreter on a busy 2-core machine."""
+
+    def __init__(self, backend):
+        import uvicorn
+
+        from dirl.rollout.server import create_app
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        app = create_app(backend, backend.parser())
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "in-thread server did not start"
+            time.sleep(0.02)
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def local(tiny_dir):
+    torch.set_num_threads(1)
+    return ReferenceBackend(str(tiny_dir), decoding=DECODING, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_dir):
+    """Two servers: a ``dirl serve`` subprocess and one on a thread here. The last test of this
+    file kills the subprocess."""
+    sub = start_server(tiny_dir, decoding=DECODING, device="cpu", threads=1, wait=False)
+    torch.set_num_threads(1)
+    here = ThreadServer(ReferenceBackend(str(tiny_dir), decoding=DECODING, device="cpu"))
+    sub.wait_ready()
+    yield [here, sub]
+    sub.stop()
+    here.stop()
+
+
+def workload(n, prefix="q"):
+    reqs = []
+    for i in range(n):
+        r = {"prompt": f"{i}*{i % 7}=", "max_new_tokens": 4 + (i * 5) % 13}
+        if i % 3:
+            r["request_id"] = f"{prefix}{i}"
+        if i % 4 == 0:
+            r.update(do_sample=True, temperature=1.1, seed=i)
+        reqs.append(r)
+    return reqs
+
+
+def expected(local, reqs):
+    return local.generate(local.parser().parse_many(reqs))
+
+
+def stats(url):
+    return httpx.get(url + "/info").json()["stats"]
+
+
+def test_results_come_back_in_order_from_both_servers(pool, local):
+    before = [stats(h.url)["requests"] for h in pool]
+    client = RolloutClient([h.url for h in pool], max_concurrency=3, batch_size=2)
+    reqs = workload(30)
+    got = client.generate(reqs)
+    assert len(got) == 30
+    assert "request_id" not in reqs[0]  # the caller's dicts are not modified
+    for r, g in zip(reqs, got):
+        if "request_id" in r:
+            assert g["request_id"] == r["request_id"]
+    assert len({g["request_id"] for g in got}) == 30  # assigned ids are distinct
+    want = expected(local, [{**r, "request_id": g["request_id"]} for r, g in zip(reqs, got)])
+    for g, w in zip(got, want):
+        assert (g["token_ids"], g["step_map"], g["prompt_ids"]) == (w["token_ids"], w["step_map"], w["prompt_ids"])
+    served = [stats(h.url)["requests"] - b for h, b in zip(pool, before)]
+    assert sum(served) == 30 and min(served) > 0, served  # both servers took work
+
+
+def test_duplicate_ids_are_refused_before_sending(pool):
+    with pytest.raises(ValueError, match="duplicate request_id 'x'"):
+        RolloutClient([pool[0].url]).generate([{"request_id": "x", "prompt": "a"}, {"request_id": "x", "prompt": "b"}])
+
+
+def test_sync_wrapper_works_inside_an_event_loop(pool):
+    async def main():
+        client = RolloutClient([pool[0].url])
+        sync = client.generate([{"request_id": "in-loop", "prompt": "1+1="}])
+        async_ = await client.agenerate([{"request_id": "in-loop", "prompt": "1+1="}])
+        return sync, async_
+
+    sync, async_ = asyncio.run(main())
+    assert sync == async_ and sync[0]["request_id"] == "in-loop"
+
+
+def test_info_of_every_server(pool):
+    infos = RolloutClient([h.url for h in pool]).info()
+    assert [i["block_size"] for i in infos] == [4, 4]
+
+
+def test_a_dead_pool_raises_naming_the_requests():
+    dead = f"http://127.0.0.1:{free_port()}"
+    client = RolloutClient([dead], retries=2, backoff=0.01, batch_size=1)
+    t0 = time.monotonic()
+    with pytest.raises(RolloutError, match=r"request 'lost-1' failed after 3 attempts.*Connect") as e:
+        client.generate([{"request_id": "lost-1", "prompt": "a"}, {"request_id": "lost-2", "prompt": "b"}])
+    assert e.value.request_ids in (["lost-1"], ["lost-2"]) or "lost-1" in str(e.value)
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_server_killed_mid_run_is_retried_on_the_other(pool, local):
+    """Runs last: kills the second server while requests are in flight on it."""
+    client = RolloutClient([h.url for h in pool], max_concurrency=2, batch_size=2, retries=4, backoff=0.05)
+    reqs = [{"request_id": f"k{i}", "prompt": f"{i}-{i}=", "max_new_tokens": 40} for i in range(24)]
+    victim = pool[1]
+    box = {}
+
+    def run():
+        try:
+            box["out"] = client.generate(reqs)
+        except BaseException as e:  # noqa: BLE001
+            box["err"] = e
+
+    t = threading.Thread(target=run)
+    start = stats(victim.url)["http_calls"]
+    t.start()
+    deadline = time.monotonic() + 60
+    while stats(victim.url)["http_calls"] - start < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert t.is_alive(), "the run ended before the kill: make the workload longer"
+    victim.proc.kill()  # in the middle of the run: its in-flight requests fail
+    t.join(120)
+    assert not t.is_alive()
+    assert not victim.alive()
+    if "err" in box:  # acceptable only as a clear error naming requests
+        assert isinstance(box["err"], RolloutError) and box["err"].request_ids
+        pytest.fail(f"the surviving server should have taken over: {box['err']}")
+    got = box["out"]
+    assert [g["request_id"] for g in got] == [r["request_id"] for r in reqs]
+    want = expected(local, reqs)
+    for g, w in zip(got, want):
+        assert (g["token_ids"], g["step_map"]) == (w["token_ids"], w["step_map"])

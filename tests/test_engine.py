@@ -1,0 +1,234 @@
+"""The cached engine against the naive no-cache decoder, seeds, log-probs, and ``dirl rollout``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dirl.config import ConfigError
+from dirl.model.attention import block_causal_meta
+from dirl.model.sdar import load_model
+from dirl.rollout.backend import GenerateRequest
+from dirl.rollout.engine import Engine
+from dirl.rollout.naive import naive_generate
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny forwards are fastest on one thread, and far slower with two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+STRATEGIES = ["low_confidence_dynamic", "low_confidence_static", "sequential"]
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny_dir):
+    """The tiny model with a scaled-up lm_head: peaked distributions, so dynamic decoding keeps
+    several tokens in some steps and one in others, and argmax ties are far apart."""
+    model = load_model(tiny_dir, device="cpu", dtype="float32")
+    model.eval()
+    with torch.no_grad():
+        model.hf.lm_head.weight.mul_(50.0)
+    return model
+
+
+def requests(model, lengths, max_new=20, seed0=0, **kw):
+    out = []
+    for i, P in enumerate(lengths):
+        g = torch.Generator().manual_seed(seed0 + i)
+        ids = torch.randint(5, model.config.vocab_size, (P,), generator=g).tolist()
+        fields = dict(request_id=f"r{seed0 + i}", input_ids=ids, max_new_tokens=max_new, temperature=1.0, top_k=0,
+                      top_p=1.0, do_sample=False, stop_token_ids=[], seed=None)
+        fields.update(kw)
+        out.append(GenerateRequest(**fields))
+    return out
+
+
+def same(a, b, logprob_tol=1e-4):
+    for x, y in zip(a, b, strict=True):
+        assert x["request_id"] == y["request_id"]
+        assert x["token_ids"] == y["token_ids"], x["request_id"]
+        assert x["step_map"] == y["step_map"], x["request_id"]
+        assert (x["response_length"], x["finish_reason"]) == (y["response_length"], y["finish_reason"])
+        assert max(abs(p - q) for p, q in zip(x["logprobs"], y["logprobs"])) <= logprob_tol
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_engine_matches_naive_greedy(sharp, tiny, strategy):
+    _, tok = tiny
+    # prompt lengths ending on a block boundary and mid-block; max_batch_size 3 < 7 requests makes
+    # rows leave and join mid-run
+    reqs = requests(sharp, [1, 3, 4, 5, 8, 11, 13], max_new=18)
+    kw = dict(denoising_steps=2, unmasking_strategy=strategy, confidence_threshold=0.9)
+    got = Engine(sharp, tok, max_batch_size=3, **kw).generate(reqs)
+    want = naive_generate(sharp, reqs, tok, **kw)
+    same(got, want)
+    if strategy == "low_confidence_dynamic":  # the threshold path was exercised
+        assert any(len(set(r["step_map"])) < len(r["step_map"]) for r in got)
+
+
+def test_engine_matches_naive_on_the_plain_tiny_model(tiny):
+    model, tok = tiny
+    reqs = requests(model, [2, 7, 9], max_new=14)
+    same(Engine(model, tok).generate(reqs), naive_generate(model, reqs, tok))
+
+
+def test_rows_leave_early_and_the_cache_grows(sharp, tiny):
+    """Short requests finish and leave while a long one outgrows the cache's first allocation."""
+    _, tok = tiny
+    reqs = requests(sharp, [3, 5, 9, 2], max_new=6)
+    reqs[2].max_new_tokens = 150
+    reqs[3].max_new_tokens = 70
+    same(Engine(sharp, tok, max_batch_size=3).generate(reqs), naive_generate(sharp, reqs, tok))
+
+
+def test_batch_composition_does_not_change_results(sharp, tiny):
+    _, tok = tiny
+    reqs = requests(sharp, [2, 6, 9, 12, 3], max_new=22)
+    eng = Engine(sharp, tok)
+    together = eng.generate(reqs)
+    alone = [eng.generate([r])[0] for r in reqs]
+    reordered = eng.generate(list(reversed(reqs)))[::-1]
+    same(together, alone)
+    same(together, reordered)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(sharp, tiny):
+    _, tok = tiny
+    reqs = requests(sharp, [3, 8, 5, 10], max_new=24, do_sample=True, temperature=1.3, top_k=20, top_p=0.95)
+    for i, r in enumerate(reqs):
+        r.seed = 1000 + i
+    eng = Engine(sharp, tok, max_batch_size=2)
+    a = eng.generate(reqs)
+    b = eng.generate(reqs)
+    same(a, b, 0.0)
+    same(a, [eng.generate([r])[0] for r in reqs[::-1]][::-1])
+    same(a, naive_generate(sharp, reqs, tok))
+    # the seed matters, and the draws are not all argmax
+    other = eng.generate([GenerateRequest(**{**r.__dict__, "seed": r.seed + 7}) for r in reqs])
+    assert any(x["token_ids"] != y["token_ids"] for x, y in zip(a, other))
+    greedy = eng.generate([GenerateRequest(**{**r.__dict__, "do_sample": False}) for r in reqs])
+    assert any(x["token_ids"] != y["token_ids"] for x, y in zip(a, greedy))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_recorded_logprobs_match_a_full_recomputation(sharp, tiny, temperature):
+    """Rebuild each step's state from the step map (SPEC section 5), run the model over the whole
+    sequence with the block-causal mask, and compare log softmax(logits / T)[token]."""
+    _, tok = tiny
+    B = sharp.block_size
+    mask_id = sharp.mask_token_id
+    reqs = requests(sharp, [5, 8], max_new=14, do_sample=True, temperature=temperature, top_k=10, seed=3)
+    for res in Engine(sharp, tok).generate(reqs):
+        P = len(res["prompt_ids"])
+        full = res["prompt_ids"] + res["token_ids"]
+        steps = [0] * P + res["step_map"]
+        worst = 0.0
+        with torch.no_grad():
+            for s in sorted(set(res["step_map"])):
+                pos = [i for i in range(P, len(full)) if steps[i] == s]
+                blk_end = (pos[0] // B + 1) * B
+                state = [t if (i < P or steps[i] < s) else mask_id for i, t in enumerate(full[:blk_end])]
+                ids = torch.tensor([state])
+                logits = sharp(ids, block_causal_meta(len(state), B)).float()[0]
+                lp = torch.log_softmax(logits / temperature, -1)
+                for i in pos:
+                    worst = max(worst, abs(lp[i, full[i]].item() - res["logprobs"][i - P]))
+        assert worst <= 1e-5
+
+
+def test_naive_recorded_logits_give_the_engine_logprobs(sharp, tiny):
+    _, tok = tiny
+    reqs = requests(sharp, [6], max_new=10, do_sample=True, temperature=0.8, seed=11)
+    eng = Engine(sharp, tok).generate(reqs)[0]
+    ref = naive_generate(sharp, reqs, tok, record_logits=True)[0]
+    assert ref["token_ids"] == eng["token_ids"]
+    P = len(ref["prompt_ids"])
+    B = sharp.block_size
+    # step k of the naive decoder is step k of the step map
+    for i, (t, s) in enumerate(zip(eng["token_ids"], eng["step_map"])):
+        logits = ref["step_logits"][s - 1]
+        want = torch.log_softmax(logits / 0.8, -1)[(P + i) % B, t].item()
+        assert abs(want - eng["logprobs"][i]) <= 1e-5
+
+
+def test_temperature_zero_is_greedy(sharp, tiny):
+    _, tok = tiny
+    reqs = requests(sharp, [7], max_new=12)
+    greedy = Engine(sharp, tok).generate(reqs)
+    t0 = Engine(sharp, tok).generate(requests(sharp, [7], max_new=12, do_sample=True, temperature=0.0))
+    assert greedy[0]["token_ids"] == t0[0]["token_ids"]
+
+
+def test_empty_prompt_is_refused(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="empty prompt"):
+        Engine(model, tok).generate(requests(model, [0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# dirl rollout
+# ----------------------------------------------------------------------------------------------
+
+
+def test_rollout_cli(tiny_dir, tiny, tmp_path, capsys):
+    from dirl.rollout.cli import cli_main
+
+    model, tok = tiny
+    inp = tmp_path / "prompts.jsonl"
+    rows = [
+        {"id": "a", "messages": [{"role": "user", "content": "What is 1+2?"}], "answer": "3"},
+        {"prompt": "12+7=", "max_new_tokens": 6},
+        {"id": 7, "input_ids": [10, 11, 12, 13, 14], "seed": 5},
+    ]
+    inp.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    out = tmp_path / "traj.jsonl"
+    args = ["--model", str(tiny_dir), "--input", str(inp), "--output", str(out), "--max-new-tokens", "9",
+            "--temperature", "0.8", "--top-k", "5", "--seed", "1", "--no-progress", "--device", "cpu"]
+    assert cli_main(args) == 0
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["id"] for g in got] == ["a", "line-2", "7"]
+    for g in got:
+        for k in ("request_id", "prompt_ids", "token_ids", "step_map", "logprobs", "response_length",
+                  "finish_reason", "text", "decoding"):
+            assert k in g
+        assert (len(g["prompt_ids"]) + len(g["token_ids"])) % model.block_size == 0
+    assert got[0]["meta"] == {"answer": "3"}
+    assert got[0]["decoding"]["top_k"] == 5 and got[0]["decoding"]["seed"] == 1
+    assert got[1]["decoding"]["max_new_tokens"] == 6 and got[2]["decoding"]["seed"] == 5
+    assert got[2]["prompt_ids"] == [10, 11, 12, 13, 14]
+    from dirl.data.chat import prompt_ids
+
+    assert got[0]["prompt_ids"] == prompt_ids(tok, rows[0]["messages"])
+    # the same command gives the same trajectories (seeded)
+    out2 = tmp_path / "traj2.jsonl"
+    assert cli_main(args[:5] + [str(out2)] + args[6:]) == 0
+    assert out2.read_text() == out.read_text()
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "x", "top_p": "high"}) + "\n")
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:2: .*top_p"):
+        cli_main(["--model", str(tiny_dir), "--input", str(bad), "--output", str(tmp_path / "o.jsonl"), "--no-progress"])
+    bad.write_text("{not json\n")
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:1: not valid JSON"):
+        cli_main(["--model", str(tiny_dir), "--input", str(bad), "--output", str(tmp_path / "o.jsonl"), "--no-progress"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA engine check needs a GPU")
+def test_engine_on_cuda_matches_naive_and_cpu(tiny_dir, tiny):
+    _, tok = tiny
+    model = load_model(tiny_dir, device="cuda", dtype="float32")
+    model.eval()
+    with torch.no_grad():
+        model.hf.lm_head.weight.mul_(50.0)
+    reqs = requests(model, [1, 4, 6, 9], max_new=20)
+    got = Engine(model, tok, max_batch_size=3).generate(reqs)
+    same(got, naive_generate(model, reqs, tok))
+    sampled = requests(model, [3, 7], max_new=16, do_sample=True, temperature=1.2, top_k=10, seed=5)
+    same(Engine(model, tok).generate(sampled), [Engine(model, tok).generate([r])[0] for r in sampled])

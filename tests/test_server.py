@@ -1,0 +1,239 @@
+"""The rollout server over real HTTP: a ``dirl serve`` subprocess on 127.0.0.1, a free port."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from dirl.config import DecodingConfig
+from dirl.rollout.backend import ReferenceBackend
+from dirl.rollout.client import RolloutClient, RolloutError
+from dirl.rollout.server import start_server
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+DECODING = DecodingConfig(max_new_tokens=12, do_sample=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    with start_server(tiny_dir, decoding=DECODING, api_key=KEY, device="cpu", threads=1) as handle:
+        yield handle
+    assert not handle.alive()
+
+
+@pytest.fixture(scope="module")
+def local(tiny_dir):
+    """The same backend in this process: what the server must reproduce."""
+    torch.set_num_threads(1)
+    return ReferenceBackend(str(tiny_dir), decoding=DECODING, device="cpu")
+
+
+def in_process(local, reqs):
+    return local.generate(local.parser().parse_many(reqs))
+
+
+def post(server, path, body=None, content=None, headers=AUTH):
+    if content is not None:
+        return httpx.post(server.url + path, content=content, headers=headers, timeout=60)
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=60)
+
+
+def assert_same(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g["request_id"] == w["request_id"]
+        for k in ("prompt_ids", "token_ids", "step_map", "response_length", "finish_reason", "text"):
+            assert g[k] == w[k], (g["request_id"], k)
+        assert max(abs(a - b) for a, b in zip(g["logprobs"], w["logprobs"])) <= 1e-5
+
+
+REQS = [
+    {"request_id": "msg", "messages": [{"role": "user", "content": "What is 12+30?"}]},
+    {"request_id": "raw", "prompt": "7+8=", "max_new_tokens": 5},
+    {"request_id": "ids", "input_ids": [20, 21, 22, 23, 24, 25, 26, 27]},
+    {"request_id": "sampled", "prompt": "3+4=", "do_sample": True, "temperature": 0.9, "top_k": 8, "seed": 4},
+]
+
+
+def test_health_info_and_api_key(server):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}  # open for liveness probes
+    info = httpx.get(server.url + "/info", headers=AUTH).json()
+    for k in ("engine", "version", "block_size", "denoising_steps", "unmasking_strategy", "confidence_threshold",
+              "mask_token_id", "dtype", "max_context", "asleep"):
+        assert k in info
+    assert info["block_size"] == 4 and info["asleep"] == {"weights": False, "kv_cache": False}
+    assert info["defaults"]["max_new_tokens"] == 12 and info["defaults"]["do_sample"] is False
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"}):
+        for method, path in (("GET", "/info"), ("POST", "/generate"), ("POST", "/sleep"), ("POST", "/update_weights")):
+            r = httpx.request(method, server.url + path, headers=headers, json=REQS[0])
+            assert r.status_code == 401 and "API key" in r.json()["error"]
+    assert httpx.get(server.url + "/info", headers={"X-API-Key": KEY}).status_code == 200
+
+
+def test_generate_equals_in_process(server, local):
+    want = in_process(local, REQS)
+    single = [post(server, "/generate", r).json() for r in REQS]
+    assert_same(single, want)
+    batch = post(server, "/generate", {"requests": REQS}).json()["results"]
+    assert_same(batch, want)
+    assert want[0]["prompt_ids"][-3:] != want[1]["prompt_ids"][-3:]
+    assert len(want[1]["token_ids"]) >= 5 and want[3]["token_ids"] != in_process(
+        local, [{**REQS[3], "do_sample": False}])[0]["token_ids"]
+
+
+def test_concurrent_requests_share_engine_batches(server, local):
+    reqs = [{"request_id": f"c{i}", "prompt": f"{i}+{i}=", "max_new_tokens": 8} for i in range(12)]
+    before = httpx.get(server.url + "/info", headers=AUTH).json()["stats"]
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(lambda r: post(server, "/generate", r).json(), reqs))
+    after = httpx.get(server.url + "/info", headers=AUTH).json()["stats"]
+    assert_same(got, in_process(local, reqs))
+    assert after["http_calls"] - before["http_calls"] == 12
+    assert after["engine_calls"] - before["engine_calls"] < 12  # several HTTP calls per engine batch
+
+
+BAD = [
+    ("{not json", "malformed JSON"),
+    ("", "empty body"),
+    ("[1, 2]", "expected a JSON object"),
+    (json.dumps({"prompt": "hi", "temprature": 1.0}), "unknown field 'temprature'"),
+    (json.dumps({"prompt": "hi", "top_k": "3"}), "'top_k' must be an integer"),
+    (json.dumps({"prompt": "hi", "max_new_tokens": 0}), "'max_new_tokens' must be an integer >= 1"),
+    (json.dumps({"prompt": "hi", "do_sample": "yes"}), "'do_sample' must be true or false"),
+    (json.dumps({"prompt": "hi", "top_p": 1.5}), "'top_p'"),
+    (json.dumps({"request_id": 5, "prompt": "hi"}), "'request_id' must be a non-empty string"),
+    (json.dumps({"input_ids": [1, "2"]}), "'input_ids' must be a list of integers"),
+    (json.dumps({"input_ids": [1, 10**6]}), "outside the vocabulary"),
+    (json.dumps({"prompt": ""}), "empty prompt"),
+    (json.dumps({"input_ids": []}), "empty prompt"),
+    (json.dumps({"messages": []}), "'messages' is empty"),
+    (json.dumps({"prompt": "a", "input_ids": [1]}), "exactly one of"),
+    (json.dumps({"input_ids": [5] * 2000}), "over the context limit"),
+    (json.dumps({"requests": []}), "non-empty list"),
+    (json.dumps({"requests": [{"prompt": "a"}], "extra": 1}), "unknown field 'extra'"),
+    (json.dumps({"requests": [{"request_id": "x", "prompt": "a"}, {"request_id": "x", "prompt": "b"}]}),
+     "duplicate request_id"),
+]
+
+
+@pytest.mark.parametrize("body,reason", BAD, ids=[r for _, r in BAD])
+def test_malformed_requests_get_4xx_with_a_reason(server, body, reason):
+    r = post(server, "/generate", content=body.encode())
+    assert r.status_code == 400, r.text
+    assert reason in r.json()["error"]
+
+
+def test_server_keeps_serving_after_bad_requests(server, local):
+    for body, _ in BAD[:4]:
+        post(server, "/generate", content=body.encode())
+    assert_same([post(server, "/generate", REQS[1]).json()], in_process(local, REQS[1:2]))
+
+
+def test_sleep_state_machine_and_weight_updates(server, local, tiny_dir, tmp_path):
+    client = RolloutClient([server.url], api_key=KEY, retries=0)
+    probe = [{"request_id": f"p{i}", "input_ids": ids} for i, ids in enumerate([[30, 31, 32], [40, 41, 42, 43, 44]])]
+    original = client.generate(probe)
+
+    # weights can only change while the KV cache sleeps
+    r = post(server, "/update_weights", {"transport": "inline", "data": ""})
+    assert r.status_code == 409 and "sleep" in r.json()["error"]
+    assert post(server, "/sleep", {"level": 3}).status_code == 400
+    assert post(server, "/sleep", {"level": 1}).json()["asleep"] == {"weights": False, "kv_cache": True}
+    r = post(server, "/generate", probe[0])
+    assert r.status_code == 409 and "asleep" in r.json()["error"]
+    assert httpx.get(server.url + "/info", headers=AUTH).json()["asleep"]["kv_cache"] is True
+
+    # bad payloads while asleep: 400, nothing loaded
+    sd = {k: v.clone() for k, v in local.model.hf.state_dict().items()}
+    for payload, reason in [
+        ({"transport": "carrier-pigeon"}, "'transport' must be one of"),
+        ({"transport": "file", "path": str(tmp_path / "none.safetensors")}, "does not exist"),
+        ({"transport": "inline", "data": "!!"}, "base64"),
+        ({"transport": "inline", "data": "", "finished": "yes"}, "'finished'"),
+        ({"transport": "inline", "data": "", "color": 1}, "unknown field 'color'"),
+    ]:
+        r = post(server, "/update_weights", payload)
+        assert r.status_code == 400 and reason in r.json()["error"], r.text
+    from dirl.rollout.weights import inline_payload
+
+    r = post(server, "/update_weights", inline_payload([("model.no_such.weight", torch.zeros(2))], True))
+    assert r.status_code == 400 and "unknown parameter" in r.json()["error"]
+    r = post(server, "/update_weights", inline_payload([("lm_head.weight", torch.zeros(2, 2))], True))
+    assert r.status_code == 400 and "shape" in r.json()["error"]
+    assert post(server, "/wakeup", {"tags": ["kv_cache"]}).json()["asleep"]["kv_cache"] is False
+    assert client.generate(probe) == original  # the refused payloads changed nothing
+
+    # a real update, in several segments (inline), changes the greedy outputs
+    changed = dict(sd)
+    changed["lm_head.weight"] = sd["lm_head.weight"] * 40.0
+    changed["model.layers.0.mlp.up_proj.weight"] = sd["model.layers.0.mlp.up_proj.weight"].flip(0)
+    out = client.push_weights(changed, transport="inline", segment_bytes=64 << 10)
+    assert out["segments"] > 1
+    new = client.generate(probe)
+    assert [x["token_ids"] for x in new] != [x["token_ids"] for x in original]
+    local_changed = ReferenceBackend(str(tiny_dir), decoding=DECODING, device="cpu")
+    local_changed.sleep()
+    local_changed.update_weights(list(changed.items()), True)
+    local_changed.wakeup()
+    assert_same(new, in_process(local_changed, probe))
+
+    # pushing the old weights back (file transport, a model object) restores the outputs exactly
+    out = client.push_weights(local.model, transport="file")
+    assert out["transport"] == "file"
+    assert client.generate(probe) == original
+    assert httpx.get(server.url + "/info", headers=AUTH).json()["asleep"] == {"weights": False, "kv_cache": False}
+
+
+def test_client_reports_a_4xx_at_once_with_the_request_id(server):
+    client = RolloutClient([server.url], api_key=KEY, retries=3)
+    with pytest.raises(RolloutError, match=r"'bad-one'.*unknown field 'colour'"):
+        client.generate([{"request_id": "bad-one", "prompt": "x", "colour": "red"}])
+    with pytest.raises(RolloutError, match="401"):
+        RolloutClient([server.url], api_key="nope").info()
+
+
+def test_flattened_buckets_round_trip():
+    from dirl.rollout.weights import flatten_buckets, unflatten
+
+    pairs = [("a", torch.randn(3, 4)), ("b", torch.arange(6).view(2, 3)), ("c", torch.randn(5)),
+             ("d", torch.randn(2, 2).to(torch.bfloat16))]
+    buckets = flatten_buckets(pairs, bucket_bytes=64)
+    assert len({b.flat.dtype for b in buckets}) == 3 and len(buckets) >= 4
+    back = dict(p for b in buckets for p in unflatten(b.flat, b.entries))
+    assert set(back) == {"a", "b", "c", "d"}
+    for name, t in pairs:
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="CUDA IPC weight transport needs a GPU (trainer and server on one CUDA device)")
+def test_ipc_weight_update_on_gpu(tiny_dir):
+    from dirl.model.sdar import load_model
+
+    model = load_model(tiny_dir, device="cuda", dtype="float32")
+    with start_server(tiny_dir, decoding=DECODING, device="cuda", dtype="float32") as srv:
+        client = RolloutClient([srv.url])
+        probe = [{"request_id": "g", "input_ids": [30, 31, 32]}]
+        before = client.generate(probe)
+        with torch.no_grad():
+            model.hf.lm_head.weight.mul_(40.0)
+        assert client.push_weights(model, transport="ipc")["transport"] == "ipc"
+        assert client.generate(probe)[0]["token_ids"] != before[0]["token_ids"]
+        with torch.no_grad():
+            model.hf.lm_head.weight.div_(40.0)
+        client.push_weights(model, transport="ipc")
+        assert client.generate(probe) == before
