@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -140,6 +141,83 @@ def test_a_dead_pool_raises_naming_the_requests():
         client.generate([{"request_id": "lost-1", "prompt": "a"}, {"request_id": "lost-2", "prompt": "b"}])
     assert e.value.request_ids in (["lost-1"], ["lost-2"]) or "lost-1" in str(e.value)
     assert time.monotonic() - t0 < 10
+
+
+class RecordingBackend(ReferenceBackend):
+    """Notes, per weight update, which segment files exist under ``watch`` and what it received."""
+
+    def __init__(self, *args, watch=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.watch = watch
+        self.updates = []
+
+    def update_weights(self, named_tensors, finished):
+        files = sorted(p.name for p in self.watch.rglob("*.safetensors")) if self.watch else []
+        self.updates.append((files, [n for n, _ in named_tensors], finished))
+        super().update_weights(named_tensors, finished)
+
+
+def test_push_weights_streams_one_segment_at_a_time(tiny_dir, local, tmp_path):
+    """Two servers: every segment reaches both before the next is written, and only it is on disk."""
+    torch.set_num_threads(1)
+    backends = [RecordingBackend(str(tiny_dir), decoding=DECODING, device="cpu", watch=tmp_path) for _ in range(2)]
+    servers = [ThreadServer(b) for b in backends]
+    try:
+        client = RolloutClient([s.url for s in servers], retries=0)
+        probe = [{"request_id": "p", "input_ids": [30, 31, 32]}]
+        before = client.generate(probe)
+        sd = local.model.hf.state_dict()
+        changed = {k: (v * 3.0 if k == "lm_head.weight" else v) for k, v in sd.items()}
+        out = client.push_weights(changed, transport="file", segment_bytes=256 << 10, tmp_dir=str(tmp_path))
+        n = out["segments"]
+        assert out["transport"] == "file" and n >= 3 and out["servers"] == 2
+        for b in backends:
+            assert [u[0] for u in b.updates] == [[f"segment-{i:04d}.safetensors"] for i in range(n)]
+            assert [u[2] for u in b.updates] == [False] * (n - 1) + [True]
+            assert sorted(name for u in b.updates for name in u[1]) == sorted(sd)
+        assert backends[0].updates == backends[1].updates
+        assert list(tmp_path.iterdir()) == []  # segment files and their folder are gone
+        assert client.generate(probe) != before
+        client.push_weights(sd, transport="inline", segment_bytes=256 << 10)
+        assert client.generate(probe) == before
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_iter_payloads_builds_lazily_and_cleans_up(tmp_path, monkeypatch):
+    from dirl.rollout import weights as W
+
+    pairs = [(f"w{i}", torch.full((64,), float(i))) for i in range(5)]
+    groups = W.segments(pairs, 256)
+    assert len(groups) == 5
+    built = []
+    real = W.to_safetensors_bytes
+    monkeypatch.setattr(W, "to_safetensors_bytes", lambda g: built.append(g[0][0]) or real(g))
+    stream = W.iter_payloads(groups, "inline")
+    assert built == []
+    first = next(stream)
+    assert built == ["w0"] and first["finished"] is False
+    assert [p["finished"] for p in stream] == [False] * 3 + [True] and len(built) == 5
+
+    stream = W.iter_payloads(groups, "file", tmp_dir=tmp_path)
+    p0 = Path(next(stream)["path"])
+    assert p0.is_file()
+    p1 = Path(next(stream)["path"])
+    assert p1.is_file() and not p0.exists()  # the previous segment is removed before the next is written
+    stream.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ipc_refused_for_cpu_tensors_before_any_server_sleeps(pool, local):
+    from dirl.rollout.weights import PayloadError
+
+    client = RolloutClient([pool[0].url], retries=0)
+    with pytest.raises(PayloadError, match="ipc transport needs CUDA tensors"):
+        client.push_weights(local.model, transport="ipc")
+    assert client.info()[0]["asleep"] == {"weights": False, "kv_cache": False}
+    with pytest.raises(ValueError, match="unknown transport 'pigeon'"):
+        client.push_weights(local.model, transport="pigeon")
 
 
 def test_a_server_killed_mid_run_is_retried_on_the_other(pool, local):

@@ -199,6 +199,33 @@ def test_eval_config_errors():
         load_config(EvalConfig, None, ["model.path=/does/not/exist"])
 
 
+def test_local_server_threads_and_backend_options(tmp_path, tiny_dir, monkeypatch):
+    """A local server gets 1 torch thread on CPU unless told otherwise, torch's choice on CUDA, and
+    the config's backend options."""
+    import dirl.rollout.server as server_mod
+    from dirl.eval.run import _Servers, server_threads
+
+    assert server_threads(None, "cpu") == 1 and server_threads(None, "cuda:1") is None
+    assert server_threads(0, "cpu") is None and server_threads(4, "cpu") == 4 and server_threads(2, "cuda") == 2
+    seen = []
+
+    class Handle:
+        url = "http://127.0.0.1:1"
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(server_mod, "start_server", lambda *a, **k: seen.append(k) or Handle())
+    for extra, threads, options in (([], 1, None), (["server.threads=3"], 3, None), (["server.threads=0"], None, None),
+                                    (["server.backend_options.max_batch_size=8"], 1, {"max_batch_size": 8})):
+        cfg = _tiny_eval_cfg(tiny_dir, tmp_path, *extra)
+        with _Servers(cfg, tiny_dir) as urls:
+            assert urls == [Handle.url]
+        assert (seen[-1]["device"], seen[-1]["threads"], seen[-1]["backend_options"]) == ("cpu", threads, options)
+    with pytest.raises(ConfigError, match="server.threads"):
+        _tiny_eval_cfg(tiny_dir, tmp_path, "server.threads=-1")
+
+
 def test_request_seeds_distinct_and_stable():
     seeds = [request_seed(0, "math500", 7, j) for j in range(16)]
     assert len(set(seeds)) == 16

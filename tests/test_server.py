@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from dirl.config import DecodingConfig
-from dirl.rollout.backend import ReferenceBackend
+from dirl.config import ConfigError, DecodingConfig
+from dirl.rollout.backend import ReferenceBackend, get_backend
 from dirl.rollout.client import RolloutClient, RolloutError
 from dirl.rollout.server import start_server
 
@@ -29,7 +32,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    with start_server(tiny_dir, decoding=DECODING, api_key=KEY, device="cpu", threads=1) as handle:
+    # a backend option (not the default 64) must reach the backend: /info reports it
+    with start_server(tiny_dir, decoding=DECODING, api_key=KEY, device="cpu", threads=1,
+                      backend_options={"max_batch_size": 16}) as handle:
         yield handle
     assert not handle.alive()
 
@@ -75,6 +80,7 @@ def test_health_info_and_api_key(server):
               "mask_token_id", "dtype", "max_context", "asleep"):
         assert k in info
     assert info["block_size"] == 4 and info["asleep"] == {"weights": False, "kv_cache": False}
+    assert info["max_batch_size"] == 16  # from backend_options, over max_batch_size=64
     assert info["defaults"]["max_new_tokens"] == 12 and info["defaults"]["do_sample"] is False
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"}):
         for method, path in (("GET", "/info"), ("POST", "/generate"), ("POST", "/sleep"), ("POST", "/update_weights")):
@@ -205,6 +211,109 @@ def test_client_reports_a_4xx_at_once_with_the_request_id(server):
         RolloutClient([server.url], api_key="nope").info()
 
 
+def test_backend_options_parse_and_check(tiny_dir):
+    from dirl.rollout.cli import backend_options_to_argv, parse_backend_options
+
+    got = parse_backend_options(["cache_max_entry_count=0.3", "eager_mode=true", "max_context=4096",
+                                 "name=abc", "quoted='7'", "none=null", "tiny=1e-5", "max_context=8192"])
+    assert got == {"cache_max_entry_count": 0.3, "eager_mode": True, "max_context": 8192, "name": "abc",
+                   "quoted": "7", "none": None, "tiny": 1e-5}
+    for bad in ("novalue", "=3", "two words=1"):
+        with pytest.raises(ConfigError, match="KEY=VALUE"):
+            parse_backend_options([bad])
+    opts = {"a": 1, "b": 0.25, "c": False, "d": None, "e": "text", "f": "7", "g": "yes", "h": "", "i": 2e-7}
+    assert parse_backend_options(backend_options_to_argv(opts)[1::2]) == opts
+    # the reference backend refuses what it does not know, before loading anything
+    known = r"\(known: dtype, max_batch_size\)"
+    with pytest.raises(ConfigError, match=r"backend 'reference': unknown option 'colour' " + known):
+        get_backend("reference", str(tiny_dir), colour="red")
+    with pytest.raises(ConfigError, match="'max_batch_size' must be an integer >= 1"):
+        get_backend("reference", str(tiny_dir), max_batch_size="lots")
+    with pytest.raises(ConfigError, match="'dtype' must be one of"):
+        get_backend("reference", str(tiny_dir), dtype="float8")
+
+
+def test_serve_with_a_bad_backend_option_exits_2_with_one_line(tiny_dir):
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "dirl.cli", "serve", "--model", str(tiny_dir), "--device", "cpu", "--port", "9",
+         "--backend-option", "max_batch_size=8", "--backend-option", "colour=red"],
+        capture_output=True, text=True, timeout=120, cwd=root, env=_env(root))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown option 'colour'" in lines[0], proc.stderr
+    assert proc.stdout == ""
+
+
+def test_serve_hands_backend_options_to_the_lmdeploy_constructor(tiny_dir, monkeypatch, capsys):
+    """``--backend-option`` values reach LMDeployBackend's keyword arguments, typed (checked without
+    LMDeploy: the constructor is replaced by one that reports what it got)."""
+    from dirl import cli
+    from dirl.rollout import lmdeploy_backend
+
+    def fake(model_dir, **kwargs):
+        raise ConfigError(f"reached with {sorted(kwargs.items(), key=str)}")
+
+    monkeypatch.setattr(lmdeploy_backend, "LMDeployBackend", fake)
+    argv = ["serve", "--model", str(tiny_dir), "--backend", "lmdeploy", "--device", "cuda", "--max-batch-size", "8",
+            "--backend-option", "cache_max_entry_count=0.3", "--backend-option", "eager_mode=true",
+            "--backend-option", "weight_segment_bytes=1048576"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    for part in ("('cache_max_entry_count', 0.3)", "('eager_mode', True)", "('weight_segment_bytes', 1048576)",
+                 "('max_batch_size', 8)", "('device', 'cuda')"):
+        assert part in err, err
+    assert cli.main(argv[:-2] + ["--backend-option", "eager_mode=maybe"]) == 2
+    assert "option 'eager_mode' must be bool, got 'maybe'" in capsys.readouterr().err
+
+
+def _env(root: Path) -> dict:
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+class SleepsWholly(ReferenceBackend):
+    """Like LMDeploy 0.18: any sleep level also offloads the weights, and a weight update wakes them
+    first (the KV cache stays asleep)."""
+
+    def sleep(self, level: int = 1) -> None:
+        super().sleep(2)
+
+    def update_weights(self, named_tensors, finished):
+        if self.asleep["weights"]:
+            self.wakeup(["weights"])
+        super().update_weights(named_tensors, finished)
+
+
+def test_info_reports_what_the_backend_says_is_asleep(tiny_dir):
+    from fastapi.testclient import TestClient
+
+    from dirl.rollout.server import create_app
+    from dirl.rollout.weights import inline_payload
+
+    backend = SleepsWholly(str(tiny_dir), decoding=DECODING, device="cpu")
+    both, awake = {"weights": True, "kv_cache": True}, {"weights": False, "kv_cache": False}
+    with TestClient(create_app(backend, backend.parser())) as http:
+        assert http.post("/sleep", json={"level": 1}).json()["asleep"] == both  # more than asked
+        assert http.get("/info").json()["asleep"] == both
+        r = http.post("/generate", json={"input_ids": [30, 31, 32]})
+        assert r.status_code == 409 and "weights" in r.json()["error"]
+        lm = backend.model.hf.lm_head.weight.detach().clone()
+        r = http.post("/update_weights", json=inline_payload([("lm_head.weight", lm)], True))
+        assert r.status_code == 200 and r.json()["asleep"] == {"weights": False, "kv_cache": True}
+        assert http.get("/info").json()["asleep"] == {"weights": False, "kv_cache": True}
+        assert http.post("/generate", json={"input_ids": [30, 31, 32]}).status_code == 409
+        assert http.post("/wakeup", json={}).json()["asleep"] == awake
+        assert http.get("/info").json()["asleep"] == awake
+        assert http.post("/generate", json={"input_ids": [30, 31, 32]}).status_code == 200
+        backend.asleep["kv_cache"] = True  # whatever the backend says, /info says
+        assert http.get("/info").json()["asleep"] == {"weights": False, "kv_cache": True}
+        backend.asleep["kv_cache"] = False
+
+
 def test_flattened_buckets_round_trip():
     from dirl.rollout.weights import flatten_buckets, unflatten
 
@@ -237,3 +346,36 @@ def test_ipc_weight_update_on_gpu(tiny_dir):
             model.hf.lm_head.weight.div_(40.0)
         client.push_weights(model, transport="ipc")
         assert client.generate(probe) == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="CUDA IPC weight transport needs a GPU (trainer and server on one CUDA device)")
+def test_ipc_push_keeps_one_segment_alive(tiny_dir, monkeypatch):
+    """Each segment's CUDA buckets are freed once every server has loaded them, before the next
+    segment is built: the trainer's extra GPU memory is one segment, not a copy of the model."""
+    from dirl.model.sdar import load_model
+    from dirl.rollout import weights as W
+
+    model = load_model(tiny_dir, device="cuda", dtype="float32")
+    seg = 128 << 10
+    extra = []
+    real = W.flatten_buckets
+
+    def spy(group, bucket_bytes=W.DEFAULT_BUCKET_BYTES):
+        torch.cuda.synchronize()
+        extra.append(torch.cuda.memory_allocated() - base)
+        return real(group, bucket_bytes)
+
+    monkeypatch.setattr(W, "flatten_buckets", spy)
+    with start_server(tiny_dir, decoding=DECODING, device="cuda", dtype="float32") as srv:
+        client = RolloutClient([srv.url])
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        out = client.push_weights(model, transport="ipc", segment_bytes=seg)
+        torch.cuda.synchronize()
+        after = torch.cuda.memory_allocated() - base
+    total = sum(t.numel() * t.element_size() for t in model.hf.state_dict().values())
+    assert out["transport"] == "ipc" and out["segments"] == len(extra) >= 4
+    assert max(extra) < 2 * seg < total / 2, extra  # a segment's buckets die before the next is built
+    assert after < seg, after

@@ -85,6 +85,11 @@ class EvalServerConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     api_key: str = ""
     max_batch_size: int = 64  # sequences a local reference server decodes together
+    # torch CPU threads of a local server. None: 1 on a CPU device (tiny forwards run fastest on one
+    # thread), torch's own choice on CUDA; 0: torch's own choice everywhere
+    threads: Optional[int] = None
+    # the backend's own options (dirl serve --backend-option), e.g. {cache_max_entry_count: 0.3} for lmdeploy
+    backend_options: dict[str, Any] = field(default_factory=dict)
     startup_timeout: float = 600.0  # seconds for a local server to load the model
     max_concurrency: int = 8  # HTTP calls in flight per server
     request_batch_size: int = 16  # requests per HTTP call
@@ -123,6 +128,7 @@ class EvalConfig:
         check_positive("server.max_concurrency", self.server.max_concurrency)
         check_positive("server.request_batch_size", self.server.request_batch_size)
         check_positive("server.max_batch_size", self.server.max_batch_size)
+        check_positive("server.threads", self.server.threads, allow_zero=True)
         check_positive("server.timeout", self.server.timeout)
         if self.grading_workers is not None:
             check_positive("grading_workers", self.grading_workers, allow_zero=True)
@@ -328,6 +334,13 @@ def _device(name: str) -> str:
         return "cpu"
 
 
+def server_threads(threads: Optional[int], device: str) -> Optional[int]:
+    """``server.threads`` resolved for a device: unset is 1 on CPU, torch's choice (None) elsewhere."""
+    if threads is None:
+        return 1 if str(device).startswith("cpu") else None
+    return threads or None
+
+
 class _Servers:
     """The rollout servers of a run: given URLs, or a local one started (and stopped) here."""
 
@@ -341,6 +354,7 @@ class _Servers:
         from dirl.rollout.server import start_server
 
         assert self.model_dir is not None
+        device = _device(sc.device)
         self.handle = start_server(
             str(self.model_dir),
             backend=sc.backend,
@@ -348,11 +362,13 @@ class _Servers:
             port=sc.port,
             decoding=self.cfg.decoding,
             api_key=sc.api_key or None,
-            device=_device(sc.device),
+            device=device,
             dtype=self.cfg.model.dtype,
             max_batch_size=sc.max_batch_size,
+            threads=server_threads(sc.threads, device),
             startup_timeout=sc.startup_timeout,
             log_path=self.log_path,
+            backend_options=dict(sc.backend_options) or None,
         )
         return [self.handle.url]
 

@@ -204,13 +204,29 @@ def normalize_weight_name(name: str) -> str:
     return name
 
 
+REFERENCE_OPTIONS = ("dtype", "max_batch_size")  # what `dirl serve --backend-option` may set
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 class ReferenceBackend:
-    """The pure-PyTorch engine of :mod:`dirl.rollout.engine` behind the backend protocol."""
+    """The pure-PyTorch engine of :mod:`dirl.rollout.engine` behind the backend protocol.
+
+    Options (keyword arguments, also ``dirl serve --backend-option KEY=VALUE``): ``dtype`` and
+    ``max_batch_size``; in-process callers may also hand over a loaded ``model`` and ``tokenizer``.
+    Any other option is a :class:`ConfigError`."""
 
     name = "reference"
 
     def __init__(self, model_dir: str, decoding: Optional[DecodingConfig] = None, device: str = "cpu",
-                 dtype: str = "auto", max_batch_size: int = 64, model=None, tokenizer=None):
+                 dtype: str = "auto", max_batch_size: int = 64, model=None, tokenizer=None, **unknown):
+        if unknown:
+            raise ConfigError(f"backend 'reference': unknown option {sorted(unknown)[0]!r} "
+                              f"(known: {', '.join(REFERENCE_OPTIONS)})")
+        if not _is_int(max_batch_size) or max_batch_size < 1:
+            raise ConfigError(f"backend 'reference': option 'max_batch_size' must be an integer >= 1, "
+                              f"got {max_batch_size!r}")
+        if model is None and dtype not in DTYPES:
+            raise ConfigError(f"backend 'reference': option 'dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")
         from dirl import __version__
         from dirl.model.sdar import load_model, load_tokenizer
         from dirl.rollout.engine import Engine
@@ -326,9 +342,24 @@ class ReferenceBackend:
                 p.copy_(t.to(device=p.device, dtype=p.dtype))
 
 
+def _check_option_types(backend: str, options: dict, types: dict) -> None:
+    """Options of known type (``{name: (type, ...)}``) must have it (``None`` leaves the default)."""
+    for k, v in options.items():
+        want = types.get(k)
+        if want is None or v is None:
+            continue
+        if (isinstance(v, bool) and bool not in want) or not isinstance(v, tuple(want)):
+            names = " or ".join(t.__name__ for t in want)
+            raise ConfigError(f"backend {backend!r}: option {k!r} must be {names}, got {v!r}")
+
+
 def get_backend(name: str, model_dir: str, decoding: Optional[DecodingConfig] = None, device: str = "cpu",
                 **kwargs) -> RolloutBackend:
-    """Build a backend by name: ``reference`` (this module) or ``lmdeploy`` (imported lazily)."""
+    """Build a backend by name: ``reference`` (this module) or ``lmdeploy`` (imported lazily).
+
+    ``kwargs`` are the backend's own options (``dtype``, ``max_batch_size`` for both; LMDeploy also
+    ``cache_max_entry_count``, ``max_context``, ``eager_mode``, ``weight_segment_bytes``); an unknown
+    option or one of the wrong type is a :class:`ConfigError` naming it."""
     if name == "reference":
         return ReferenceBackend(model_dir, decoding=decoding, device=device, **kwargs)
     if name == "lmdeploy":
@@ -336,6 +367,7 @@ def get_backend(name: str, model_dir: str, decoding: Optional[DecodingConfig] = 
             from dirl.rollout import lmdeploy_backend
         except ModuleNotFoundError as e:
             raise ConfigError(f"backend 'lmdeploy' is not available: {e}") from None
+        _check_option_types(name, kwargs, getattr(lmdeploy_backend, "OPTION_TYPES", {}))
         build = getattr(lmdeploy_backend, "LMDeployBackend", None) or getattr(lmdeploy_backend, "build_backend")
         return build(model_dir, decoding=decoding, device=device, **kwargs)
     raise ConfigError(f"unknown rollout backend {name!r} (expected reference or lmdeploy)")

@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
 from dirl.config import ConfigError, DecodingConfig, check_decoding
 
+_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample", "stop_token_ids", "seed")
 
 
@@ -37,6 +39,46 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together at most")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models)")
+
+
+def parse_backend_options(items: Optional[list[str]]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (``dirl serve --backend-option``) as a dict; each value parsed like a
+    YAML scalar (``true`` is a bool, ``0.3`` a float, ``null`` None, ``'7'`` the string 7). A
+    malformed item is a :class:`ConfigError`; a later item for the same key wins."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--backend-option {item!r} is not of the form KEY=VALUE")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and _EXPONENT.match(value.strip()):
+            value = float(value)  # 1e-5: a float, as in YAML 1.2 (PyYAML reads a string)
+        out[key] = value
+    return out
+
+
+def backend_options_to_argv(options: Optional[dict[str, Any]]) -> list[str]:
+    """The ``--backend-option`` arguments that :func:`parse_backend_options` reads back as ``options``."""
+    out: list[str] = []
+    for key, value in (options or {}).items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ConfigError(f"backend option name {key!r} is not an identifier")
+        try:
+            text = json.dumps(value)  # JSON is YAML; a string comes out quoted
+        except (TypeError, ValueError):
+            raise ConfigError(f"backend option {key!r}: {value!r} cannot be passed on the command line") from None
+        if isinstance(value, str) and value.strip() and value == parse_backend_options([f"{key}={value}"])[key]:
+            text = value  # reads back the same unquoted
+        if parse_backend_options([f"{key}={text}"])[key] != value:
+            raise ConfigError(f"backend option {key!r}: {value!r} cannot be passed on the command line")
+        out += ["--backend-option", f"{key}={text}"]
+    return out
 
 
 def apply_threads(threads: Optional[int]) -> None:

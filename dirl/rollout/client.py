@@ -7,7 +7,9 @@
   on any server; a request that still fails raises :class:`RolloutError` naming it. A 4xx answer is
   the request's fault: it raises at once with the server's reason.
 * ``push_weights(model_or_state_dict)`` runs sleep → update_weights (segmented, ``finished`` on the
-  last) → wakeup on every server (SPEC section 8).
+  last) → wakeup on every server (SPEC section 8). Segments are built one at a time and each is sent
+  to every server before the next exists, so a push holds one segment (a file, its bytes, or its
+  CUDA buckets for ``ipc``) beyond the weights themselves.
 
 The core is async (``agenerate``, ``apush_weights`` ...); the plain methods wrap it and also work when
 called from inside a running event loop.
@@ -17,9 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import os
-import shutil
-import tempfile
 import threading
 import uuid
 from typing import Any, Iterable, Optional
@@ -281,48 +280,38 @@ class RolloutClient:
         if transport == "auto":
             transport = self.choose_transport(pairs, await self.ainfo() if any(
                 t.device.type == "cuda" for _, t in pairs) else None)
-        if transport not in W.TRANSPORTS:
-            raise ValueError(f"unknown transport {transport!r} (expected auto, {', '.join(W.TRANSPORTS)})")
-        default = W.DEFAULT_BUCKET_BYTES if transport == "ipc" else W.DEFAULT_SEGMENT_BYTES
-        if transport == "inline":
-            default = 64 << 20
-        groups = W.segments(pairs, segment_bytes or default)
-        keep_alive: list = []
-        workdir = None
-        payloads = []
-        try:
-            for i, g in enumerate(groups):
-                last = i == len(groups) - 1
-                if transport == "inline":
-                    payloads.append(W.inline_payload(g, last))
-                elif transport == "file":
-                    workdir = workdir or tempfile.mkdtemp(prefix="dirl-weights-", dir=tmp_dir)
-                    payloads.append(W.file_payload(g, os.path.join(workdir, f"segment-{i:04d}.safetensors"), last))
-                else:
-                    buckets = W.flatten_buckets(g, segment_bytes or W.DEFAULT_BUCKET_BYTES)
-                    keep_alive.append(buckets)
-                    payloads.append(W.ipc_payload(buckets, last))
+        W.check_transport(pairs, transport)  # before any server sleeps
+        groups = W.segments(pairs, segment_bytes or W.default_segment_bytes(transport))
 
-            async with self._client() as client:
+        async with self._client() as client:
+            async def everywhere(step: str, path: str, body: dict) -> None:
+                # every server answers (or fails) before the caller moves on: an ipc segment's
+                # buckets are freed right after, and other servers may still be reading them
                 async def one(url: str):
-                    step = "sleep"
                     try:
-                        await self._call(client, "POST", url, "/sleep", {"level": sleep_level})
-                        for i, p in enumerate(payloads):
-                            step = f"update_weights segment {i + 1}/{len(payloads)}"
-                            await self._call(client, "POST", url, "/update_weights", p)
-                        step = "wakeup"
-                        await self._call(client, "POST", url, "/wakeup", {})
+                        await self._call(client, "POST", url, path, body)
                     except RolloutError as e:
                         raise RolloutError(f"push_weights to {url} failed at {step} (the server may be left "
                                            f"asleep): {e}", url=url) from None
 
-                await asyncio.gather(*(one(u) for u in self.urls))
-        finally:
-            if workdir:
-                shutil.rmtree(workdir, ignore_errors=True)
-            keep_alive.clear()
-        return {"transport": transport, "segments": len(payloads), "tensors": len(pairs), "servers": len(self.urls)}
+                got = await asyncio.gather(*(one(u) for u in self.urls), return_exceptions=True)
+                errors = [g for g in got if isinstance(g, BaseException)]
+                if errors:
+                    raise errors[0]
+
+            await everywhere("sleep", "/sleep", {"level": sleep_level})
+            # one segment at a time: built, sent to every server, freed (file removed, CUDA buckets
+            # released) before the next is built
+            stream = W.iter_payloads(groups, transport, tmp_dir=tmp_dir,
+                                     bucket_bytes=segment_bytes or W.DEFAULT_BUCKET_BYTES)
+            try:
+                for i, payload in enumerate(stream):
+                    await everywhere(f"update_weights segment {i + 1}/{len(groups)}", "/update_weights", payload)
+                    del payload
+            finally:
+                stream.close()
+            await everywhere("wakeup", "/wakeup", {})
+        return {"transport": transport, "segments": len(groups), "tensors": len(pairs), "servers": len(self.urls)}
 
     def push_weights(self, weights: Any, transport: str = "auto", segment_bytes: Optional[int] = None,
                      sleep_level: int = 1, tmp_dir: Optional[str] = None) -> dict:

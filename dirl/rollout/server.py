@@ -1,8 +1,10 @@
-"""The rollout server: ``dirl serve --model DIR --backend reference|lmdeploy [--host --port --api-key]``.
+"""The rollout server: ``dirl serve --model DIR --backend reference|lmdeploy [--host --port --api-key]
+[--backend-option KEY=VALUE ...]``.
 
 HTTP contract (docs/CONTRACTS.md, DESIGN.md):
 
-* ``GET /health`` (never needs the API key), ``GET /info``;
+* ``GET /health`` (never needs the API key), ``GET /info`` (its ``asleep`` is what the backend itself
+  reports: LMDeploy's sleep level 1 also offloads the weights);
 * ``POST /generate``: one request object, or ``{"requests": [...]}`` → ``{"results": [...]}``;
 * ``POST /sleep`` ``{"level": 1|2}``, ``POST /wakeup`` ``{"tags": [...]}``, ``POST /update_weights``
   (a segment, see :mod:`dirl.rollout.weights`), with the state machine of SPEC section 8: weights can
@@ -212,7 +214,11 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
 
     def info() -> dict:
         out = dict(backend.info())
-        out["asleep"] = dict(state.asleep)
+        # the backend's own view of what sleeps (it may put more to sleep than asked, or wake the
+        # weights for an update); the server's copy only when the backend reports none
+        reported = out.get("asleep")
+        out["asleep"] = ({k: bool(v) for k, v in reported.items()} if isinstance(reported, dict)
+                         else dict(state.asleep))
         out["stats"] = dict(worker.stats)  # engine calls vs HTTP calls shows the batching
         return out
 
@@ -272,14 +278,18 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
         with lock:
             if not state.asleep["kv_cache"]:
                 raise StateError("update_weights needs the KV cache asleep: POST /sleep first")
-            if payload["transport"] == "ipc" and hasattr(backend, "update_weights_ipc"):
-                backend.update_weights_ipc(payload, payload["finished"])
-                n = sum(len(b["tensors"]) for b in payload["buckets"])
-            else:
-                pairs = load_payload(payload, device=getattr(backend, "device", None))
-                backend.update_weights(pairs, payload["finished"])
-                n = len(pairs)
-        return {"ok": True, "tensors": n, "finished": payload["finished"]}
+            try:
+                if payload["transport"] == "ipc" and hasattr(backend, "update_weights_ipc"):
+                    backend.update_weights_ipc(payload, payload["finished"])
+                    n = sum(len(b["tensors"]) for b in payload["buckets"])
+                else:
+                    pairs = load_payload(payload, device=getattr(backend, "device", None))
+                    backend.update_weights(pairs, payload["finished"])
+                    n = len(pairs)
+                    del pairs  # an ipc segment's views: the trainer may free its buckets once we answer
+            finally:
+                state.sync(backend, state.asleep)  # e.g. LMDeploy wakes its weights to load them
+        return {"ok": True, "tensors": n, "finished": payload["finished"], "asleep": dict(state.asleep)}
 
     async def control(request: Request, fn, parse):
         try:
@@ -342,7 +352,8 @@ def _only(body: Any, allowed: tuple[str, ...]) -> None:
 
 
 def cli_main(argv: list[str]) -> int:
-    from dirl.rollout.cli import add_decoding_args, add_runtime_args, apply_threads, decoding_from_args, default_device
+    from dirl.rollout.cli import (add_decoding_args, add_runtime_args, apply_threads, decoding_from_args,
+                                  default_device, parse_backend_options)
 
     p = argparse.ArgumentParser(prog="dirl serve", description="Start a rollout server (HTTP).")
     p.add_argument("--model", required=True, help="checkpoint folder (SDAR layout)")
@@ -351,10 +362,15 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help=f"require this key (default: ${API_KEY_ENV} if set)")
     add_runtime_args(p)
+    p.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the backend's own (repeatable; VALUE read as YAML: 0.3, true, null), "
+                        "e.g. lmdeploy's cache_max_entry_count=0.3, max_context, eager_mode, "
+                        "weight_segment_bytes; overrides --dtype / --max-batch-size")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="how long the first waiting request waits for others to join its batch")
     add_decoding_args(p)
     args = p.parse_args(argv)
+    options = parse_backend_options(args.backend_option)
     decoding = decoding_from_args(args)
     apply_threads(args.threads)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
@@ -362,7 +378,7 @@ def cli_main(argv: list[str]) -> int:
 
     from dirl.rollout.backend import get_backend
 
-    kwargs: dict[str, Any] = {"dtype": args.dtype, "max_batch_size": args.max_batch_size}
+    kwargs: dict[str, Any] = {"dtype": args.dtype, "max_batch_size": args.max_batch_size, **options}
     backend = get_backend(args.backend, args.model, decoding=decoding, device=device, **kwargs)
     parser = make_parser(backend, decoding, args.model)
     app = create_app(backend, parser, api_key=api_key, batch_window_s=args.batch_window_ms / 1000)
@@ -470,18 +486,24 @@ def start_server(
     log_path: Optional[str | os.PathLike] = None,
     env: Optional[dict] = None,
     wait: bool = True,
+    backend_options: Optional[dict] = None,
 ) -> ServerHandle:
     """Start ``dirl serve`` in a subprocess (a free port unless given) and wait until it answers
     ``/health``. The API key travels in the environment, not on the command line. The server's
     output goes to ``log_path`` (a temporary file unless given; see ``ServerHandle.log_tail``).
-    With ``wait=False`` it returns at once: start several, then ``wait_ready()`` on each."""
-    from dirl.rollout.cli import decoding_to_argv
+    With ``wait=False`` it returns at once: start several, then ``wait_ready()`` on each.
+    ``backend_options``: the backend's own options (``--backend-option KEY=VALUE``, e.g.
+    ``{"cache_max_entry_count": 0.3}`` for lmdeploy); they override ``dtype`` / ``max_batch_size``."""
+    from dirl.rollout.cli import backend_options_to_argv, decoding_to_argv
 
+    option_argv = backend_options_to_argv(backend_options)  # a value that cannot travel fails here
     if port is None and wait:
         for attempt in range(3):  # another process may take the free port before the server binds it
             try:
-                return start_server(model_dir, backend, host, free_port(host), decoding, api_key, device, dtype,
-                                    max_batch_size, threads, startup_timeout, log_path, env, wait)
+                return start_server(model_dir, backend=backend, host=host, port=free_port(host), decoding=decoding,
+                                    api_key=api_key, device=device, dtype=dtype, max_batch_size=max_batch_size,
+                                    threads=threads, startup_timeout=startup_timeout, log_path=log_path, env=env,
+                                    wait=wait, backend_options=backend_options)
             except RuntimeError as e:
                 if "address already in use" not in str(e).lower() or attempt == 2:
                     raise
@@ -492,6 +514,7 @@ def start_server(
         cmd += ["--device", device]
     if threads:
         cmd += ["--threads", str(threads)]
+    cmd += option_argv
     cmd += decoding_to_argv(decoding or DecodingConfig())
     penv = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])  # so a source checkout runs without installing

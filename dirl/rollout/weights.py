@@ -10,6 +10,9 @@ A ``POST /update_weights`` body is one *segment* of a state dict:
 the request); ``ipc`` hands CUDA IPC handles of flattened same-dtype buckets (LMDeploy's
 ``flattened_bucket`` idea) to a server on the same GPU node, so no bytes are copied through HTTP.
 Parameter names are those of ``Qwen3ForCausalLM`` (``model.layers.0...``, ``lm_head.weight``).
+
+:func:`iter_payloads` builds the segments of a push one at a time: a segment's file, bytes or CUDA
+buckets exist only while it is being sent, so a push costs one segment of memory beyond the weights.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -28,6 +31,7 @@ TRANSPORTS = ("file", "inline", "ipc")
 PAYLOAD_FIELDS = ("transport", "path", "data", "buckets", "finished")
 DEFAULT_SEGMENT_BYTES = 512 << 20
 DEFAULT_BUCKET_BYTES = 512 << 20
+DEFAULT_INLINE_BYTES = 64 << 20  # inline segments travel base64-encoded in one JSON body
 
 
 class PayloadError(ValueError):
@@ -153,6 +157,66 @@ def ipc_payload(buckets: list[FlatBucket], finished: bool) -> dict:
         handle = base64.b64encode(pickle.dumps(reduce_tensor(b.flat))).decode("ascii")
         out.append({"dtype": str(b.flat.dtype).replace("torch.", ""), "handle": handle, "tensors": b.entries})
     return {"transport": "ipc", "buckets": out, "finished": finished}
+
+
+# -- a push, one segment at a time -------------------------------------------------------------
+
+
+def default_segment_bytes(transport: str) -> int:
+    return {"inline": DEFAULT_INLINE_BYTES, "ipc": DEFAULT_BUCKET_BYTES}.get(transport, DEFAULT_SEGMENT_BYTES)
+
+
+def check_transport(pairs: list[tuple[str, torch.Tensor]], transport: str) -> None:
+    """Refuse a transport that cannot carry ``pairs`` before any server is put to sleep."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r} (expected auto, {', '.join(TRANSPORTS)})")
+    if transport == "ipc":
+        off = [n for n, t in pairs if t.device.type != "cuda"]
+        if off:
+            raise PayloadError(f"the ipc transport needs CUDA tensors ({off[0]!r} is on "
+                               f"{dict(pairs)[off[0]].device}); use 'file' or 'inline'")
+
+
+def iter_payloads(groups: list[list[tuple[str, torch.Tensor]]], transport: str,
+                  tmp_dir: Optional[str | os.PathLike] = None,
+                  bucket_bytes: Optional[int] = None) -> Iterator[dict]:
+    """The ``/update_weights`` bodies of ``groups`` (see :func:`segments`), ``finished`` on the last,
+    each built only when asked for. What a segment holds (its safetensors file under a temporary
+    folder in ``tmp_dir``, its bytes, its CUDA buckets) is released when the next one is asked for
+    or the generator is closed, so a caller sends each body (and waits for every answer: an ``ipc``
+    body points into memory of this process) before asking for the next."""
+    check_transport([p for g in groups for p in g], transport)
+    workdir = None
+    try:
+        for i, group in enumerate(groups):
+            last = i == len(groups) - 1
+            if transport == "inline":
+                payload = inline_payload(group, last)
+                yield payload
+                del payload
+            elif transport == "file":
+                if workdir is None:
+                    import tempfile
+
+                    workdir = tempfile.mkdtemp(prefix="dirl-weights-", dir=tmp_dir)
+                path = Path(workdir) / f"segment-{i:04d}.safetensors"
+                try:
+                    yield file_payload(group, path, last)
+                finally:
+                    path.unlink(missing_ok=True)
+            else:
+                buckets = flatten_buckets(group, bucket_bytes or DEFAULT_BUCKET_BYTES)
+                try:
+                    yield ipc_payload(buckets, last)
+                finally:
+                    del buckets  # back to this process's allocator, reused by the next segment
+                    if torch.cuda.is_initialized():
+                        torch.cuda.ipc_collect()  # memory the server held through its handle
+    finally:
+        if workdir is not None:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 class _TorchOnlyUnpickler(pickle.Unpickler):
