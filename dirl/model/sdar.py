@@ -12,6 +12,7 @@ infer a token-causal mask), and logits are *not* shifted (output i predicts toke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -258,16 +259,10 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     backend = resolve_backend(attn_backend, device)
     hf_cfg = qwen3_config_from_dict(info.raw)
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # silence "model of type sdar ... Qwen3": that is the point
-    try:
+    with quiet_transformers():  # "a model of type sdar ... Qwen3" is the point, not a problem
         hf = Qwen3ForCausalLM.from_pretrained(
             info.path, config=hf_cfg, dtype=torch_dtype, attn_implementation=_HF_ATTN[backend]
         )
-    finally:
-        hf_logging.set_verbosity(verbosity)
     hf.to(device)
     model = SDARModel(hf, bs, mid, attn_backend=attn_backend, source=info.path)
     model._active_backend = backend
@@ -288,11 +283,25 @@ def _mask_id_from_tokenizer(path: Path) -> Optional[int]:
     return None
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' warnings for a moment (its config loaders warn about ``model_type: sdar``)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_tokenizer(path: str | os.PathLike):
     """The checkpoint's tokenizer (no remote code)."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - re-raised as a one-line error
         raise ConfigError(f"config key 'model.path': cannot load a tokenizer from '{path}': {e}") from None

@@ -1,0 +1,232 @@
+"""Row schemas of supervised (SFT) data, and readers that say where a bad row is.
+
+An SFT row is one of two shapes:
+
+* chat: ``{"messages": [{"role": "user", "content": ...}, ..., {"role": "assistant", "content": ...}]}``.
+  The last message must be the assistant's; it is the response. Everything before it (system turns,
+  earlier user/assistant turns) is the prompt and takes no loss.
+* pair: ``{"prompt": ..., "response": ...}``. ``prompt`` is the user turn (a string) or a list of
+  messages; ``response`` is the assistant's text.
+
+Rows come from JSON Lines (one object a line), JSON (an array of objects, or an object whose
+``"data"``/``"rows"`` key holds that array), a Hugging Face ``datasets`` name (local folder or Hub),
+or the built-in synthetic arithmetic generator. Every problem is reported as :class:`DataError`
+naming the file and line (or dataset and row index) and the field at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class DataError(ValueError):
+    """A malformed data row; the message starts with ``file:line`` (or ``dataset[split] row i``)."""
+
+
+@dataclass
+class SFTExample:
+    """One supervised sample: the prompt as chat messages and the assistant's response text."""
+
+    prompt: list[dict]
+    response: str
+    where: str = ""  # file:line or dataset row, for error messages
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class FieldNames:
+    """Which keys of a row hold the messages, the prompt and the response."""
+
+    messages: str = "messages"
+    prompt: str = "prompt"
+    response: str = "response"
+
+
+def _check_messages(msgs: Any, where: str, key: str) -> list[dict]:
+    if not isinstance(msgs, (list, tuple)) or not msgs:
+        raise DataError(f"{where}: '{key}' must be a non-empty list of {{role, content}} messages, got {_short(msgs)}")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content', got {_short(m)}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise DataError(f"{where}: {key}[{i}].role must be one of {', '.join(ROLES)}, got {_short(role)}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: {key}[{i}].content must be a string, got {_short(content)}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _short(v: Any, n: int = 60) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def parse_sft_row(row: Any, where: str, names: FieldNames | None = None) -> SFTExample:
+    """Validate one row and turn it into an :class:`SFTExample`; :class:`DataError` otherwise."""
+    names = names or FieldNames()
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be a JSON object, got {_short(row)}")
+    meta = {k: row[k] for k in ("id", "answer", "question") if k in row}
+    if names.messages in row and row[names.messages] is not None:
+        msgs = _check_messages(row[names.messages], where, names.messages)
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last of '{names.messages}' must be the assistant's response, "
+                            f"got role {msgs[-1]['role']!r}")
+        if len(msgs) < 2:
+            raise DataError(f"{where}: '{names.messages}' needs a prompt turn before the assistant's response")
+        return SFTExample(prompt=msgs[:-1], response=msgs[-1]["content"], where=where, meta=meta)
+    if names.prompt in row or names.response in row:
+        if names.prompt not in row:
+            raise DataError(f"{where}: missing field '{names.prompt}'")
+        if names.response not in row:
+            raise DataError(f"{where}: missing field '{names.response}'")
+        prompt, response = row[names.prompt], row[names.response]
+        if isinstance(prompt, str):
+            prompt_msgs = [{"role": "user", "content": prompt}]
+        else:
+            prompt_msgs = _check_messages(prompt, where, names.prompt)
+        if not isinstance(response, str):
+            raise DataError(f"{where}: '{names.response}' must be a string, got {_short(response)}")
+        return SFTExample(prompt=prompt_msgs, response=response, where=where, meta=meta)
+    keys = ", ".join(sorted(map(str, row))) or "none"
+    raise DataError(f"{where}: expected '{names.messages}' or '{names.prompt}'/'{names.response}' fields, "
+                    f"found {keys}")
+
+
+# --------------------------------------------------------------------------------------------
+# Readers: (where, row) pairs
+# --------------------------------------------------------------------------------------------
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """``(file:line, object)`` for every non-blank line; invalid JSON is a :class:`DataError`."""
+    p = Path(path)
+    with p.open("r", encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+            yield f"{p}:{i}", obj
+
+
+def iter_json_array(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """``(file:line, object)`` for each element of a JSON array (the line where the element starts)."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    dec = json.JSONDecoder()
+
+    def line_of(idx: int) -> int:
+        return text.count("\n", 0, idx) + 1
+
+    i = _skip_ws(text, 0)
+    if i < len(text) and text[i] == "{":  # {"data": [...]} or {"rows": [...]}
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+        for key in ("data", "rows", "train"):
+            if isinstance(obj.get(key), list):
+                # line numbers are not recoverable cheaply here; give the element index
+                for j, row in enumerate(obj[key]):
+                    yield f"{p}:{key}[{j}]", row
+                return
+        raise DataError(f"{p}:1: expected a JSON array of rows (or an object with a 'data' array)")
+    if i >= len(text) or text[i] != "[":
+        raise DataError(f"{p}:{line_of(i)}: expected a JSON array of rows")
+    i = _skip_ws(text, i + 1)
+    if i < len(text) and text[i] == "]":
+        return
+    while True:
+        start = i
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        yield f"{p}:{line_of(start)}", obj
+        i = _skip_ws(text, i)
+        if i < len(text) and text[i] == ",":
+            i = _skip_ws(text, i + 1)
+            continue
+        if i < len(text) and text[i] == "]":
+            return
+        raise DataError(f"{p}:{line_of(i)}: expected ',' or ']' between rows")
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def iter_hf_dataset(name: str, split: str = "train", subset: Optional[str] = None) -> Iterator[tuple[str, Any]]:
+    """Rows of a Hugging Face dataset (a local folder saved with ``save_to_disk`` or a Hub name)."""
+    import datasets  # imported lazily: heavy
+
+    p = Path(name)
+    try:
+        if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, subset, split=split)
+    except Exception as e:  # noqa: BLE001 - network, missing split, ... as one line
+        raise DataError(f"dataset '{name}' (split '{split}'): cannot load it: {type(e).__name__}: {e}") from None
+    for i, row in enumerate(ds):
+        yield f"{name}[{split}] row {i}", row
+
+
+def is_local_file(source: str) -> bool:
+    return source.endswith((".json", ".jsonl", ".jsonl.gz")) or Path(source).is_file()
+
+
+def read_sft_examples(
+    source: str,
+    split: str = "train",
+    names: FieldNames | None = None,
+    limit: Optional[int] = None,
+    subset: Optional[str] = None,
+) -> list[SFTExample]:
+    """Read and validate every row of ``source`` (file path or dataset name) into :class:`SFTExample`."""
+    p = Path(source)
+    if source.endswith((".json", ".jsonl")) and not p.is_file():
+        raise DataError(f"data file '{source}' does not exist")
+    if p.is_file():
+        if p.suffix == ".jsonl":
+            rows: Iterator[tuple[str, Any]] = iter_jsonl(p)
+        elif p.suffix == ".json":
+            rows = iter_json_array(p)
+        else:
+            raise DataError(f"data file '{source}': unsupported extension (expected .json or .jsonl)")
+    else:
+        rows = iter_hf_dataset(source, split=split, subset=subset)
+    out = []
+    for where, row in rows:
+        out.append(parse_sft_row(row, where, names))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def synthetic_sft_examples(split: str = "train", n: Optional[int] = None, seed: int = 0, digits: int = 2) -> list[SFTExample]:
+    """The built-in arithmetic task as SFT examples (held-out pairs never appear in ``train``)."""
+    from dirl.data.synthetic import synthetic_problems
+
+    rows = synthetic_problems(split, n=n, seed=seed, digits=digits)  # type: ignore[arg-type]
+    return [parse_sft_row(r, f"synthetic[{split}] row {i}") for i, r in enumerate(rows)]
+
+
+def examples_from_rows(rows: Sequence[Any], where_prefix: str = "rows", names: FieldNames | None = None) -> list[SFTExample]:
+    """Validate in-memory rows (e.g. made by a script)."""
+    return [parse_sft_row(r, f"{where_prefix}[{i}]", names) for i, r in enumerate(rows)]

@@ -1,0 +1,308 @@
+"""Atomic, resumable training checkpoints (single process, DDP and DeepSpeed ZeRO-1/2).
+
+Layout of ``RUN_DIR/checkpoints/step_00000120/``::
+
+    model/                 SDAR layout (config.json with model_type sdar, block_size, mask_token_id;
+                           model.safetensors; tokenizer files): loadable by dirl, LMDeploy, SDAR tools
+    optimizer.pt           full optimizer state (single process / DDP; written by rank 0), or
+    optimizer/rank_00000.pt ... one ZeRO shard per data-parallel rank (DeepSpeed: each rank writes its own)
+    scheduler.pt           LR scheduler state
+    rng/rank_00000.pt ...  Python / NumPy / torch / CUDA RNG states of every rank
+    trainer_state.json     step, world size, strategy, and the trainer's ``extra_state`` (data cursor, ...)
+    COMPLETE               written last
+
+Everything is first written to a hidden ``.step_XXXXXXXX.tmp`` folder and renamed when complete, so
+a process killed mid-save never leaves a folder that :func:`latest_checkpoint` would pick up.
+Every rank must call :func:`save_checkpoint` and :func:`load_checkpoint` (they synchronise).
+A ZeRO checkpoint resumes with the same number of ranks; a full one with any number.
+
+Resume order::
+
+    model = ...; load_model_weights(ckpt, model)          # before accelerator.prepare
+    wrapped, opt = accelerator.prepare(module, opt)
+    state = load_checkpoint(ckpt, optimizer=opt, scheduler=sched, accelerator=accelerator)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+COMPLETE_MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{int(step):08d}"
+
+
+def is_complete(ckpt_dir: str | os.PathLike) -> bool:
+    p = Path(ckpt_dir)
+    return (p / COMPLETE_MARKER).is_file() and (p / STATE_FILE).is_file() and (p / "model" / "config.json").is_file()
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first, as ``(step, path)``."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        m = _STEP_RE.match(d.name)
+        if m and d.is_dir() and is_complete(d):
+            out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+    """The newest complete checkpoint of ``run_dir`` (or None)."""
+    cks = list_checkpoints(run_dir)
+    return cks[-1][1] if cks else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or a run folder (its newest complete checkpoint)."""
+    p = Path(path)
+    if is_complete(p):
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise FileNotFoundError(f"'{p}' is neither a complete checkpoint nor a run folder with one")
+    return latest
+
+
+# --------------------------------------------------------------------------------------------
+# RNG
+# --------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(st["cuda"])
+        except (RuntimeError, IndexError):
+            pass  # a different number of visible devices: keep the fresh seeds
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _rank_world(accelerator) -> tuple[int, int, bool]:
+    if accelerator is None:
+        return 0, 1, True
+    return accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+
+
+def _barrier(accelerator) -> None:
+    if accelerator is not None and accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+
+
+def zero_optimizer(optimizer: Any) -> Any:
+    """The DeepSpeed ZeRO (stage 1/2) optimizer inside Accelerate's wrapper, or None."""
+    o = optimizer
+    for _ in range(4):
+        if o is None:
+            return None
+        if hasattr(o, "single_partition_of_fp32_groups"):
+            return o
+        if isinstance(o, torch.optim.Optimizer) and not hasattr(o, "optimizer"):
+            return None
+        o = getattr(o, "optimizer", None)
+    return None
+
+
+def _unsupported_deepspeed_optimizer(optimizer: Any) -> bool:
+    o = getattr(optimizer, "optimizer", optimizer)
+    return zero_optimizer(optimizer) is None and not isinstance(o, torch.optim.Optimizer)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    extra_state: Optional[dict] = None,
+    accelerator: Any = None,
+    keep_last: int = 0,
+) -> Path:
+    """Write checkpoint ``step`` of a run; call it on every rank. Returns the checkpoint folder.
+
+    ``model``: the (unwrapped) :class:`~dirl.model.sdar.SDARModel`, saved in SDAR layout by rank 0.
+    ``optimizer``: the optimizer as returned by ``accelerator.prepare`` (or a plain one).
+    ``extra_state``: JSON-serialisable trainer state (data cursor, counters, ...).
+    ``keep_last`` > 0: delete older complete checkpoints beyond the newest ``keep_last``.
+    """
+    rank, world, main = _rank_world(accelerator)
+    root = checkpoints_dir(run_dir)
+    final = root / checkpoint_name(step)
+    tmp = root / f".{final.name}.tmp"
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step_*"):  # leftovers of a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(accelerator)
+
+    zero = zero_optimizer(optimizer) if optimizer is not None else None
+    if optimizer is not None and zero is None and _unsupported_deepspeed_optimizer(optimizer):
+        raise NotImplementedError(f"cannot checkpoint optimizer of type {type(optimizer).__name__} "
+                                  "(use ZeRO stage 1 or 2, DDP or one process)")
+    if zero is not None:
+        _torch_save(zero.state_dict(), tmp / "optimizer" / f"rank_{rank:05d}.pt")
+    elif optimizer is not None and main:
+        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _torch_save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+
+    if main:
+        model.save_pretrained(tmp / "model", tokenizer=tokenizer)
+        if scheduler is not None:
+            _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        state = {
+            "step": int(step),
+            "world_size": world,
+            "optimizer": "zero-sharded" if zero is not None else ("full" if optimizer is not None else "none"),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "extra": extra_state or {},
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    _barrier(accelerator)
+    if main:
+        (tmp / COMPLETE_MARKER).write_text(f"step {int(step)}\n")
+        if final.exists():  # re-saving the same step: swap atomically
+            old = root / f".{final.name}.old"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        if keep_last and keep_last > 0:
+            for _, d in list_checkpoints(run_dir)[:-keep_last]:
+                # hide it first, so a kill mid-delete leaves a hidden leftover, never a half folder
+                doomed = root / f".{d.name}.old"
+                os.replace(d, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+    _barrier(accelerator)
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------
+
+
+def read_trainer_state(ckpt_dir: str | os.PathLike) -> dict:
+    return json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+
+
+def load_model_weights(ckpt_dir: str | os.PathLike, model: Any) -> None:
+    """Copy the checkpoint's weights into ``model`` (an SDARModel or a HF model), in place.
+    Call it before ``accelerator.prepare`` so DeepSpeed's fp32 copies start from them."""
+    from safetensors.torch import load_file
+
+    mdir = Path(ckpt_dir) / "model"
+    hf = getattr(model, "hf", model)
+    files = sorted(mdir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in '{mdir}'")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    tied = bool(getattr(hf.config, "tie_word_embeddings", False))
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint '{mdir}' does not match the model: missing {missing[:5]}, "
+                           f"unexpected {list(unexpected)[:5]}")
+    if tied and hasattr(hf, "tie_weights"):
+        hf.tie_weights()
+
+
+def load_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    model: Any = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    accelerator: Any = None,
+    restore_rng: bool = True,
+) -> dict:
+    """Restore what is given from a complete checkpoint; call it on every rank. Returns the trainer
+    state (``step``, ``world_size``, ``extra`` ...). ``model`` (optional) gets its weights via
+    :func:`load_model_weights`; prefer doing that before ``accelerator.prepare``."""
+    ck = Path(ckpt_dir)
+    if not is_complete(ck):
+        raise FileNotFoundError(f"'{ck}' is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
+    rank, world, _ = _rank_world(accelerator)
+    state = read_trainer_state(ck)
+    if model is not None:
+        load_model_weights(ck, model)
+    if optimizer is not None:
+        zero = zero_optimizer(optimizer)
+        saved_kind = state.get("optimizer")
+        if zero is not None:
+            if saved_kind != "zero-sharded":
+                raise RuntimeError(f"'{ck}' holds a {saved_kind} optimizer state; DeepSpeed ZeRO needs one saved "
+                                   "under DeepSpeed (resume with the strategy the run was saved with)")
+            if state.get("world_size") != world:
+                raise RuntimeError(f"'{ck}' was saved by {state.get('world_size')} ZeRO ranks; resuming with {world} "
+                                   "ranks is not supported (relaunch with the same number of processes)")
+            shard = torch.load(ck / "optimizer" / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False)
+            shards: list[Any] = [None] * world
+            shards[rank] = shard
+            zero.load_state_dict(shards, load_optimizer_states=True, load_from_fp32_weights=True)
+        else:
+            if saved_kind != "full":
+                raise RuntimeError(f"'{ck}' holds a {saved_kind} optimizer state; this run's optimizer needs a full "
+                                   "one (resume with the strategy the run was saved with)")
+            sd = torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=False)
+            optimizer.load_state_dict(sd)
+    if scheduler is not None and (ck / "scheduler.pt").is_file():
+        scheduler.load_state_dict(torch.load(ck / "scheduler.pt", map_location="cpu", weights_only=False))
+    if restore_rng:
+        f = ck / "rng" / f"rank_{rank:05d}.pt"
+        if not f.is_file():
+            f = ck / "rng" / "rank_00000.pt"
+        if f.is_file():
+            set_rng_state(torch.load(f, map_location="cpu", weights_only=False))
+    _barrier(accelerator)
+    return state

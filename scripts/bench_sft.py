@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""SFT benchmarks.
+
+    python scripts/bench_sft.py packing            packing efficiency of the default data (and other row lengths)
+    python scripts/bench_sft.py cpu [--steps N]    step time of the embedded default on this CPU
+    python scripts/bench_sft.py gpu [--seq 8192]   FlexAttention vs SDPA training step at 8k tokens on a
+                                                   Qwen3-1.7B-shaped SDAR model (random weights; CUDA only)
+    python scripts/bench_sft.py all
+
+Results are printed as JSON lines (and appended to --out when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def emit(rec: dict, out: str | None) -> None:
+    rec = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "torch": torch.__version__, **rec}
+    line = json.dumps(rec)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def bench_packing(out: str | None) -> None:
+    from dirl.data.sft import build_sft_rows
+    from dirl.model.tiny import build_tokenizer
+    from dirl.train.sft import SFTConfig, load_sft_examples
+
+    cfg = SFTConfig()
+    tok = build_tokenizer()
+    examples = load_sft_examples(cfg.data)
+    for row_len in sorted({cfg.data.max_length, 64, 96, 128, 176, 256, 512}):
+        data = build_sft_rows(tok, examples, cfg.model.tiny.block_size, row_len)
+        emit({"bench": "sft_packing", "data": f"synthetic train, {len(examples)} samples", "row_len": row_len,
+              "default": row_len == cfg.data.max_length, **data.stats.as_dict()}, out)
+
+
+def bench_cpu(steps: int, out: str | None) -> None:
+    from dirl.data.sft import RowStream
+    from dirl.train.common import GradientStepper, build_optimizer, build_scheduler
+    from dirl.train.sft import NELBOLoss, SFTConfig, accumulate_step, build_model, build_sft_data, make_micro_batches
+
+    cfg = SFTConfig()
+    model, tok = build_model(cfg, torch.device("cpu"))
+    data = build_sft_data(cfg, tok, model.block_size)
+    stream = RowStream(len(data), seed=0)
+    module = NELBOLoss(model)
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.optim, steps + 3)
+    n_micro = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    stepper = GradientStepper(None, module, opt, sched, cfg.optim.max_grad_norm, n_micro)
+    times = []
+    for step in range(steps + 3):
+        t0 = time.perf_counter()
+        mbs = make_micro_batches(data, stream, step * cfg.train.global_batch_size, cfg, 0, 1, torch.device("cpu"))
+        accumulate_step(module, stepper, mbs, None)
+        stepper.step()
+        if step >= 3:
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    tokens = cfg.train.global_batch_size * cfg.data.max_length
+    emit({"bench": "sft_cpu_step", "config": "embedded default", "params": sum(p.numel() for p in model.parameters()),
+          "rows_per_step": cfg.train.global_batch_size, "row_len": cfg.data.max_length,
+          "steps_timed": steps, "step_s_median": round(med, 4), "step_s_min": round(min(times), 4),
+          "step_s_max": round(max(times), 4), "tokens_per_s_median": round(tokens / med, 1),
+          "forward_tokens_per_step": 2 * tokens}, out)
+
+
+def _qwen3_17b_shape(layers: int):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=layers,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def bench_gpu(seq: int, steps: int, layers: int, out: str | None) -> None:
+    if not torch.cuda.is_available():
+        emit({"bench": "sft_gpu_flex_vs_sdpa", "status": "skipped: CUDA not available"}, out)
+        return
+    from transformers import Qwen3ForCausalLM
+
+    from dirl.model.sdar import SDARModel
+    from dirl.train.sft import NELBOLoss
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    hf = Qwen3ForCausalLM(_qwen3_17b_shape(layers)).to(dev, torch.bfloat16)
+    if hasattr(hf, "activation_checkpointing_enable"):
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = SDARModel(hf, block_size=4, mask_token_id=151669, attn_backend="flex")
+    module = NELBOLoss(model, chunk_size=2048)
+    # one packed row: samples of 1k-3k tokens, then tail padding
+    g = torch.Generator().manual_seed(0)
+    lens, left = [], seq
+    while left > 0:
+        n = min(left, int(torch.randint(1024, 3072, (1,), generator=g)))
+        lens.append(n)
+        left -= n
+    pos = torch.cat([torch.arange(n) for n in lens])[None].to(dev)
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])[None].to(dev)
+    ids = torch.randint(0, 151643, (1, seq), generator=g).to(dev)
+    masked = (torch.rand(1, seq, generator=g) < 0.5).to(dev)
+    p = torch.full((1, seq), 0.5, device=dev)
+    res = {}
+    for backend in ("flex", "sdpa"):
+        model.attn_backend = backend
+        try:
+            times = []
+            torch.cuda.reset_peak_memory_stats()
+            for i in range(steps + 2):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                loss = module(ids, pos, doc, masked, p) / masked.sum()
+                loss.backward()
+                torch.cuda.synchronize()
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+                hf.zero_grad(set_to_none=True)
+            res[backend] = {"step_s": round(statistics.median(times), 4),
+                            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        except torch.cuda.OutOfMemoryError:
+            res[backend] = {"status": "out of memory"}
+            hf.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    speedup = None
+    if "step_s" in res.get("flex", {}) and "step_s" in res.get("sdpa", {}):
+        speedup = round(res["sdpa"]["step_s"] / res["flex"]["step_s"], 2)
+    emit({"bench": "sft_gpu_flex_vs_sdpa", "model": f"Qwen3-1.7B shape, {layers} layers, random bf16 weights, "
+          "gradient checkpointing", "tokens": seq, "forward_tokens": 2 * seq, "docs_in_row": len(lens),
+          **res, "flex_speedup": speedup}, out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["packing", "cpu", "gpu", "all"])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--out", default=None, help="append the JSON lines to this file")
+    a = ap.parse_args(argv)
+    if a.mode in ("packing", "all"):
+        bench_packing(a.out)
+    if a.mode in ("cpu", "all"):
+        bench_cpu(a.steps, a.out)
+    if a.mode in ("gpu", "all"):
+        bench_gpu(a.seq, max(1, a.steps // 4), a.layers, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

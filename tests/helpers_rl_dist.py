@@ -1,0 +1,96 @@
+"""Helpers of the RL tests: toy rewards, and one optimizer step of the RL update run in 1 or 2
+processes (``python -m torch.distributed.run --nproc_per_node 2 tests/helpers_rl_dist.py ...``).
+
+The step uses plain SGD with lr 1 and no clipping, so the parameter change is exactly minus the
+gradient of the mini-batch: comparing changes compares gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+# -- toy rewards (dirl.rewards.RewardContext -> float) ----------------------------------------------
+
+
+def digit_fraction(ctx, digit: str = "7") -> float:
+    """Fraction of the response's characters that are ``digit``."""
+    text = ctx.text or ""
+    return text.count(digit) / max(1, len(text))
+
+
+# -- one update step -----------------------------------------------------------------------------------
+
+
+def run_update(model_dir: str, samples_file: str, out_file: str, n_micro: int, strategy: str,
+               aggregation: str = "grpo", behaviour: str = "old", layout: str = "packed") -> None:
+    import dataclasses
+
+    from dirl.model.sdar import load_model
+    from dirl.train.common import DistConfig, GradientStepper, setup_accelerator, unwrap
+    from dirl.train.layouts import TrajectoryScorer
+    from dirl.train.rl import BatchSettings, Dist, RLConfig, Sample, plan_micro_batches, update
+
+    data = json.loads(Path(samples_file).read_text())
+    ds_cfg = Path(out_file).with_suffix(".ds.json")
+    dist_cfg = DistConfig(strategy=strategy)
+    if strategy == "deepspeed":
+        ds = {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
+              "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+        if int(os.environ.get("RANK", "0")) == 0:
+            ds_cfg.write_text(json.dumps(ds))
+        else:
+            import time
+
+            while not ds_cfg.exists():
+                time.sleep(0.05)
+        dist_cfg = DistConfig(strategy="deepspeed", deepspeed_config=str(ds_cfg))
+    acc = setup_accelerator(dist_cfg, micro_batch_size=4, gradient_accumulation_steps=n_micro, max_grad_norm=0.0)
+    torch.manual_seed(0)
+    model = load_model(model_dir, dtype="float32", device=acc.device)
+    model.train()
+    before = {k: v.detach().clone() for k, v in model.hf.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    wrapped, opt = acc.prepare(TrajectoryScorer(model), opt)
+    stepper = GradientStepper(acc, wrapped, opt, None, 0.0, n_micro)
+    samples = []
+    for d in data:
+        s = Sample(d["traj"], d["advantage"], 0, d["n_scored"])
+        s.old = torch.tensor([float("nan") if v is None else v for v in d["old"]])
+        samples.append(s)
+    cfg = RLConfig()
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, aggregation=aggregation, layout=layout),
+                              train=dataclasses.replace(cfg.train, entropy=False))
+    dist = Dist(acc)
+    plan = plan_micro_batches(len(samples), 1, dist.rank, dist.world, n_micro)
+    s = BatchSettings(model.block_size, model.mask_token_id, 0, layout, False, 1.0, 4096, acc.device)
+    stats = update(wrapped, stepper, samples, plan[0], s, cfg, dist, behaviour)
+    after = unwrap(wrapped).model.hf.state_dict()
+    if acc.is_main_process:
+        delta = {k: (after[k].detach().float().cpu() - before[k].float().cpu()) for k in before}
+        torch.save({"delta": delta, "stats": stats}, out_file)
+    acc.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-micro", type=int, default=1)
+    p.add_argument("--strategy", default="auto")
+    p.add_argument("--aggregation", default="grpo")
+    p.add_argument("--behaviour", default="old")
+    a = p.parse_args()
+    run_update(a.model, a.samples, a.out, a.n_micro, a.strategy, a.aggregation, a.behaviour)

@@ -1,0 +1,205 @@
+"""SFT data: row formats, error locations, chat-template tokenisation, block padding, packing, order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dirl.data.formats import (
+    DataError,
+    FieldNames,
+    SFTExample,
+    parse_sft_row,
+    read_sft_examples,
+    synthetic_sft_examples,
+)
+from dirl.data.sft import (
+    PackedSFTData,
+    RowStream,
+    TokenizedSample,
+    pack_lengths,
+    rank_row_slice,
+    tokenize_examples,
+)
+from dirl.model.tiny import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+# --------------------------------------------------------------------------------------------
+# formats
+# --------------------------------------------------------------------------------------------
+
+
+def test_both_row_shapes_parse(tmp_path):
+    rows = [
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1?"},
+                      {"role": "assistant", "content": "2"}]},
+        {"prompt": "2+2?", "response": "4"},
+        {"prompt": [{"role": "user", "content": "3+3?"}], "response": "6"},
+    ]
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    ex = read_sft_examples(str(f))
+    assert [e.response for e in ex] == ["2", "4", "6"]
+    assert ex[0].prompt == rows[0]["messages"][:2]
+    assert ex[1].prompt == [{"role": "user", "content": "2+2?"}]
+    assert ex[2].where == f"{f}:3"
+    # a JSON array file gives the same rows, with the line each element starts on
+    g = tmp_path / "d.json"
+    g.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+    ex2 = read_sft_examples(str(g))
+    assert [e.response for e in ex2] == ["2", "4", "6"] and ex2[1].where == f"{g}:3"
+
+
+def test_custom_field_names():
+    ex = parse_sft_row({"q": "hi", "a": "yo"}, "x", FieldNames(prompt="q", response="a"))
+    assert ex.prompt == [{"role": "user", "content": "hi"}] and ex.response == "yo"
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "1+1?"}', "missing field 'response'"),
+        ('{"prompt": "1+1?", "response": 2}', "'response' must be a string"),
+        ('{"messages": [{"role": "user", "content": "q"}]}', "must be the assistant's response"),
+        ('{"messages": [{"role": "bot", "content": "q"}, {"role": "assistant", "content": "a"}]}', "role must be one of"),
+        ('{"messages": "hello"}', "non-empty list"),
+        ('{"text": "hello"}', "expected 'messages' or 'prompt'/'response'"),
+        ('[1, 2]', "a row must be a JSON object"),
+        ('{"prompt": "1+1?", "response": "2"', "invalid JSON"),
+    ],
+)
+def test_bad_row_names_file_and_line(tmp_path, line, message):
+    f = tmp_path / "bad.jsonl"
+    good = json.dumps({"prompt": "a", "response": "b"})
+    f.write_text(f"{good}\n{good}\n\n{line}\n{good}\n")
+    with pytest.raises(DataError) as e:
+        read_sft_examples(str(f))
+    assert str(e.value).startswith(f"{f}:4: "), str(e.value)
+    assert message in str(e.value)
+
+
+def test_bad_element_of_json_array_names_its_line(tmp_path):
+    f = tmp_path / "bad.json"
+    f.write_text('[\n  {"prompt": "a", "response": "b"},\n  {"prompt": "a",\n   "answer": 3}\n]\n')
+    with pytest.raises(DataError, match=rf"^{f}:3: missing field 'response'"):
+        read_sft_examples(str(f))
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_sft_examples(str(tmp_path / "nope.jsonl"))
+
+
+def test_bad_row_stops_training_with_file_and_line(tmp_path):
+    from dirl.train.sft import build_sft_data, load_sft_config
+
+    f = tmp_path / "train.jsonl"
+    f.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "reply": "b"}\n')
+    cfg = load_sft_config(None, [f"data.source={f}"])
+    with pytest.raises(DataError, match=rf"{f}:2: missing field 'response'"):
+        build_sft_data(cfg, build_tokenizer(), 4)
+
+
+# --------------------------------------------------------------------------------------------
+# tokenisation and block padding
+# --------------------------------------------------------------------------------------------
+
+
+def test_prompt_is_chat_template_and_response_is_block_padded(tok):
+    ex = SFTExample(prompt=[{"role": "user", "content": "What is 1+2?"}], response="1+2=3. \\boxed{3}")
+    for B in (1, 4, 7):
+        s = tokenize_examples(tok, [ex], B)[0]
+        text = tok.decode(s.input_ids)
+        prompt_text = tok.decode(s.input_ids[:s.n_prompt])
+        assert prompt_text == "<|im_start|>user\nWhat is 1+2?<|im_end|>\n<|im_start|>assistant\n"
+        assert len(s.input_ids) % B == 0  # the whole sample ends on a block boundary
+        body = "<|im_start|>user\nWhat is 1+2?<|im_end|>\n<|im_start|>assistant\n1+2=3. \\boxed{3}<|im_end|>\n"
+        assert text.startswith(body)
+        n_pad = len(s.input_ids) - len(tok(body, add_special_tokens=False)["input_ids"])
+        assert 0 <= n_pad < B
+        assert s.input_ids[len(s.input_ids) - n_pad:] == [tok.pad_token_id] * n_pad
+        assert s.n_labelled == len(s.input_ids) - s.n_prompt  # pads are labelled targets
+
+
+# --------------------------------------------------------------------------------------------
+# packing
+# --------------------------------------------------------------------------------------------
+
+
+def _samples(lengths, n_prompt=3):
+    return [TokenizedSample(input_ids=list(range(100 + i, 100 + i + n)), n_prompt=min(n_prompt, n - 1))
+            for i, n in enumerate(lengths)]
+
+
+def test_packing_rows_docs_positions_and_labels():
+    lengths = [8, 12, 4, 20, 16, 8, 30, 4]
+    data = PackedSFTData(_samples(lengths), row_len=24, pad_id=0)
+    assert data.stats.n_dropped == 1  # the 30-token sample is longer than a row
+    assert data.stats.n_samples == 7
+    seen = []
+    for r in range(len(data)):
+        row = data.row(r)
+        ids, pos, doc, lab = row["input_ids"], row["pos"], row["doc"], row["labels"]
+        assert ids.shape == (24,)
+        for d in doc.unique().tolist():
+            sel = doc == d
+            idx = sel.nonzero().flatten()
+            assert torch.equal(idx, torch.arange(idx[0], idx[-1] + 1))  # contiguous
+            assert torch.equal(pos[sel], torch.arange(int(sel.sum())))  # positions restart at 0
+        for s in data.row_samples(r):
+            a, b = data.offsets[s], data.offsets[s + 1]
+            seen.append(tuple(data.tokens[a:b].tolist()))
+        # tail padding: its own doc, pad tokens, no labels
+        used = sum(int(data.offsets[s + 1] - data.offsets[s]) for s in data.row_samples(r))
+        if used < 24:
+            tail = doc[used:]
+            assert (tail == tail[0]).all() and tail[0] == doc[:used].max() + 1
+            assert (ids[used:] == 0).all() and not lab[used:].any()
+        # labels: exactly the non-prompt tokens of each sample
+        n_lab = sum(int(data.offsets[s + 1] - data.offsets[s]) - int(data.n_prompt[s]) for s in data.row_samples(r))
+        assert int(lab.sum()) == n_lab
+    kept = sorted(tuple(s.input_ids) for s, n in zip(_samples(lengths), lengths) if n <= 24)
+    assert sorted(seen) == kept  # every kept sample exactly once
+
+
+def test_best_fit_packing_is_tight_and_deterministic():
+    lengths = [40, 44] * 30
+    rows, dropped = pack_lengths(lengths, 128)
+    assert not dropped
+    assert sorted(i for r in rows for i in r) == list(range(60))
+    assert all(sum(lengths[i] for i in r) <= 128 for r in rows)
+    assert pack_lengths(lengths, 128) == (rows, dropped)
+    assert len(rows) == 20  # 44 + 44 + 40 = 128 exactly
+
+
+def test_default_data_packs_densely(tok):
+    data = PackedSFTData(tokenize_examples(tok, synthetic_sft_examples("train", n=300), 4), 128, tok.pad_token_id)
+    assert data.stats.efficiency > 0.95
+    assert data.stats.n_dropped == 0
+
+
+def test_row_stream_is_seeded_and_resumable():
+    a, b = RowStream(10, seed=3), RowStream(10, seed=3)
+    seq = a.rows_at(0, 35)
+    assert sorted(seq[:10]) == list(range(10)) and sorted(seq[10:20]) == list(range(10))
+    assert seq[:10] != seq[10:20]  # a new permutation every epoch
+    assert b.rows_at(17, 10) == seq[17:27]  # any cursor gives the same order
+    assert RowStream(10, seed=4).rows_at(0, 10) != seq[:10]
+
+
+def test_step_slices_cover_the_global_batch():
+    for world in (1, 2, 4):
+        got = []
+        for r in range(world):
+            s, n = rank_row_slice(24, 8, r, world)
+            got += list(range(s, s + n))
+        assert got == list(range(24, 32))
+    with pytest.raises(ValueError):
+        rank_row_slice(0, 6, 0, 4)
