@@ -197,7 +197,8 @@ def cli_main(argv: list[str]) -> int:
 
         rl: dict = {}
         if not args.skip_rl:
-            times["RL"] = _run("RL", ["rl", f"model.path={sft_model}", f"output_dir={out}", "run_name=rl", *args.rl], log)
+            times["RL"] = _run("RL", ["rl", f"model.path={sft_model}", f"output_dir={out}", "run_name=rl",
+                                       "eval.enabled=false", *args.rl], log)
             rl = json.loads((out / "rl" / "summary.json").read_text())
             rl_model = Path(rl["final_model"])
             stages["RL"] = str(rl_model)

@@ -1,0 +1,33 @@
+"""The quick-start pipeline in a reduced form: every stage runs for real and leaves its files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_reduced_quickstart_pipeline(tmp_path):
+    out = tmp_path / "qs"
+    cmd = [
+        sys.executable, "-m", "dirl.cli", "quickstart", "--out", str(out),
+        "--sft", "train.max_steps=150", "logging.progress_bar=false",
+        "--rl", "train.steps=2", "train.prompts_per_step=4", "train.samples_per_prompt=4", "logging.progress_bar=false",
+        "--eval", "data.synthetic_size=40", "num_samples=2",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for rel in ("tiny/config.json", "sft/summary.json", "sft/loss.png", "rl/summary.json", "rl/curves.png",
+                "eval_untrained/report.md", "eval_sft/metrics.json", "eval_rl/responses.jsonl",
+                "accuracy.png", "report.md", "summary.json"):
+        assert (out / rel).is_file(), rel
+    summary = json.loads((out / "summary.json").read_text())
+    acc = {name: m["accuracy"] for name, m in summary["eval"].items()}
+    assert set(acc) == {"untrained", "SFT", "SFT + RL"}
+    assert acc["SFT"] > acc["untrained"], acc
+    assert summary["sft"]["loss_end"] < summary["sft"]["loss_start"]
+    report = (out / "report.md").read_text()
+    assert "SFT + RL" in report and "accuracy.png" in report
