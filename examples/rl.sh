@@ -23,8 +23,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON="${PYTHON:-python}"
-if ! command -v "$PYTHON" >/dev/null 2>&1; then PYTHON=python3; fi
+# The interpreter: $PYTHON, else the project's .venv (scripts/install.sh), else python3.
+if [[ -n "${PYTHON:-}" ]]; then :
+elif [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python
+else PYTHON=python3; fi
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 
 if [[ $# -eq 0 || "${1}" == *=* ]]; then
