@@ -159,8 +159,17 @@ class RolloutClient:
             try:
                 resp = await client.post(url + "/generate", json=body)
             except httpx.TransportError as e:
-                streak[url] += 1
-                down_until[url] = loop.time() + self.backoff * 2 ** min(streak[url], 6)
+                now = loop.time()
+                if now >= down_until[url]:  # calls that were in flight together count as one failure
+                    streak[url] += 1
+                    down_until[url] = now + self.backoff * 2 ** min(streak[url], 6)
+                if all(streak[u] > self.retries for u in self.urls):
+                    # every server has failed to answer `retries + 1` times in a row, each after a
+                    # longer pause: give up now rather than wait out every chunk's own retries
+                    ids = [r["request_id"] for r in chunk]
+                    raise RolloutError(f"request {', '.join(map(repr, ids))} failed: no rollout server answers "
+                                       f"({len(self.urls)} tried, {self.retries + 1} times each); last error: "
+                                       f"{url}: {type(e).__name__}: {e}", request_ids=ids, url=url) from None
                 raise _Retry(f"{url}: {type(e).__name__}: {e}") from None
             if resp.status_code >= 500 or resp.status_code == 429:
                 raise _Retry(f"{url}: HTTP {resp.status_code}: {self._reason(resp)}")
