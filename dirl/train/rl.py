@@ -92,6 +92,9 @@ class RolloutConfig:
     device: str = "auto"  # colocated servers: auto = the rank's device
     dtype: str = "auto"
     max_batch_size: int = 64  # sequences a server decodes together
+    # torch CPU threads of a colocated server. None: 1 on a CPU device (tiny forwards run fastest on
+    # one thread, and the trainer shares the cores), torch's choice elsewhere; 0: torch's choice.
+    threads: Optional[int] = None
     max_concurrency: int = 8  # HTTP calls in flight per server
     request_batch_size: int = 16  # requests per HTTP call
     retries: int = 3
@@ -179,6 +182,7 @@ class RLConfig:
         dec = self.rollout.decoding
         check_decoding(dec, "rollout.decoding")
         check_block_sizes(self.model, dec, "rollout.decoding")
+        check_positive("rollout.threads", self.rollout.threads, allow_zero=True)
         if dec.temperature <= 0 or not dec.do_sample:
             raise ConfigError("config key 'rollout.decoding.temperature': RL needs sampling (temperature > 0, "
                               "do_sample true); greedy rollouts have no sampling log-probs")
@@ -740,6 +744,7 @@ def update(wrapped, stepper, samples: list[Sample], mini_plan: list[list[int]], 
 def start_servers(cfg: RLConfig, model_dir: Path, dist: Dist, device, run_dir: Path):
     """Colocated servers (one per rank, on the rank's device) unless ``rollout.urls`` names a pool.
     Returns (client, handles, mode); checks every server's block size and mask id against the model."""
+    from dirl.eval.run import server_threads
     from dirl.rollout.client import RolloutClient
     from dirl.rollout.server import start_server
 
@@ -753,7 +758,7 @@ def start_servers(cfg: RLConfig, model_dir: Path, dist: Dist, device, run_dir: P
         log.parent.mkdir(parents=True, exist_ok=True)
         h = start_server(model_dir, backend=r.backend, host=r.host, decoding=r.decoding, api_key=r.api_key or None,
                          device=dev, dtype=r.dtype, max_batch_size=r.max_batch_size,
-                         startup_timeout=r.startup_timeout_s, log_path=log)
+                         threads=server_threads(r.threads, dev), startup_timeout=r.startup_timeout_s, log_path=log)
         handles.append(h)
         urls, mode = [h.url], "colocated"
     client = RolloutClient(urls, api_key=r.api_key or None, max_concurrency=r.max_concurrency, retries=r.retries,
