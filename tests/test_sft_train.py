@@ -174,7 +174,7 @@ def test_sigkill_during_saves_never_leaves_a_complete_looking_broken_checkpoint(
 
 
 @torch.no_grad()
-def greedy_decode(model, tok, questions: list[str], max_new_tokens: int = 28) -> list[str]:
+def greedy_decode(model, tok, questions: list[str], max_new_tokens: int = 40) -> list[str]:
     """Naive block-by-block greedy decoding without a cache: the current block starts all [M]; each
     forward sees the committed text block-causally and the current block bidirectionally, and keeps
     the single most confident masked position; a block is finished when no [M] is left."""
@@ -237,7 +237,7 @@ def test_embedded_default_learns(tmp_path):
     from dirl.model.tiny import build_tiny_model
 
     cfg = load_sft_config(None, [f"output_dir={tmp_path}", "run_name=default", "logging.progress_bar=false",
-                                 "train.max_steps=300"])
+                                 "train.max_steps=400"])
     test = synthetic_problems("test", n=200, seed=1)
     untrained, tok = build_tiny_model(cfg.model.tiny)
     before = heldout_scores(untrained, tok, test)

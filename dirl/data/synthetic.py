@@ -1,7 +1,11 @@
 """The synthetic arithmetic task of the embedded default.
 
 Problems are additions of two numbers with ``digits`` digits each, asked as ``What is 43+75?``;
-the worked response is ``43+75=118. \\boxed{118}``. Every pair (a, b) belongs to exactly one split,
+the worked response adds column by column from the units up, then boxes the sum:
+``3+5=8, 4+7=11. \\boxed{118}`` (a carry shows as ``+1``: ``7+8=15, 4+3+1=8. \\boxed{85}``).
+Every step is a one-digit sum a tiny model can learn from any pairs, so the held-out pairs are
+reachable; the carries and the final assembly are where it errs, which leaves RL room to improve.
+Every pair (a, b) belongs to exactly one split,
 decided by a fixed hash of the pair, so the test split is held out from SFT and RL data whatever the
 seed. Rows carry the fields the rest of the project reads: ``question`` / ``answer`` (benchmarks and
 RL prompts) and ``prompt`` / ``response`` (SFT pairs; ``prompt`` is the user turn, the chat template
@@ -23,10 +27,22 @@ def pair_split(a: int, b: int) -> Split:
     return "test" if h % 1000 < TEST_FRACTION_PER_MILLE else "train"
 
 
+def column_steps(a: int, b: int) -> list[str]:
+    """Schoolbook addition, one step a column from the units up: ``3+5=8``, then ``4+7=11``; a carry
+    shows as ``+1`` (``7+8=15, 4+3+1=8`` for 47+38)."""
+    steps, carry = [], 0
+    while a or b or not steps:
+        x, y = a % 10, b % 10
+        s = x + y + carry
+        steps.append(f"{x}+{y}" + ("+1" if carry else "") + f"={s}")
+        carry, a, b = s // 10, a // 10, b // 10
+    return steps
+
+
 def make_problem(a: int, b: int) -> dict:
     s = a + b
     question = f"What is {a}+{b}?"
-    response = f"{a}+{b}={s}. \\boxed{{{s}}}"
+    response = ", ".join(column_steps(a, b)) + f". \\boxed{{{s}}}"
     return {"question": question, "answer": str(s), "prompt": question, "response": response}
 
 

@@ -61,7 +61,7 @@ class SFTDataConfig:
     source: str = "synthetic"
     split: str = "train"
     subset: str = ""  # `datasets` configuration name
-    num_samples: int = 2000  # 0: every row; synthetic: how many distinct train problems
+    num_samples: int = 4000  # 0: every row; synthetic: how many distinct train problems
     digits: int = 2  # synthetic only
     max_length: int = 128  # tokens per packed row (the forward holds twice as many: [x_t ; x_0])
     messages_field: str = "messages"
@@ -73,7 +73,7 @@ class SFTDataConfig:
 
 @dataclass
 class SFTTrainConfig:
-    max_steps: int = 240  # 0: derive from num_epochs
+    max_steps: int = 600  # 0: derive from num_epochs
     num_epochs: float = 0.0
     global_batch_size: int = 16  # packed rows per optimizer step, over all ranks
     micro_batch_size: int = 16  # rows per forward on one rank
@@ -91,7 +91,7 @@ class SFTConfig:
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        lr=2e-3, weight_decay=0.0, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1, max_grad_norm=1.0))
+        lr=2e-3, weight_decay=0.0, schedule="cosine", warmup_steps=20, min_lr_ratio=0.1, max_grad_norm=1.0))
     dist: DistConfig = field(default_factory=DistConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output_dir: str = "runs"
