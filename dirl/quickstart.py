@@ -1,6 +1,6 @@
 """``dirl quickstart``: the embedded default end to end, on CPU, in minutes.
 
-    make the tiny model → SFT → eval → RL → eval → report
+    make the tiny model → eval → SFT → eval → RL → eval → control (more SFT) → eval → report
 
 Every stage is the same command a user would type (``dirl make-tiny-model``, ``dirl sft``,
 ``dirl eval``, ``dirl rl``), run as a child process so that its progress bar shows and a failure
@@ -9,10 +9,15 @@ names its stage. Everything lands in one folder (default ``runs/quickstart-<time
     tiny/            the untrained model (SDAR layout)
     sft/             the SFT run (metrics.jsonl, loss.png, checkpoints/)
     rl/              the RL run (metrics.jsonl, curves.png, checkpoints/)
-    eval_untrained/  eval_sft/  eval_rl/    held-out synthetic arithmetic, report.md each
-    accuracy.png     held-out accuracy of the three models
+    sft_control/     the control: SFT continued from the SFT model for as long as RL took
+    eval_untrained/  eval_sft/  eval_rl/  eval_control/    held-out synthetic arithmetic, report.md each
+    accuracy.png     held-out accuracy of the models
     report.md        the summary a person opens first
     summary.json     the same numbers for scripts
+
+The control answers "would the same minutes of more SFT have done as well as RL?": it continues SFT
+from the SFT model at the learning rate SFT ended with (constant, fresh data order) for as many steps
+as fit in the wall-clock seconds the RL stage took, and is evaluated like the others.
 
 Options forward ``key=value`` overrides to one stage (``--sft train.max_steps=50``), so a reduced
 pipeline (CI, a quick look) is the same code path as the full one.
@@ -106,7 +111,11 @@ def _fmt(x, pct=True) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.2f}"
 
 
-def write_report(out: Path, stages: dict, evals: list[tuple[str, dict]], sft: dict, rl: dict, times: dict) -> Path:
+CONTROL = "SFT + more SFT"
+
+
+def write_report(out: Path, stages: dict, evals: list[tuple[str, dict]], sft: dict, rl: dict, times: dict,
+                 control: Optional[dict] = None) -> Path:
     plot = _accuracy_plot(evals, out / "accuracy.png")
     pk = _pass_key(evals[-1][1])
     lines = [
@@ -129,6 +138,18 @@ def write_report(out: Path, stages: dict, evals: list[tuple[str, dict]], sft: di
     if "SFT" in by and "SFT + RL" in by:
         gain = 100 * ((by["SFT + RL"].get("accuracy") or 0) - (by["SFT"].get("accuracy") or 0))
         lines += ["", f"RL changed held-out accuracy by **{gain:+.1f} points** over the SFT model."]
+        if CONTROL in by and control:
+            def delta(name: str, key: str) -> float:
+                return 100 * ((by[name].get(key) or 0) - (by["SFT"].get(key) or 0))
+
+            line = (f"Control: the same {control['seconds']:.0f} s spent on more SFT instead ({control['steps']} steps "
+                    f"at lr {control['lr']:.2g}, the rate SFT ended with) changed it by **{delta(CONTROL, 'accuracy'):+.1f} "
+                    "points**")
+            if pk:
+                line += (f"; {pk} moved by {delta(CONTROL, pk):+.1f} points with more SFT and by "
+                         f"{delta('SFT + RL', pk):+.1f} with RL")
+            lines += ["", line + ". More SFT imitates worked solutions; RL learns from a 0/1 reward on its own "
+                      "samples of prompts it has no solutions for (docs/QUICKSTART.md discusses the comparison)."]
     lines += ["", "## Curves", ""]
     if plot:
         lines += ["![held-out accuracy](accuracy.png)", ""]
@@ -151,6 +172,26 @@ def write_report(out: Path, stages: dict, evals: list[tuple[str, dict]], sft: di
     return report
 
 
+def control_settings(sft_dir: Path, sft: dict, sft_seconds: float, rl_seconds: float) -> dict:
+    """Steps, learning rate and seed of the control: as many SFT steps as the RL stage's seconds buy
+    at the SFT stage's pace (both measured as whole stages), at the learning rate SFT ended with."""
+    steps_done = max(1, int(sft.get("steps") or 1))
+    steps = max(1, round(rl_seconds / (sft_seconds / steps_done)))
+    lr = None
+    metrics = sft_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row.get("lr"), (int, float)):
+                lr = float(row["lr"])
+    if lr is None:
+        raise StageError(f"no learning rate found in {metrics}")
+    return {"steps": int(steps), "lr": lr, "seed": 1}
+
+
 def cli_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="dirl quickstart",
@@ -164,6 +205,8 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--baseline-eval", nargs="*", default=["num_samples=1"], metavar="K=V",
                    help="extra overrides for evaluating the untrained model (default: one sample a problem)")
     p.add_argument("--skip-rl", action="store_true", help="stop after SFT and its evaluation")
+    p.add_argument("--no-control", action="store_true",
+                   help="skip the control (SFT continued for as long as RL took, then evaluated)")
     args = p.parse_args(argv)
 
     out = Path(args.out or f"runs/quickstart-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
@@ -196,6 +239,7 @@ def cli_main(argv: list[str]) -> int:
         evals.append(("SFT", evaluate("eval SFT", sft_model, "eval_sft", [])))
 
         rl: dict = {}
+        control: Optional[dict] = None
         if not args.skip_rl:
             times["RL"] = _run("RL", ["rl", f"model.path={sft_model}", f"output_dir={out}", "run_name=rl",
                                        "eval.enabled=false", *args.rl], log)
@@ -203,11 +247,23 @@ def cli_main(argv: list[str]) -> int:
             rl_model = Path(rl["final_model"])
             stages["RL"] = str(rl_model)
             evals.append(("SFT + RL", evaluate("eval SFT + RL", rl_model, "eval_rl", [])))
+            if not args.no_control:
+                control = control_settings(out / "sft", sft, times["SFT"], times["RL"])
+                times["control"] = _run("control", [
+                    "sft", f"model.path={sft_model}", f"output_dir={out}", "run_name=sft_control", *args.sft,
+                    f"train.max_steps={control['steps']}", f"optim.lr={control['lr']}", "optim.schedule=constant",
+                    "optim.warmup_steps=0", "train.resume=never", f"train.seed={control['seed']}",
+                    f"data.seed={control['seed']}"], log)
+                ctl = json.loads((out / "sft_control" / "summary.json").read_text())
+                stages["control"] = str(ctl["final_model"])
+                control["seconds"] = times["RL"]
+                control["wall_s"] = round(times["control"], 1)
+                evals.append((CONTROL, evaluate("eval control", Path(ctl["final_model"]), "eval_control", [])))
     except StageError as e:
         print(f"dirl quickstart: {e}", file=sys.stderr)
         return 1
 
-    report = write_report(out, stages, evals, sft, rl, times)
+    report = write_report(out, stages, evals, sft, rl, times, control)
     summary = {
         "output_dir": str(out),
         "seconds": round(time.time() - t_all, 1),
@@ -216,6 +272,7 @@ def cli_main(argv: list[str]) -> int:
         "eval": {name: m for name, m in evals},
         "sft": {k: sft.get(k) for k in ("loss_start", "loss_end", "steps", "train_time_s")},
         "rl": {k: rl.get(k) for k in ("reward_first", "reward_last", "accuracy_first", "accuracy_last", "steps")} if rl else {},
+        "control": control or {},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n=== dirl quickstart: done in %.0f s" % summary["seconds"])

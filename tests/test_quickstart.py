@@ -22,15 +22,20 @@ def test_reduced_quickstart_pipeline(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for rel in ("tiny/config.json", "sft/summary.json", "sft/loss.png", "rl/summary.json", "rl/curves.png",
                 "eval_untrained/report.md", "eval_sft/metrics.json", "eval_rl/responses.jsonl",
+                "sft_control/summary.json", "eval_control/metrics.json",
                 "accuracy.png", "report.md", "summary.json"):
         assert (out / rel).is_file(), rel
     summary = json.loads((out / "summary.json").read_text())
     ev = summary["eval"]
-    assert set(ev) == {"untrained", "SFT", "SFT + RL"}
+    assert set(ev) == {"untrained", "SFT", "SFT + RL", "SFT + more SFT"}
+    control = summary["control"]
+    assert control["steps"] >= 1 and 0 < control["lr"] <= 2e-3 and control["seconds"] > 0, control
+    ctl = json.loads((out / "sft_control" / "summary.json").read_text())
+    assert ctl["steps"] == control["steps"], (ctl, control)
     # A reduced SFT run learns the answer format long before it learns to add: it must give a
     # \boxed{} answer far more often than the untrained model, and never be less accurate.
     assert ev["SFT"]["answer_rate"] >= ev["untrained"]["answer_rate"] + 0.3, ev
     assert ev["SFT"]["accuracy"] >= ev["untrained"]["accuracy"], ev
     assert summary["sft"]["loss_end"] < summary["sft"]["loss_start"]
     report = (out / "report.md").read_text()
-    assert "SFT + RL" in report and "accuracy.png" in report
+    assert "SFT + RL" in report and "accuracy.png" in report and "Control: the same" in report

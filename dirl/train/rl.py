@@ -121,7 +121,7 @@ class LossConfig:
 
 @dataclass
 class RLTrainConfig:
-    steps: int = 60
+    steps: int = 100
     prompts_per_step: int = 8  # groups trained on per step (num_task_per_step)
     samples_per_prompt: int = 8  # G
     mini_batches: int = 1  # optimizer steps per rollout batch (per iteration)
