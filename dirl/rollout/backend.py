@@ -45,6 +45,36 @@ class GenerateRequest:
     seed: Optional[int] = None
 
 
+def describe_backend(backend: Any, *, block_size: int, mask_token_id: int, vocab_size: int, dtype: str,
+                     max_context: Optional[int], max_batch_size: int, engine: str = ENGINE_NAME,
+                     confidence: str = CONFIDENCE_RULE) -> dict:
+    """The ``/info`` answer of a backend (docs/CONTRACTS.md): what it decodes with, its request
+    defaults and whether it is asleep. ``backend`` gives name, version, model_dir, decoding, device,
+    parser() and asleep; the rest differs in where each backend keeps it."""
+    d = backend.decoding
+    return {
+        "engine": engine,
+        "version": backend.version,
+        "backend": backend.name,
+        "model": backend.model_dir,
+        "block_size": block_size,
+        "denoising_steps": d.denoising_steps,
+        "unmasking_strategy": d.unmasking_strategy,
+        "confidence_threshold": d.confidence_threshold,
+        "confidence": confidence,
+        "mask_token_id": mask_token_id,
+        "vocab_size": vocab_size,
+        "dtype": dtype,
+        "device": str(backend.device),
+        "max_context": max_context,
+        "max_batch_size": max_batch_size,
+        "defaults": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
+                     "do_sample": d.do_sample, "max_new_tokens": d.max_new_tokens},
+        "stop_token_ids": backend.parser().stop_token_ids,
+        "asleep": dict(backend.asleep),
+    }
+
+
 @runtime_checkable
 class RolloutBackend(Protocol):
     name: str
@@ -262,28 +292,10 @@ class ReferenceBackend:
                              self.engine.max_context, tokenizer=self.tokenizer)
 
     def info(self) -> dict:
-        d = self.decoding
-        return {
-            "engine": ENGINE_NAME,
-            "version": self.version,
-            "backend": self.name,
-            "model": self.model_dir,
-            "block_size": self.model.block_size,
-            "denoising_steps": d.denoising_steps,
-            "unmasking_strategy": d.unmasking_strategy,
-            "confidence_threshold": d.confidence_threshold,
-            "confidence": CONFIDENCE_RULE,
-            "mask_token_id": self.model.mask_token_id,
-            "vocab_size": self.model.config.vocab_size,
-            "dtype": str(self.model.dtype).replace("torch.", ""),
-            "device": str(self.device),
-            "max_context": self.engine.max_context,
-            "max_batch_size": self.engine.max_batch_size,
-            "defaults": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
-                         "do_sample": d.do_sample, "max_new_tokens": d.max_new_tokens},
-            "stop_token_ids": self.parser().stop_token_ids,
-            "asleep": dict(self.asleep),
-        }
+        return describe_backend(self, block_size=self.model.block_size, mask_token_id=self.model.mask_token_id,
+                                vocab_size=self.model.config.vocab_size,
+                                dtype=str(self.model.dtype).replace("torch.", ""),
+                                max_context=self.engine.max_context, max_batch_size=self.engine.max_batch_size)
 
     def _check_awake(self) -> None:
         if any(self.asleep.values()):

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 
 from dirl.config import ConfigError, DecodingConfig, check_decoding
-from dirl.rollout.backend import GenerateRequest, RequestError, RequestParser, StateError
+from dirl.rollout.backend import GenerateRequest, RequestError, RequestParser, StateError, describe_backend
 from dirl.rollout.decoding import effective_temperature, is_greedy
 from dirl.rollout.lmdeploy_patch import (
     REGISTRY,
@@ -575,28 +575,9 @@ class LMDeployBackend:
                              tokenizer=self.tokenizer)
 
     def info(self) -> dict:
-        d = self.decoding
-        return {
-            "engine": ENGINE_NAME,
-            "version": self.version,
-            "backend": self.name,
-            "model": self.model_dir,
-            "block_size": self.block_size,
-            "denoising_steps": d.denoising_steps,
-            "unmasking_strategy": d.unmasking_strategy,
-            "confidence_threshold": d.confidence_threshold,
-            "confidence": CONFIDENCE_RULE,
-            "mask_token_id": self.mask_token_id,
-            "vocab_size": self.vocab_size,
-            "dtype": self.dtype,
-            "device": str(self.device),
-            "max_context": self.max_context,
-            "max_batch_size": self.max_batch_size,
-            "defaults": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
-                         "do_sample": d.do_sample, "max_new_tokens": d.max_new_tokens},
-            "stop_token_ids": self.parser().stop_token_ids,
-            "asleep": dict(self.asleep),
-        }
+        return describe_backend(self, block_size=self.block_size, mask_token_id=self.mask_token_id,
+                                vocab_size=self.vocab_size, dtype=self.dtype, max_context=self.max_context,
+                                max_batch_size=self.max_batch_size, engine=ENGINE_NAME, confidence=CONFIDENCE_RULE)
 
     def generate(self, requests: list[GenerateRequest]) -> list[dict]:
         with self._gate.shared():
