@@ -281,9 +281,13 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
-    """Build ``cls`` from an optional YAML file plus ``key.sub=value`` overrides, validated."""
-    data = read_yaml(path) if path else {}
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                run_defaults: bool = False) -> T:
+    """Build ``cls`` from an optional YAML file plus ``key.sub=value`` overrides, validated. With
+    ``run_defaults`` a section given in the file or on the command line is merged onto ``cls()``'s
+    own value of it (``SFTConfig().optim`` ...) rather than onto the section class's bare defaults."""
+    data = to_dict(cls()) if run_defaults else {}
+    data = _merge(data, read_yaml(path) if path else {})
     data = _merge(data, parse_overrides(overrides or []))
     cfg = _build(cls, data)
     validate = getattr(cfg, "validate", None)

@@ -16,8 +16,9 @@ names its stage. Everything lands in one folder (default ``runs/quickstart-<time
     summary.json     the same numbers for scripts
 
 The control answers "would the same minutes of more SFT have done as well as RL?": it continues SFT
-from the SFT model at the learning rate SFT ended with (constant, fresh data order) for as many steps
-as fit in the wall-clock seconds the RL stage took, and is evaluated like the others.
+from the SFT model on the same SFT data, at the learning rate SFT ended with (constant; another
+noise seed), for as many steps as fit in the wall-clock seconds the RL stage took, and is evaluated
+like the others.
 
 Options forward ``key=value`` overrides to one stage (``--sft train.max_steps=50``), so a reduced
 pipeline (CI, a quick look) is the same code path as the full one.
@@ -174,7 +175,8 @@ def write_report(out: Path, stages: dict, evals: list[tuple[str, dict]], sft: di
 
 def control_settings(sft_dir: Path, sft: dict, sft_seconds: float, rl_seconds: float) -> dict:
     """Steps, learning rate and seed of the control: as many SFT steps as the RL stage's seconds buy
-    at the SFT stage's pace (both measured as whole stages), at the learning rate SFT ended with."""
+    at the SFT stage's pace (both measured as whole stages), at the learning rate SFT ended with, with
+    the SFT run's ``train.seed`` + 1 (other noise draws; ``data.seed`` stays, so the data is the same)."""
     steps_done = max(1, int(sft.get("steps") or 1))
     steps = max(1, round(rl_seconds / (sft_seconds / steps_done)))
     lr = None
@@ -189,7 +191,11 @@ def control_settings(sft_dir: Path, sft: dict, sft_seconds: float, rl_seconds: f
                 lr = float(row["lr"])
     if lr is None:
         raise StageError(f"no learning rate found in {metrics}")
-    return {"steps": int(steps), "lr": lr, "seed": 1}
+    import yaml
+
+    run_cfg = yaml.safe_load((sft_dir / "config.yaml").read_text()) or {}
+    seed = int((run_cfg.get("train") or {}).get("seed") or 0) + 1
+    return {"steps": int(steps), "lr": lr, "seed": seed}
 
 
 def cli_main(argv: list[str]) -> int:
@@ -252,8 +258,7 @@ def cli_main(argv: list[str]) -> int:
                 times["control"] = _run("control", [
                     "sft", f"model.path={sft_model}", f"output_dir={out}", "run_name=sft_control", *args.sft,
                     f"train.max_steps={control['steps']}", f"optim.lr={control['lr']}", "optim.schedule=constant",
-                    "optim.warmup_steps=0", "train.resume=never", f"train.seed={control['seed']}",
-                    f"data.seed={control['seed']}"], log)
+                    "optim.warmup_steps=0", "train.resume=never", f"train.seed={control['seed']}"], log)
                 ctl = json.loads((out / "sft_control" / "summary.json").read_text())
                 stages["control"] = str(ctl["final_model"])
                 control["seconds"] = times["RL"]

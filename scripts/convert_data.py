@@ -42,7 +42,7 @@ from typing import Any, Iterator, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dirl.data.formats import DataError, iter_hf_dataset, iter_json_array, iter_jsonl, parse_sft_row  # noqa: E402
+from dirl.data.formats import DataError, _short, iter_hf_dataset, iter_json_array, iter_jsonl, parse_sft_row  # noqa: E402
 from dirl.rewards.math import extract_answer, gold_answer  # noqa: E402
 
 QUESTION_FIELDS = ("question", "problem", "prompt", "instruction", "input")
@@ -138,33 +138,19 @@ def iter_csv(p: Path, delimiter: str = ",") -> Iterator[tuple[str, dict]]:
 
 
 def iter_parquet(p: Path) -> Iterator[tuple[str, dict]]:
-    """``(file row i, row)`` for every row of a parquet file (pyarrow, else pandas)."""
+    """``(file row i, row)`` for every row of a parquet file, read in batches (pyarrow comes with
+    ``datasets``, a dependency of dirl)."""
+    import pyarrow.parquet as pq
+
     try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        pq = None
-    if pq is not None:
-        try:
-            batches = pq.ParquetFile(p).iter_batches(batch_size=1024)
-        except Exception as e:  # noqa: BLE001 - not parquet, truncated, ... as one line
-            raise DataError(f"{p}: cannot read parquet ({type(e).__name__}: {e})") from None
-        i = 0
-        for batch in batches:
-            for row in batch.to_pylist():
-                yield f"{p} row {i}", row
-                i += 1
-        return
-    try:
-        import pandas as pd
-    except ImportError:
-        raise DataError(f"{p}: reading parquet needs pyarrow or pandas, and neither is installed "
-                        "(pip install pyarrow)") from None
-    try:
-        records = json.loads(pd.read_parquet(p).to_json(orient="records"))
-    except ImportError as e:
-        raise DataError(f"{p}: pandas cannot read parquet here ({e}); pip install pyarrow") from None
-    for i, row in enumerate(records):
-        yield f"{p} row {i}", row
+        batches = pq.ParquetFile(p).iter_batches(batch_size=1024)
+    except Exception as e:  # noqa: BLE001 - not parquet, truncated, ... as one line
+        raise DataError(f"{p}: cannot read parquet ({type(e).__name__}: {e})") from None
+    i = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            yield f"{p} row {i}", row
+            i += 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,11 +189,6 @@ def _text(v: Any, where: str, field: str) -> str:
     if isinstance(v, list) and v and all(isinstance(x, dict) and x.get("type") == "text" for x in v):
         return "".join(str(x.get("text", "")) for x in v)  # OpenAI content parts
     raise DataError(f"{where}: '{field}' must be a string, got {_short(v)}")
-
-
-def _short(v: Any, n: int = 60) -> str:
-    s = repr(v)
-    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def to_messages(v: Any, where: str, field: str) -> list[dict]:

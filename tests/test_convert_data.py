@@ -272,7 +272,7 @@ def test_usage_errors(tmp_path):
 
 
 def test_parquet_and_datasets_folder(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # comes with `datasets`
     import pyarrow.parquet as pq
 
     rows = [{"id": i, "problem": f"{i}+1?", "answer": str(i + 1)} for i in range(3)]
@@ -282,7 +282,7 @@ def test_parquet_and_datasets_folder(tmp_path):
     assert (c.read, c.written, c.skipped) == (3, 3, 0)
     assert read_jsonl(out)[2] == {"question": "2+1?", "answer": "3", "id": 2}
 
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a dependency of dirl
     folder = tmp_path / "ds"
     datasets.Dataset.from_list([{"prompt": "a?", "completion": "b"}, {"prompt": "c?"}]).save_to_disk(str(folder))
     with pytest.raises(DataError, match=r"ds\[train\] row 1: no response field"):

@@ -215,7 +215,7 @@ def test_rollout_cli(tiny_dir, tiny, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"bad\.jsonl:2: .*top_p"):
         cli_main(["--model", str(tiny_dir), "--input", str(bad), "--output", str(tmp_path / "o.jsonl"), "--no-progress"])
     bad.write_text("{not json\n")
-    with pytest.raises(ConfigError, match=r"bad\.jsonl:1: not valid JSON"):
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:1: invalid JSON"):
         cli_main(["--model", str(tiny_dir), "--input", str(bad), "--output", str(tmp_path / "o.jsonl"), "--no-progress"])
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 
 @pytest.mark.slow
@@ -32,6 +33,10 @@ def test_reduced_quickstart_pipeline(tmp_path):
     assert control["steps"] >= 1 and 0 < control["lr"] <= 2e-3 and control["seconds"] > 0, control
     ctl = json.loads((out / "sft_control" / "summary.json").read_text())
     assert ctl["steps"] == control["steps"], (ctl, control)
+    # the control trains on the SFT stage's data, with other noise draws
+    sft_cfg, ctl_cfg = (yaml.safe_load((out / d / "config.yaml").read_text()) for d in ("sft", "sft_control"))
+    assert ctl_cfg["data"] == sft_cfg["data"] and ctl_cfg["train"]["seed"] == sft_cfg["train"]["seed"] + 1
+    assert ctl_cfg["optim"]["schedule"] == "constant" and ctl_cfg["optim"]["lr"] == control["lr"]
     # A reduced SFT run learns the answer format long before it learns to add: it must give a
     # \boxed{} answer far more often than the untrained model, and never be less accurate.
     assert ev["SFT"]["answer_rate"] >= ev["untrained"]["answer_rate"] + 0.3, ev

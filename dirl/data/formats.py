@@ -120,6 +120,15 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
             yield f"{p}:{i}", obj
 
 
+def iter_json_objects(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
+    """``(file:line, line number, object)`` for every non-blank line of a JSON Lines file whose
+    lines must be JSON objects; anything else is a :class:`DataError` naming the line."""
+    for where, obj in iter_jsonl(path):
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield where, int(where.rsplit(":", 1)[1]), obj
+
+
 def iter_json_array(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     """``(file:line, object)`` for each element of a JSON array (the line where the element starts)."""
     p = Path(path)

@@ -127,38 +127,33 @@ def decoding_to_argv(dec: DecodingConfig) -> list[str]:
 
 def read_prompts(path: str | os.PathLike, parser, seed: Optional[int] = None) -> tuple[list, list[dict]]:
     """Parse a prompts JSONL file into requests; a bad row is a :class:`ConfigError` naming file:line."""
+    from dirl.data.formats import DataError, iter_json_objects
     from dirl.rollout.backend import REQUEST_FIELDS, RequestError
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"input file '{p}' does not exist")
     reqs, metas, seen = [], [], {}
-    with p.open() as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            rid = row.get("id", f"line-{n}")
-            if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-                raise ConfigError(f"{where}: 'id' must be a string or an integer, got {rid!r}")
-            rid = str(rid)
-            if rid in seen:
-                raise ConfigError(f"{where}: id {rid!r} already used on line {seen[rid]}")
-            seen[rid] = n
-            req = {k: v for k, v in row.items() if k in REQUEST_FIELDS and k != "request_id"}
-            if seed is not None and req.get("seed") is None:
-                req["seed"] = seed + len(reqs)
-            try:
-                reqs.append(parser.parse({**req, "request_id": rid}))
-            except RequestError as e:
-                raise ConfigError(f"{where}: {e}") from None
-            metas.append({k: v for k, v in row.items() if k not in REQUEST_FIELDS and k != "id"})
+    try:
+        rows = list(iter_json_objects(p))
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    for where, n, row in rows:
+        rid = row.get("id", f"line-{n}")
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            raise ConfigError(f"{where}: 'id' must be a string or an integer, got {rid!r}")
+        rid = str(rid)
+        if rid in seen:
+            raise ConfigError(f"{where}: id {rid!r} already used on line {seen[rid]}")
+        seen[rid] = n
+        req = {k: v for k, v in row.items() if k in REQUEST_FIELDS and k != "request_id"}
+        if seed is not None and req.get("seed") is None:
+            req["seed"] = seed + len(reqs)
+        try:
+            reqs.append(parser.parse({**req, "request_id": rid}))
+        except RequestError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        metas.append({k: v for k, v in row.items() if k not in REQUEST_FIELDS and k != "id"})
     if not reqs:
         raise ConfigError(f"input file '{p}' holds no prompts")
     return reqs, metas

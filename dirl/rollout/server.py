@@ -1,7 +1,7 @@
 """The rollout server: ``dirl serve --model DIR --backend reference|lmdeploy [--host --port --api-key]
 [--backend-option KEY=VALUE ...]``.
 
-HTTP contract (docs/CONTRACTS.md, DESIGN.md):
+HTTP contract (docs/CONTRACTS.md):
 
 * ``GET /health`` (never needs the API key), ``GET /info`` (its ``asleep`` is what the backend itself
   reports: LMDeploy's sleep level 1 also offloads the weights);

@@ -592,12 +592,6 @@ def load_run_config(cls: type, path: Optional[str] = None, overrides: Optional[l
     """Like :func:`dirl.config.load_config`, but a section given in the file or on the command line
     is merged onto the run class's own defaults (``SFTConfig().optim`` ...) instead of the section
     class's bare defaults, so ``optim.lr=1e-4`` keeps the run's schedule and warm-up."""
-    from dirl.config import _build, _merge, parse_overrides, read_yaml, to_dict
+    from dirl.config import load_config
 
-    data = _merge(to_dict(cls()), read_yaml(path) if path else {})
-    data = _merge(data, parse_overrides(overrides or []))
-    cfg = _build(cls, data)
-    validate = getattr(cfg, "validate", None)
-    if callable(validate):
-        validate()
-    return cfg
+    return load_config(cls, path, overrides, run_defaults=True)

@@ -23,24 +23,17 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dirl.config import ConfigError
+from dirl.data.formats import DataError, iter_json_objects
 
 
 def read_trajectories(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--input: file '{p}' does not exist")
-    out = []
-    with p.open() as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"--input: {p}:{i} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"--input: {p}:{i} is not a JSON object")
-            out.append(row)
+    try:
+        out = [row for _, _, row in iter_json_objects(p)]
+    except DataError as e:
+        raise ConfigError(f"--input: {e}") from None
     return out
 
 
