@@ -7,15 +7,13 @@ Configuration problems (:class:`dirl.config.ConfigError`) are printed as one lin
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import os
 import sys
 from typing import Optional
 
 from dirl.config import ConfigError
 
-# name -> (module, help, issue that fills it in)
+# name -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("dirl.quickstart", "the embedded default end to end: tiny model, SFT, eval, RL, eval"),
     "make-tiny-model": ("dirl.model.tiny_cli", "write the embedded default model and tokenizer (SDAR layout)"),
@@ -54,8 +52,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
-            print(f"dirl: error: 'dirl {name}' is not available in this version yet", file=sys.stderr)
+        if e.name and not e.name.startswith("dirl"):  # an optional dependency of the command
+            print(f"dirl: error: 'dirl {name}' needs the package '{e.name}', which is not installed", file=sys.stderr)
             return 2
         raise
     try:
@@ -66,19 +64,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("dirl: interrupted", file=sys.stderr)
         return 130
-
-
-def run_config_command(argv: list[str], prog: str, description: str):
-    """Common parsing for ``dirl sft|rl|eval [CONFIG] [key=value ...]``: returns (config_path, overrides)."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("config", nargs="?", default=None, help="YAML config file (omit for the embedded default)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = p.parse_args(argv)
-    cfg, ov = args.config, list(args.overrides)
-    if cfg is not None and "=" in cfg and not os.path.exists(cfg):
-        ov.insert(0, cfg)
-        cfg = None
-    return cfg, ov
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -145,7 +145,7 @@ def bench_push(model_dir: Path, work: Path, repeats: int) -> dict:
     from dirl.model.sdar import load_model, load_tokenizer
     from dirl.model.tiny import count_parameters
     from dirl.rollout.client import RolloutClient
-    from dirl.rollout.server import start_server
+    from dirl.rollout.launch import start_server
 
     model = load_model(model_dir, dtype="float32")
     tok = load_tokenizer(model_dir)

@@ -119,7 +119,7 @@ def main() -> int:
 
     # 3. HTTP vs in-process -----------------------------------------------------------------------
     from dirl.rollout.client import RolloutClient
-    from dirl.rollout.server import start_server
+    from dirl.rollout.launch import start_server
 
     nreq, new = (8, 32) if args.quick else (32, 128)
     dec = DecodingConfig(max_new_tokens=new, do_sample=False)

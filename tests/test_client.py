@@ -14,7 +14,7 @@ import torch
 from dirl.config import DecodingConfig
 from dirl.rollout.backend import ReferenceBackend
 from dirl.rollout.client import RolloutClient, RolloutError
-from dirl.rollout.server import free_port, start_server
+from dirl.rollout.launch import free_port, start_server
 
 DECODING = DecodingConfig(max_new_tokens=16, do_sample=False)
 

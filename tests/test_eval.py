@@ -311,7 +311,7 @@ def test_end_to_end_tiny_eval(tmp_path, tiny_dir, monkeypatch):
 def test_resume_and_external_server(tmp_path, tiny_dir):
     """An interrupted evaluation (half the responses on disk, a torn line) resumes against a server
     given by URL and ends with exactly the missing responses; more samples extend it."""
-    from dirl.rollout.server import start_server
+    from dirl.rollout.launch import start_server
 
     out = tmp_path / "eval"
     with start_server(tiny_dir, device="cpu") as srv:

@@ -725,7 +725,7 @@ def test_check_environment_messages():
 @pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("lmdeploy") is not None,
                     reason="this machine has CUDA and lmdeploy")
 def test_get_backend_lmdeploy_fails_with_one_line(tiny_dir):
-    from dirl.rollout.backend import get_backend
+    from dirl.rollout.backends import get_backend
 
     with pytest.raises(ConfigError) as e:
         get_backend("lmdeploy", str(tiny_dir), device="cuda")
@@ -759,7 +759,7 @@ _gpu_ready = torch.cuda.is_available() and importlib.util.find_spec("lmdeploy") 
 @pytest.mark.skipif(not _gpu_ready, reason="needs a CUDA GPU and lmdeploy==0.18.0 (pip install 'dirl[gpu]')")
 def test_gpu_lmdeploy_trajectories_and_first_block_parity(tmp_path):
     from dirl.model.tiny import build_tiny_model
-    from dirl.rollout.backend import get_backend
+    from dirl.rollout.backends import get_backend
 
     model, tok = build_tiny_model()
     with torch.no_grad():  # a sharper random model: fewer bf16 near-ties between the two engines

@@ -372,7 +372,7 @@ def _kill_later(handle, delay):
 @pytest.mark.slow
 def test_a_dying_server_is_retried_on_the_pool_and_rewards_stay_with_their_prompts(tiny_dir):
     from dirl.rollout.client import RolloutClient
-    from dirl.rollout.server import start_server
+    from dirl.rollout.launch import start_server
     from dirl.train.rl import rollout_and_score
 
     cfg, probs, prompts, dist = _rollout_setup(tiny_dir)
@@ -397,7 +397,7 @@ def test_a_dying_server_is_retried_on_the_pool_and_rewards_stay_with_their_promp
 
 def test_a_dying_only_server_fails_the_step_with_a_clear_error(tiny_dir):
     from dirl.rollout.client import RolloutClient, RolloutError
-    from dirl.rollout.server import start_server
+    from dirl.rollout.launch import start_server
     from dirl.train.rl import rollout_and_score
 
     cfg, probs, prompts, dist = _rollout_setup(tiny_dir)

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from dirl.config import ConfigError, DecodingConfig
-from dirl.rollout.backend import ReferenceBackend, get_backend
+from dirl.rollout.backend import ReferenceBackend
+from dirl.rollout.backends import get_backend
 from dirl.rollout.client import RolloutClient, RolloutError
-from dirl.rollout.server import start_server
+from dirl.rollout.launch import start_server
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -17,60 +17,20 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from dirl.config import ConfigError
+from dirl.config import SDAR_MODEL_TYPE, ConfigError, read_checkpoint_config
 from dirl.model.attention import Backend, TokenMeta, build_mask, resolve_backend
 
-SDAR_MODEL_TYPE = "sdar"
 SDAR_ARCHITECTURE = "SDARForCausalLM"
 QWEN_MASK_TOKEN = "<|MASK|>"
 QWEN_MASK_TOKEN_ID = 151669
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # Keys of an SDAR config.json that a Qwen3Config must not receive.
 _NON_QWEN_KEYS = ("model_type", "architectures", "auto_map", "transformers_version")
-
-
-@dataclass
-class CheckpointInfo:
-    path: Path
-    model_type: str
-    block_size: Optional[int]
-    mask_token_id: Optional[int]
-    raw: dict
-
-
-def read_checkpoint_config(path: str | os.PathLike, key: str = "model.path") -> CheckpointInfo:
-    """Read and check ``config.json`` of a checkpoint folder; one-line :class:`ConfigError` on problems."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"config key '{key}': model folder '{p}' does not exist")
-    if not p.is_dir():
-        raise ConfigError(f"config key '{key}': '{p}' is not a folder (expected a checkpoint folder with config.json)")
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise ConfigError(f"config key '{key}': '{p}' has no config.json, so it is not a model checkpoint")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config key '{key}': '{cfg_file}' is not valid JSON (line {e.lineno}: {e.msg})") from None
-    mt = raw.get("model_type")
-    if mt not in (SDAR_MODEL_TYPE, "qwen3"):
-        raise ConfigError(
-            f"config key '{key}': '{cfg_file}' has model_type {mt!r}; expected 'sdar' or 'qwen3'"
-        )
-    if not any((p / w).is_file() for w in WEIGHT_FILES):
-        raise ConfigError(f"config key '{key}': '{p}' has no weights (model.safetensors or pytorch_model.bin)")
-    bs = raw.get("block_size")
-    mid = raw.get("mask_token_id")
-    if bs is not None and (not isinstance(bs, int) or bs <= 0):
-        raise ConfigError(f"config key '{key}': '{cfg_file}' has an invalid block_size {bs!r}")
-    return CheckpointInfo(path=p, model_type=mt, block_size=bs, mask_token_id=mid, raw=raw)
 
 
 def qwen3_config_from_dict(raw: dict):

@@ -352,34 +352,3 @@ class ReferenceBackend:
         with torch.no_grad():
             for _, p, t in pairs:
                 p.copy_(t.to(device=p.device, dtype=p.dtype))
-
-
-def _check_option_types(backend: str, options: dict, types: dict) -> None:
-    """Options of known type (``{name: (type, ...)}``) must have it (``None`` leaves the default)."""
-    for k, v in options.items():
-        want = types.get(k)
-        if want is None or v is None:
-            continue
-        if (isinstance(v, bool) and bool not in want) or not isinstance(v, tuple(want)):
-            names = " or ".join(t.__name__ for t in want)
-            raise ConfigError(f"backend {backend!r}: option {k!r} must be {names}, got {v!r}")
-
-
-def get_backend(name: str, model_dir: str, decoding: Optional[DecodingConfig] = None, device: str = "cpu",
-                **kwargs) -> RolloutBackend:
-    """Build a backend by name: ``reference`` (this module) or ``lmdeploy`` (imported lazily).
-
-    ``kwargs`` are the backend's own options (``dtype``, ``max_batch_size`` for both; LMDeploy also
-    ``cache_max_entry_count``, ``max_context``, ``eager_mode``, ``weight_segment_bytes``); an unknown
-    option or one of the wrong type is a :class:`ConfigError` naming it."""
-    if name == "reference":
-        return ReferenceBackend(model_dir, decoding=decoding, device=device, **kwargs)
-    if name == "lmdeploy":
-        try:
-            from dirl.rollout import lmdeploy_backend
-        except ModuleNotFoundError as e:
-            raise ConfigError(f"backend 'lmdeploy' is not available: {e}") from None
-        _check_option_types(name, kwargs, getattr(lmdeploy_backend, "OPTION_TYPES", {}))
-        build = getattr(lmdeploy_backend, "LMDeployBackend", None) or getattr(lmdeploy_backend, "build_backend")
-        return build(model_dir, decoding=decoding, device=device, **kwargs)
-    raise ConfigError(f"unknown rollout backend {name!r} (expected reference or lmdeploy)")

@@ -15,8 +15,7 @@ Malformed requests get a 4xx with ``{"error": reason}``; the server keeps servin
 one worker thread; requests that arrive while it is busy (or within a few milliseconds of each
 other) are decoded together in one engine batch.
 
-:func:`start_server` launches ``python -m dirl.cli serve`` in a subprocess on a free port and waits
-for ``/health``: what the trainers and the evaluator use.
+:mod:`dirl.rollout.launch` starts this server in a subprocess for the trainers and the evaluator.
 """
 
 # No "from __future__ import annotations": FastAPI must see the real `Request` class of the
@@ -28,19 +27,16 @@ import hmac
 import json
 import os
 import queue
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 from dirl.config import DecodingConfig
 from dirl.rollout.backend import RequestError, RequestParser, StateError
+from dirl.rollout.backends import get_backend
 
 API_KEY_ENV = "DIRL_API_KEY"
+SERVER_API_KEY_ENV = "DIRL_SERVER_API_KEY"  # how a launching trainer or evaluator hands over its key
 
 
 def make_parser(backend: Any, decoding: DecodingConfig, model_dir: str) -> RequestParser:
@@ -360,7 +356,7 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--backend", default="reference", choices=["reference", "lmdeploy"])
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help=f"require this key (default: ${API_KEY_ENV} if set)")
+    p.add_argument("--api-key", default=None, help=f"require this key (default: ${SERVER_API_KEY_ENV}, else ${API_KEY_ENV}, if set)")
     add_runtime_args(p)
     p.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the backend's own (repeatable; VALUE read as YAML: 0.3, true, null), "
@@ -373,10 +369,8 @@ def cli_main(argv: list[str]) -> int:
     options = parse_backend_options(args.backend_option)
     decoding = decoding_from_args(args)
     apply_threads(args.threads)
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = args.api_key or os.environ.pop(SERVER_API_KEY_ENV, None) or os.environ.get(API_KEY_ENV) or None
     device = args.device or default_device()
-
-    from dirl.rollout.backend import get_backend
 
     kwargs: dict[str, Any] = {"dtype": args.dtype, "max_batch_size": args.max_batch_size, **options}
     backend = get_backend(args.backend, args.model, decoding=decoding, device=device, **kwargs)
@@ -393,149 +387,5 @@ def cli_main(argv: list[str]) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# Launching a server from Python
-# ----------------------------------------------------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class ServerHandle:
-    """A ``dirl serve`` subprocess. ``.url``, ``.stop()``; a context manager."""
-
-    def __init__(self, proc: subprocess.Popen, url: str, log_path: Path, api_key: Optional[str],
-                 owns_log: bool = False):
-        self.proc = proc
-        self.url = url
-        self.log_path = log_path
-        self.api_key = api_key
-        self.owns_log = owns_log  # a temporary log file, removed by a clean stop()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def wait_ready(self, timeout: float = 120.0) -> "ServerHandle":
-        """Wait until ``/health`` answers; raise with the log tail if the process dies or times out."""
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dirl serve exited with code {self.proc.returncode} during start-up "
-                                   f"(log {self.log_path}):\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                tail = self.log_tail()
-                self.owns_log = False  # keep the log: the error points at it
-                self.stop()
-                raise TimeoutError(f"dirl serve did not answer {self.url}/health within {timeout:.0f} s "
-                                   f"(log {self.log_path}):\n{tail}")
-            time.sleep(0.2)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
-        if self.owns_log:
-            self.log_path.unlink(missing_ok=True)
-
-    def __enter__(self) -> "ServerHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return f"ServerHandle(url={self.url!r}, pid={self.proc.pid}, alive={self.alive()})"
-
-
-def start_server(
-    model_dir: str | os.PathLike,
-    backend: str = "reference",
-    host: str = "127.0.0.1",
-    port: Optional[int] = None,
-    decoding: Optional[DecodingConfig] = None,
-    api_key: Optional[str] = None,
-    device: Optional[str] = None,
-    dtype: str = "auto",
-    max_batch_size: int = 64,
-    threads: Optional[int] = None,
-    startup_timeout: float = 120.0,
-    log_path: Optional[str | os.PathLike] = None,
-    env: Optional[dict] = None,
-    wait: bool = True,
-    backend_options: Optional[dict] = None,
-) -> ServerHandle:
-    """Start ``dirl serve`` in a subprocess (a free port unless given) and wait until it answers
-    ``/health``. The API key travels in the environment, not on the command line. The server's
-    output goes to ``log_path`` (a temporary file unless given; see ``ServerHandle.log_tail``).
-    With ``wait=False`` it returns at once: start several, then ``wait_ready()`` on each.
-    ``backend_options``: the backend's own options (``--backend-option KEY=VALUE``, e.g.
-    ``{"cache_max_entry_count": 0.3}`` for lmdeploy); they override ``dtype`` / ``max_batch_size``."""
-    from dirl.rollout.cli import backend_options_to_argv, decoding_to_argv
-
-    option_argv = backend_options_to_argv(backend_options)  # a value that cannot travel fails here
-    if port is None and wait:
-        for attempt in range(3):  # another process may take the free port before the server binds it
-            try:
-                return start_server(model_dir, backend=backend, host=host, port=free_port(host), decoding=decoding,
-                                    api_key=api_key, device=device, dtype=dtype, max_batch_size=max_batch_size,
-                                    threads=threads, startup_timeout=startup_timeout, log_path=log_path, env=env,
-                                    wait=wait, backend_options=backend_options)
-            except RuntimeError as e:
-                if "address already in use" not in str(e).lower() or attempt == 2:
-                    raise
-    port = port or free_port(host)
-    cmd = [sys.executable, "-m", "dirl.cli", "serve", "--model", str(model_dir), "--backend", backend,
-           "--host", host, "--port", str(port), "--dtype", dtype, "--max-batch-size", str(max_batch_size)]
-    if device:
-        cmd += ["--device", device]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    cmd += option_argv
-    cmd += decoding_to_argv(decoding or DecodingConfig())
-    penv = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])  # so a source checkout runs without installing
-    penv["PYTHONPATH"] = root + (os.pathsep + penv["PYTHONPATH"] if penv.get("PYTHONPATH") else "")
-    penv.setdefault("TOKENIZERS_PARALLELISM", "false")
-    penv.pop(API_KEY_ENV, None)
-    if api_key:
-        penv[API_KEY_ENV] = api_key
-    penv.update(env or {})
-    owns_log = log_path is None
-    if owns_log:
-        fd, log_path = tempfile.mkstemp(prefix=f"dirl-serve-{port}-", suffix=".log")
-        os.close(fd)
-    log_path = Path(log_path)
-    log = open(log_path, "ab")
-    try:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=penv, stdin=subprocess.DEVNULL)
-    finally:
-        log.close()
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
-    handle = ServerHandle(proc, url, log_path, api_key, owns_log=owns_log)
-    if wait:
-        handle.wait_ready(startup_timeout)
-    return handle
+# Launching a server from Python lives in dirl.rollout.launch (re-exported for old imports).
+from dirl.rollout.launch import ServerHandle, free_port, start_server  # noqa: E402,F401

@@ -40,6 +40,7 @@ from dirl.config import (
     check_model,
     check_path_exists,
     check_positive,
+    run_config_command,
 )
 from dirl.train.common import DistConfig
 from dirl.train.noise import DEFAULT_EPS
@@ -482,8 +483,6 @@ def load_sft_config(path: Optional[str] = None, overrides: Optional[list[str]] =
 
 
 def cli_main(argv: list[str]) -> int:
-    from dirl.cli import run_config_command
-
     path, overrides = run_config_command(
         argv, "dirl sft",
         "Supervised fine-tuning with the random-masking blockwise NELBO. Without a config: the embedded "
