@@ -11,6 +11,7 @@ import importlib
 import sys
 from typing import Optional
 
+from dirl import __version__
 from dirl.config import ConfigError
 
 # name -> (module, help)
@@ -18,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("dirl.quickstart", "the embedded default end to end: tiny model, SFT, eval, RL, eval"),
     "make-tiny-model": ("dirl.model.tiny_cli", "write the embedded default model and tokenizer (SDAR layout)"),
     "sft": ("dirl.train.sft", "supervised fine-tuning (random-masking blockwise NELBO): dirl sft CONFIG [k=v ...]"),
-    "rl": ("dirl.train.rl", "reinforcement learning (DiPO/GRPO, DAPO): dirl rl CONFIG [k=v ...]"),
+    "rl": ("dirl.train.rl.recipe", "reinforcement learning (DiPO/GRPO, DAPO): dirl rl CONFIG [k=v ...]"),
     "eval": ("dirl.eval.run", "evaluate on math benchmarks: dirl eval CONFIG [k=v ...]"),
     "serve": ("dirl.rollout.server", "start a rollout server (reference engine or LMDeploy)"),
     "rollout": ("dirl.rollout.cli", "decode prompts from a JSONL file into trajectories"),
@@ -40,8 +41,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from dirl import __version__
-
         print(f"dirl {__version__}")
         return 0
     name, rest = argv[0], argv[1:]

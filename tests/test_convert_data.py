@@ -181,7 +181,8 @@ def test_rl_from_chat_rows(tmp_path):
 
 
 def test_rl_reader_of_the_trainer(tmp_path):
-    from dirl.train.rl import RLDataConfig, load_problems
+    from dirl.train.rl.config import RLDataConfig
+    from dirl.train.rl.prompts import load_problems
 
     src = write_jsonl(tmp_path / "p.jsonl", [{"problem": "1+1?", "solution": "\\boxed{2}", "id": 9}])
     out = tmp_path / "rl.jsonl"

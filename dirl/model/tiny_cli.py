@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dirl.config import TinyModelConfig, load_config
+from dirl.model.tiny import build_tiny_model, count_parameters
 
 
 def cli_main(argv: list[str]) -> int:
@@ -18,8 +19,6 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides of TinyModelConfig")
     args = p.parse_args(argv)
     cfg = load_config(TinyModelConfig, args.config, args.overrides)
-
-    from dirl.model.tiny import build_tiny_model, count_parameters
 
     model, tok = build_tiny_model(cfg)
     out = model.save_pretrained(args.out, tokenizer=tok)

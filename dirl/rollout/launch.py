@@ -359,11 +359,21 @@ class Servers:
         self.close()
 
 
+def server_start_args(sc: ServerConfig, model_dir: str | os.PathLike, facts: ModelFacts, *, rank_device: Any = None,
+                      log_path: Optional[Path] = None) -> dict:
+    """The :func:`start_server` arguments of a server started for a run (without its API key)."""
+    device = server_device(sc, rank_device)
+    return dict(backend=sc.backend, host=sc.host, port=sc.port, decoding=facts.decoding, device=device,
+                dtype=facts.dtype if sc.dtype == "auto" else sc.dtype, max_batch_size=sc.max_batch_size,
+                threads=server_threads(sc.threads, device), startup_timeout=sc.startup_timeout_s, log_path=log_path,
+                backend_options=dict(sc.backend_options) or None)
+
+
 def open_servers(sc: ServerConfig, model_dir: Optional[str | os.PathLike], facts: ModelFacts, *,
                  rank_device: Any = None, log_path: Optional[Path] = None,
                  decoding_key: str = "decoding") -> Servers:
-    """The servers of ``server.urls``, or one started on ``model_dir``; ``/info`` checked against
-    ``facts``. Nothing is left running when this raises."""
+    """The servers of ``server.urls``, or one started on ``model_dir`` with a fresh API key;
+    ``/info`` checked against ``facts``. Nothing is left running when this raises."""
     handles: list[ServerHandle] = []
     try:
         if sc.urls:
@@ -372,15 +382,11 @@ def open_servers(sc: ServerConfig, model_dir: Optional[str | os.PathLike], facts
             if model_dir is None:
                 raise ConfigError("config key 'server.urls': no model to start a server with; give model.path "
                                   "or server.urls")
-            device = server_device(sc, rank_device)
             if log_path is not None:
                 log_path.parent.mkdir(parents=True, exist_ok=True)
-            dtype = facts.dtype if sc.dtype == "auto" else sc.dtype
             key = secrets.token_urlsafe(32)
-            handles.append(start_server(
-                model_dir, backend=sc.backend, host=sc.host, port=sc.port, decoding=facts.decoding, api_key=key,
-                device=device, dtype=dtype, max_batch_size=sc.max_batch_size, threads=server_threads(sc.threads, device),
-                startup_timeout=sc.startup_timeout_s, log_path=log_path, backend_options=dict(sc.backend_options) or None))
+            args = server_start_args(sc, model_dir, facts, rank_device=rank_device, log_path=log_path)
+            handles.append(start_server(model_dir, api_key=key, **args))
             urls = [handles[0].url]
         client = RolloutClient(urls, api_key=key, max_concurrency=sc.max_concurrency, retries=sc.retries,
                                timeout=sc.timeout_s, batch_size=sc.request_batch_size)
