@@ -16,7 +16,7 @@ def test_reduced_quickstart_pipeline(tmp_path):
     cmd = [
         sys.executable, "-m", "dirl.cli", "quickstart", "--out", str(out),
         "--sft", "train.max_steps=120", "logging.progress_bar=false",
-        "--rl", "train.steps=2", "train.prompts_per_step=4", "train.samples_per_prompt=4", "logging.progress_bar=false",
+        "--rl", "train.steps=2", "train.prompts_per_step=4", "train.num_generations=4", "logging.progress_bar=false",
         "--eval", "data.synthetic_size=40", "num_samples=2",
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)

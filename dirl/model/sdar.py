@@ -28,7 +28,6 @@ from dirl.model.attention import Backend, TokenMeta, build_mask, resolve_backend
 
 SDAR_ARCHITECTURE = "SDARForCausalLM"
 QWEN_MASK_TOKEN = "<|MASK|>"
-QWEN_MASK_TOKEN_ID = 151669
 # Keys of an SDAR config.json that a Qwen3Config must not receive.
 _NON_QWEN_KEYS = ("model_type", "architectures", "auto_map", "transformers_version")
 

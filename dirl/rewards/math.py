@@ -235,14 +235,6 @@ def math_verify_equal(pred: str, gold: str) -> bool:
         return False
 
 
-def answers_equal_unbounded(pred: Optional[str], gold: str) -> bool:
-    """The full verdict (cheap path, math-verify, string fallback) computed in this process."""
-    cheap = _cheap_decision(pred, gold)
-    if cheap is not None:
-        return cheap
-    return math_verify_equal(pred, gold)  # the string fallback was settled by _cheap_decision
-
-
 def _quiet_math_verify() -> None:
     for name in ("math_verify", "math_verify.grader", "math_verify.parser", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -29,7 +29,6 @@ from typing import Any, Optional
 import torch
 
 STRATEGIES = ("low_confidence_dynamic", "low_confidence_static", "sequential")
-FINISH_REASONS = ("stop", "length")
 
 
 def is_greedy(do_sample: bool, temperature: float, top_k: int) -> bool:

@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -639,8 +639,3 @@ def format_rate(x: float) -> str:
 def rank_zero_print(accelerator, *args, **kwargs) -> None:
     if accelerator is None or accelerator.is_main_process:
         print(*args, **kwargs, flush=True)
-
-
-def iter_chunks(seq: Sequence, size: int) -> Iterable[Sequence]:
-    for i in range(0, len(seq), size):
-        yield seq[i:i + size]

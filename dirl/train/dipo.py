@@ -14,7 +14,6 @@ from typing import Literal, Optional, Sequence
 import torch
 
 Aggregation = Literal["grpo", "dapo"]
-AGGREGATIONS = ("grpo", "dapo")
 
 
 # --------------------------------------------------------------------------------------------

@@ -203,11 +203,6 @@ def build_docs(trajectories: Sequence[dict], block_size: int, mask_id: int, layo
     return docs
 
 
-def doc_tokens(traj: dict, block_size: int, layout: Layout = "packed", score_after_eos: bool = False) -> int:
-    """How many tokens a trajectory costs in ``layout`` (for budgeting micro-batches)."""
-    return sum(len(d) for d in build_docs([traj], block_size, 0, layout, score_after_eos))
-
-
 # --------------------------------------------------------------------------------------------
 # Rows: documents side by side, padded to one length
 # --------------------------------------------------------------------------------------------
