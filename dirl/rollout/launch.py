@@ -10,9 +10,10 @@ A server started here
 
 * gets a fresh random API key (``secrets.token_urlsafe``), handed to the child in the environment
   variable ``DIRL_SERVER_API_KEY`` (never on the command line, where ``ps`` shows it) and to the client;
-* runs in its own process group and dies with its parent: Linux ``PR_SET_PDEATHSIG`` (set in the
-  child before ``exec``) sends it SIGKILL when the thread that started it exits, even when the parent
-  is killed with SIGKILL; :meth:`ServerHandle.stop` ends the whole group;
+* runs in its own process group and dies with its parent: the server's first act
+  (:func:`die_with_parent`, through ``DIRL_SERVER_PARENT_PID``) asks Linux for SIGKILL when the
+  thread that started it exits (``PR_SET_PDEATHSIG``), even when the parent is killed with SIGKILL,
+  and exits at once if the parent is already gone; :meth:`ServerHandle.stop` ends the whole group;
 * is registered for clean-up at interpreter exit, and :func:`stop_on_signals` turns SIGTERM into an
   exception so a terminated ``dirl rl`` / ``dirl eval`` runs its ``finally`` blocks.
 
@@ -45,6 +46,7 @@ from dirl.rollout.cli import backend_options_to_argv, decoding_to_argv, default_
 from dirl.rollout.client import RolloutClient
 
 API_KEY_ENV = "DIRL_SERVER_API_KEY"
+PARENT_PID_ENV = "DIRL_SERVER_PARENT_PID"  # set for a started server: it dies with this process
 ENGINE_WIDE = ("denoising_steps", "unmasking_strategy", "confidence_threshold")
 _PR_SET_PDEATHSIG = 1
 
@@ -118,20 +120,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent(parent_pid: int):
-    """The child's pre-exec hook: SIGKILL when the parent's starting thread dies (Linux)."""
-
-    def hook() -> None:
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            except (OSError, AttributeError):
-                pass
-        if os.getppid() != parent_pid:  # the parent died before the hook ran
-            os._exit(1)
-
-    return hook
+def die_with_parent() -> None:
+    """Called first thing by a server this module started: ask Linux for SIGKILL when the starting
+    thread of the parent exits (``PR_SET_PDEATHSIG``), and exit at once if the parent is already
+    gone (it died while this process was starting). A no-op for a server started by hand."""
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if not parent:
+        return
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != int(parent):
+        os._exit(1)
 
 
 _LIVE: "weakref.WeakSet[ServerHandle]" = weakref.WeakSet()
@@ -243,17 +245,22 @@ def start_server(
     KEY=VALUE``, e.g. ``{"cache_max_entry_count": 0.3}`` for lmdeploy); they override ``dtype`` /
     ``max_batch_size``."""
     option_argv = backend_options_to_argv(backend_options)  # a value that cannot travel fails here
-    if port is None and wait:
-        for attempt in range(3):  # another process may take the free port before the server binds it
-            try:
-                return start_server(model_dir, backend=backend, host=host, port=free_port(host), decoding=decoding,
-                                    api_key=api_key, device=device, dtype=dtype, max_batch_size=max_batch_size,
-                                    threads=threads, startup_timeout=startup_timeout, log_path=log_path, env=env,
-                                    wait=wait, backend_options=backend_options)
-            except RuntimeError as e:
-                if "address already in use" not in str(e).lower() or attempt == 2:
-                    raise
-    port = port or free_port(host)
+    args = dict(model_dir=model_dir, backend=backend, host=host, decoding=decoding, api_key=api_key, device=device,
+                dtype=dtype, max_batch_size=max_batch_size, threads=threads, startup_timeout=startup_timeout,
+                log_path=log_path, env=env, wait=wait, option_argv=option_argv)
+    if port is not None or not wait:
+        return _spawn(port=port or free_port(host), **args)
+    for attempt in range(3):  # another process may take the free port before the server binds it
+        try:
+            return _spawn(port=free_port(host), **args)
+        except RuntimeError as e:
+            if "address already in use" not in str(e).lower() or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _spawn(model_dir, backend, host, port, decoding, api_key, device, dtype, max_batch_size, threads,
+           startup_timeout, log_path, env, wait, option_argv) -> ServerHandle:
     cmd = [sys.executable, "-m", "dirl.cli", "serve", "--model", str(model_dir), "--backend", backend,
            "--host", host, "--port", str(port), "--dtype", dtype, "--max-batch-size", str(max_batch_size)]
     if device:
@@ -270,6 +277,7 @@ def start_server(
     if api_key:
         penv[API_KEY_ENV] = api_key
     penv.update(env or {})
+    penv[PARENT_PID_ENV] = str(os.getpid())
     owns_log = log_path is None
     if owns_log:
         fd, log_path = tempfile.mkstemp(prefix=f"dirl-serve-{port}-", suffix=".log")
@@ -278,7 +286,7 @@ def start_server(
     log = open(log_path, "ab")
     try:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=penv, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
+                                start_new_session=True)
     finally:
         log.close()
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
@@ -287,6 +295,7 @@ def start_server(
         try:
             handle.wait_ready(startup_timeout)
         except BaseException:
+            handle.owns_log = False  # the error points at the log
             handle.stop()
             raise
     return handle

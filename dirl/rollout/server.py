@@ -34,6 +34,7 @@ from typing import Any, Optional
 from dirl.config import DecodingConfig
 from dirl.rollout.backend import RequestError, RequestParser, StateError
 from dirl.rollout.backends import get_backend
+from dirl.rollout.launch import ServerHandle, die_with_parent, free_port, start_server  # noqa: F401 (launching lives there)
 
 API_KEY_ENV = "DIRL_API_KEY"
 SERVER_API_KEY_ENV = "DIRL_SERVER_API_KEY"  # how a launching trainer or evaluator hands over its key
@@ -348,6 +349,7 @@ def _only(body: Any, allowed: tuple[str, ...]) -> None:
 
 
 def cli_main(argv: list[str]) -> int:
+    die_with_parent()  # first: a server started by a trainer or evaluator never outlives it
     from dirl.rollout.cli import (add_decoding_args, add_runtime_args, apply_threads, decoding_from_args,
                                   default_device, parse_backend_options)
 
@@ -386,6 +388,3 @@ def cli_main(argv: list[str]) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
-
-# Launching a server from Python lives in dirl.rollout.launch (re-exported for old imports).
-from dirl.rollout.launch import ServerHandle, free_port, start_server  # noqa: E402,F401
