@@ -247,6 +247,17 @@ def _open_for_append(path: Path):
 # --------------------------------------------------------------------------------------------
 
 
+def _model_facts(cfg: EvalConfig, model_dir: Optional[Path]) -> ModelFacts:
+    """What the servers must agree with: the model's block size and mask id (from its config.json;
+    unknown for servers given by URL without model.path), the decoding settings and the dtype."""
+    bs, mask = cfg.model.block_size, cfg.model.mask_token_id
+    if model_dir is not None:
+        ck = read_checkpoint_config(model_dir)
+        bs = bs if bs is not None else ck.block_size
+        mask = mask if mask is not None else ck.mask_token_id
+    return ModelFacts(bs, mask, cfg.decoding, cfg.model.dtype)
+
+
 def _server_summary(info: dict) -> dict:
     """The engine-wide settings a server reports, for the report."""
     keep = ("engine", "version", "backend", "block_size", "denoising_steps", "unmasking_strategy",
@@ -420,7 +431,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
         # 3. rollouts
         if todo:
-            facts = ModelFacts(None, None, cfg.decoding, cfg.model.dtype)
+            facts = _model_facts(cfg, model_dir)
             with open_servers(cfg.server, model_dir, facts, log_path=out / "server.log") as servers:
                 server_info = _server_summary(servers.infos[0])
                 state["server"] = server_info

@@ -178,12 +178,16 @@ def resume_point(resume: str, run_dir: str | os.PathLike) -> Optional[Path]:
     return resolve_checkpoint(resume)
 
 
+def mark_untrained(model_dir: str | os.PathLike) -> None:
+    (Path(model_dir) / UNTRAINED_MARKER).write_text("a randomly initialised embedded-default model\n")
+
+
 def write_tiny_model(out_dir: str | os.PathLike, cfg: Optional[TinyModelConfig] = None) -> Path:
     """A freshly initialised embedded-default model in ``out_dir``, marked ``UNTRAINED`` so that no
     default model finder takes it for a trained one."""
-    out = make_tiny_model(out_dir, cfg)
-    (Path(out) / UNTRAINED_MARKER).write_text("a randomly initialised embedded-default model\n")
-    return Path(out)
+    out = Path(make_tiny_model(out_dir, cfg))
+    mark_untrained(out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
