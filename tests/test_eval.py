@@ -231,7 +231,6 @@ def test_model_resolution(tmp_path, tiny_dir):
     run = tmp_path / "runs" / "sft-x"
     ck = run / "checkpoints" / "step_00000010"
     shutil.copytree(tiny_dir, ck / "model")
-    (ck / "trainer_state.json").write_text('{"step": 10}')
     assert newest_checkpoint(tmp_path / "runs") is None  # not COMPLETE yet
     (ck / "COMPLETE").write_text("")
     assert newest_checkpoint(tmp_path / "runs") == ck / "model"

@@ -70,15 +70,21 @@ def is_complete(ckpt_dir: str | os.PathLike) -> bool:
     return (p / COMPLETE_MARKER).is_file() and (p / STATE_FILE).is_file() and (p / "model" / "config.json").is_file()
 
 
-def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first, as ``(step, path)``."""
+def list_checkpoints(run_dir: str | os.PathLike, model_only: bool = False) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first, as ``(step, path)``. ``model_only``: every
+    checkpoint whose model is complete (``COMPLETE`` and ``model/config.json``), whether or not its
+    trainer state is there (enough to evaluate, not to resume)."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
     out = []
     for d in root.iterdir():
         m = _STEP_RE.match(d.name)
-        if m and d.is_dir() and is_complete(d):
+        if not (m and d.is_dir()):
+            continue
+        ok = ((d / COMPLETE_MARKER).is_file() and (d / "model" / "config.json").is_file()) if model_only \
+            else is_complete(d)
+        if ok:
             out.append((int(m.group(1)), d))
     return sorted(out)
 
@@ -140,7 +146,7 @@ def newest_checkpoint(runs_dir: str | os.PathLike, kinds: Optional[tuple[str, ..
         if d.name != "checkpoints":
             continue
         dirnames[:] = []
-        for _, ck in list_checkpoints(d.parent):
+        for _, ck in list_checkpoints(d.parent, model_only=True):
             model = ck / "model"
             if kinds is not None and checkpoint_kind(ck) not in kinds:
                 continue
@@ -162,9 +168,9 @@ def resolve_model_dir(path: str | os.PathLike, key: str = "model.path") -> Path:
         return p
     if (p / "model" / "config.json").is_file():
         return p / "model"
-    latest = latest_checkpoint(p)
-    if latest is not None:
-        return latest / "model"
+    done = list_checkpoints(p, model_only=True)
+    if done:
+        return done[-1][1] / "model"
     raise ConfigError(f"config key '{key}': '{p}' is neither a model folder nor a run folder with a complete checkpoint")
 
 
