@@ -19,6 +19,7 @@ from dirl.rollout.launch import ModelFacts, ServerConfig, open_servers
 
 ROOT = Path(__file__).resolve().parents[1]
 DEC = DecodingConfig(max_new_tokens=8)
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
 
 
 def _gone(pid: int) -> bool:
@@ -47,6 +48,7 @@ def _env() -> dict:
     return env
 
 
+@linux_only
 def test_started_server_has_a_random_key_off_the_command_line_and_is_checked(tiny_dir):
     seen = []
     real = launch.start_server
@@ -88,6 +90,7 @@ finally:
 """
 
 
+@linux_only
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_a_server_dies_with_the_process_that_started_it(tiny_dir, sig):
     parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tiny_dir)], stdin=subprocess.PIPE,
