@@ -3,7 +3,8 @@
 
     python scripts/attention_tiles.py [--prompt 1024] [--response 8192] [--batch 4] [--block-size 4]
                                       [--tile 128] [--row-tokens N] [--dist NAME=p1,...,pB]
-                                      [--trajectories traj.jsonl] [--json out.json] [--no-self-check]
+                                      [--trajectories traj.jsonl] [--only-given] [--seed S]
+                                      [--json out.json] [--no-self-check]
 
 For three forwards at the paper's shapes (prompt 1k, response 8k, block size 4, 4 denoising steps)
 
@@ -250,10 +251,15 @@ def sft_meta_rows(prompt_len: int, response: int, batch: int, block_size: int) -
     return sft_meta(rows["pos"], rows["doc"], block_size)
 
 
-def rl_meta(trajs: Sequence[dict], block_size: int, layout: str, row_tokens: Optional[int]) -> TokenMeta:
+def rl_batch(trajs: Sequence[dict], block_size: int, layout: str, row_tokens: Optional[int]):
+    """The :class:`~dirl.train.layouts.ScoredBatch` the RL trainer builds (``make_batch``) for these trajectories."""
     from dirl.train.layouts import build_batch
 
-    return build_batch(trajs, block_size, mask_id=3, layout=layout, row_tokens=row_tokens).meta
+    return build_batch(trajs, block_size, mask_id=3, layout=layout, row_tokens=row_tokens)
+
+
+def rl_meta(trajs: Sequence[dict], block_size: int, layout: str, row_tokens: Optional[int]) -> TokenMeta:
+    return rl_batch(trajs, block_size, layout, row_tokens).meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,11 +269,11 @@ def rl_meta(trajs: Sequence[dict], block_size: int, layout: str, row_tokens: Opt
 
 def preset_distributions(block_size: int) -> dict[str, list[float]]:
     B = block_size
-    d = {f"static worst case: {B} steps every block": [0.0] * (B - 1) + [1.0]}
+    d = {f"all {B} (static worst case)": [0.0] * (B - 1) + [1.0]}
     if B == 4:
-        d["uniform 1-4 steps (mean 2.5)"] = [0.25, 0.25, 0.25, 0.25]
-        d["measured-looking mix 50/35/10/5% (mean 1.7)"] = [0.5, 0.35, 0.10, 0.05]
-    d["1 step every block"] = [1.0] + [0.0] * (B - 1)
+        d["uniform 1-4"] = [0.25, 0.25, 0.25, 0.25]
+        d["mix 50/35/10/5% of 1/2/3/4"] = [0.5, 0.35, 0.10, 0.05]
+    d["all 1"] = [1.0] + [0.0] * (B - 1)
     return d
 
 
@@ -316,17 +322,19 @@ def measure(prompt_len: int, response: int, batch: int, block_size: int, tile: i
     trajs = make_trajectories(prompt_len, response, batch, block_size, probs, seed)
     m = mean_steps_per_block(trajs, block_size)
     L = prompt_len + response + (-(prompt_len + response)) % block_size
-    out = {"mean_steps_per_block": m, "tokens_per_step": block_size * len(trajs) * (response / block_size) /
-           sum(len(set(t["step_map"])) for t in trajs)}
-    for name, meta, floor_m in (("packed", rl_meta(trajs, block_size, "packed", row_tokens), m),
-                                ("rounds", rl_meta(trajs, block_size, "rounds", row_tokens), m)):
-        c = count_tiles(meta, tile)
-        out[name] = _record(c, batch, (1 + floor_m) * L)
+    # tokens per step as dirl eval reports it: mean over responses of |o| / |distinct steps|
+    tps = float(np.mean([len(t["token_ids"]) / len(set(t["step_map"])) for t in trajs]))
+    out = {"mean_steps_per_block": m, "tokens_per_step": tps}
+    for name in ("packed", "rounds"):
+        b = rl_batch(trajs, block_size, name, row_tokens)
+        out[name] = _record(count_tiles(b.meta, tile), batch, (1 + m) * L, real=b.num_tokens, scored=b.num_scored)
     return out
 
 
-def _record(c: TileCount, batch: int, floor_per_response: float) -> dict:
-    return {"rows": c.rows, "width": c.width, "tokens": c.tokens, "floor_tokens": floor_per_response * batch,
+def _record(c: TileCount, batch: int, floor_per_response: float, real: Optional[int] = None,
+            scored: Optional[int] = None) -> dict:
+    return {"rows": c.rows, "width": c.width, "tokens": c.tokens, "real_tokens": c.tokens if real is None else real,
+            "scored_tokens": scored, "floor_tokens": floor_per_response * batch,
             "nonempty_tiles": c.nonempty, "full_tiles": c.full, "partial_tiles": c.partial,
             "dense_tiles": c.dense, "allowed_pairs": c.allowed_pairs}
 
@@ -354,24 +362,28 @@ def fmt_int(x: float) -> str:
 
 
 def table(res: dict) -> str:
+    """One Markdown table: the SFT row, then packed and rounds under each steps-per-block distribution."""
     a = res["args"]
-    lines = [f"prompt {a['prompt']}, response {a['response']}, batch {a['batch']} responses, block size "
-             f"{a['block_size']}, tile {a['tile']}x{a['tile']}, RL row_tokens {a['row_tokens']}", ""]
-    head = ("| layout | rows x width | tokens | floor (1+m)L | non-empty tiles | full | partial | dense tiles | "
-            "non-empty / dense | tiles vs packed |")
-    sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-    sft = res["sft"]
-    for dist in res["distributions"]:
-        lines += [f"**{dist['name']}** — mean steps per block m = {dist['mean_steps_per_block']:.3f}, "
-                  f"{dist['tokens_per_step']:.2f} tokens per step", "", head, sep]
-        ref = dist["packed"]["nonempty_tiles"]
-        for name, rec in (("SFT [x_t ; x_0]", sft), ("RL packed", dist["packed"]), ("RL rounds", dist["rounds"])):
-            lines.append(
-                f"| {name} | {rec['rows']} x {rec['width']:,} | {rec['tokens']:,} | {fmt_int(rec['floor_tokens'])} | "
-                f"{rec['nonempty_tiles']:,} | {rec['full_tiles']:,} | {rec['partial_tiles']:,} | "
-                f"{rec['dense_tiles']:,} | {rec['nonempty_tiles'] / rec['dense_tiles']:.3f} | "
-                f"{rec['nonempty_tiles'] / ref:.2f}x |")
-        lines.append("")
+    lines = [f"prompt {a['prompt']}, response {a['response']}, batch {a['batch']}, block size {a['block_size']}, "
+             f"tile {a['tile']}x{a['tile']}, RL train.row_tokens {a['row_tokens']}; m = mean steps per block", "",
+             "| layout | steps per block | rows x width | tokens (real) | floor (1+m)L | non-empty tiles | full | "
+             "partial | dense tiles | non-empty / dense | tiles vs packed |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def line(name, dist, rec, ref):
+        real = f" ({rec['real_tokens']:,})" if rec["real_tokens"] != rec["tokens"] else ""
+        vs = f"{rec['nonempty_tiles'] / ref:.2f}x" if ref else "—"
+        lines.append(f"| {name} | {dist} | {rec['rows']} x {rec['width']:,} | {rec['tokens']:,}{real} | "
+                     f"{fmt_int(rec['floor_tokens'])} | {rec['nonempty_tiles']:,} | {rec['full_tiles']:,} | "
+                     f"{rec['partial_tiles']:,} | {rec['dense_tiles']:,} | "
+                     f"{rec['nonempty_tiles'] / rec['dense_tiles']:.3f} | {vs} |")
+
+    line("SFT [x_t ; x_0]", "one noisy copy (m = 1)", res["sft"], None)
+    for d in res["distributions"]:
+        dist = f"{d['name']}: m = {d['mean_steps_per_block']:.2f}, {d['tokens_per_step']:.2f} tok/step"
+        ref = d["packed"]["nonempty_tiles"]
+        line("RL packed", dist, d["packed"], ref)
+        line("RL rounds", dist, d["rounds"], ref)
     return "\n".join(lines)
 
 
