@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 from dirl.config import (
     ConfigError,
@@ -116,6 +116,11 @@ class EvalConfig:
     grading_timeout: float = 5.0  # seconds before a comparison counts as wrong
     grading_workers: Optional[int] = None  # grading subprocesses (None: automatic)
     progress_bar: bool = True
+    # DiRL's eval-script settings (configs/eval_dirl_compat.yaml; docs/GRADING.md). Ours by default:
+    # no minimum length, nothing banned, a truncated response is wrong.
+    min_new_tokens: int = 0  # stop tokens cannot end a response before this many tokens
+    banned_tokens: list[str] = field(default_factory=list)  # token texts never generated, e.g. "<|endoftext|>"
+    truncated_is_wrong: bool = True  # False: grade a truncated (finish_reason "length") response like any other
 
     def validate(self) -> None:
         check_decoding(self.decoding)
@@ -130,6 +135,15 @@ class EvalConfig:
         check_positive("server.max_batch_size", self.server.max_batch_size)
         check_positive("server.threads", self.server.threads, allow_zero=True)
         check_positive("server.timeout", self.server.timeout)
+        check_positive("min_new_tokens", self.min_new_tokens, allow_zero=True)
+        if self.min_new_tokens > self.decoding.max_new_tokens:
+            raise ConfigError(f"config key 'min_new_tokens': {self.min_new_tokens} is over "
+                              f"decoding.max_new_tokens={self.decoding.max_new_tokens}")
+        if not all(isinstance(t, str) and t for t in self.banned_tokens):
+            raise ConfigError(f"config key 'banned_tokens': must be a list of token texts, got {self.banned_tokens!r}")
+        if self.banned_tokens and self.server.urls and not self.model.path:
+            raise ConfigError("config key 'banned_tokens': needs model.path (its tokenizer turns the token texts "
+                              "into ids) when the servers are given by URL")
         if self.grading_workers is not None:
             check_positive("grading_workers", self.grading_workers, allow_zero=True)
         for j in self.pass_k:
@@ -238,8 +252,32 @@ def _model_identity(model_dir: Path) -> dict:
 
 def _fingerprint(cfg: EvalConfig, model_id: dict) -> dict:
     dec = to_dict(cfg.decoding)
-    return {"model": model_id, "decoding": dec, "seed": cfg.seed,
-            "backend": cfg.server.backend if not cfg.server.urls else "external"}
+    fp = {"model": model_id, "decoding": dec, "seed": cfg.seed,
+          "backend": cfg.server.backend if not cfg.server.urls else "external"}
+    # DiRL-compatible settings, only when set: run folders made without them keep their fingerprint
+    if cfg.min_new_tokens:
+        fp["min_new_tokens"] = cfg.min_new_tokens
+    if cfg.banned_tokens:
+        fp["banned_tokens"] = list(cfg.banned_tokens)
+    if not cfg.truncated_is_wrong:
+        fp["truncated_is_wrong"] = False
+    return fp
+
+
+def banned_token_ids(tokens: list[str], model_dir: Optional[Path]) -> list[int]:
+    """Ids of ``banned_tokens`` in the model's tokenizer: each text must be one vocabulary entry."""
+    if not tokens:
+        return []
+    from dirl.model.sdar import load_tokenizer
+
+    if model_dir is None:
+        raise ConfigError("config key 'banned_tokens': needs model.path (its tokenizer turns the token texts into ids)")
+    vocab = load_tokenizer(model_dir).get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        raise ConfigError(f"config key 'banned_tokens': {missing[0]!r} is not a token of the model's tokenizer "
+                          f"({model_dir})")
+    return sorted({int(vocab[t]) for t in tokens})
 
 
 def _hash(obj: Any) -> str:
@@ -406,9 +444,9 @@ def _check_server_info(cfg: EvalConfig, info: Any) -> dict:
     return {k: first[k] for k in keep if k in first}
 
 
-def _build_request(cfg: EvalConfig, problem: dict, sample: int) -> dict:
+def _build_request(cfg: EvalConfig, problem: dict, sample: int, banned_ids: Sequence[int] = ()) -> dict:
     d = cfg.decoding
-    return {
+    req = {
         "request_id": f"{problem['benchmark']}/{problem['id']}/{sample}",
         "messages": [{"role": "user", "content": problem["prompt"]}],
         "max_new_tokens": d.max_new_tokens,
@@ -418,6 +456,11 @@ def _build_request(cfg: EvalConfig, problem: dict, sample: int) -> dict:
         "do_sample": d.do_sample,
         "seed": request_seed(cfg.seed, problem["benchmark"], problem["index"], sample),
     }
+    if cfg.min_new_tokens:
+        req["min_new_tokens"] = cfg.min_new_tokens
+    if banned_ids:
+        req["banned_token_ids"] = list(banned_ids)
+    return req
 
 
 def _record(cfg: EvalConfig, problem: dict, sample: int, req: dict, traj: dict, correct: bool) -> dict:
@@ -452,15 +495,18 @@ def _record(cfg: EvalConfig, problem: dict, sample: int, req: dict, traj: dict, 
 
 
 def _grade(cfg: EvalConfig, grader, items: list[tuple[dict, dict]]) -> list[bool]:
-    """Accuracy verdicts (SPEC section 7) for (problem, trajectory) pairs."""
+    """Accuracy verdicts (SPEC section 7) for (problem, trajectory) pairs; with
+    ``truncated_is_wrong=False`` (DiRL's script) a truncated response is graded like any other."""
     from dirl.rewards import accuracy_verdicts
 
+    if not cfg.truncated_is_wrong:
+        return grader.grade_many([(t.get("text") or "", p["answer"]) for p, t in items], timeout=cfg.grading_timeout)
     return accuracy_verdicts([t for _, t in items], [p["answer"] for p, _ in items], grader=grader,
                              timeout=cfg.grading_timeout)
 
 
 def _rollouts(cfg: EvalConfig, client, grader, todo: list[tuple[dict, list[int]]], resp_path: Path,
-              records: list[dict], bar) -> None:
+              records: list[dict], bar, banned_ids: Sequence[int] = ()) -> None:
     """Generate, grade and append to ``responses.jsonl``, batch by batch; the next batches are
     already being decoded while one is graded and written."""
     from collections import deque
@@ -470,7 +516,7 @@ def _rollouts(cfg: EvalConfig, client, grader, todo: list[tuple[dict, list[int]]
         reqs, owners = [], []
         for p, samples in batch:
             for j in samples:
-                reqs.append(_build_request(cfg, p, j))
+                reqs.append(_build_request(cfg, p, j, banned_ids))
                 owners.append((p, j))
         return reqs, owners
 
@@ -602,7 +648,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             pairs = [(r["text"], r["gold"]) for r in records]
             verdicts = grader.grade_many(pairs)
             for r, v in zip(records, verdicts):
-                r["correct"] = bool(v) and r.get("finish_reason") != "length"
+                r["correct"] = bool(v) and (not cfg.truncated_is_wrong or r.get("finish_reason") != "length")
             tmp = resp_path.with_suffix(".tmp")
             with tmp.open("w", encoding="utf-8") as f:
                 for r in records:
@@ -611,6 +657,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
         # 3. rollouts
         if todo:
+            banned_ids = banned_token_ids(cfg.banned_tokens, model_dir)
             with _Servers(cfg, model_dir, out / "server.log") as urls:
                 client = _make_client(cfg, urls)
                 server_info = _check_server_info(cfg, client.info())
@@ -619,7 +666,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                 bar = _progress(total, total - len(todo), cfg.progress_bar, "eval")
                 t_gen = time.time()
                 try:
-                    _rollouts(cfg, client, grader, todo, resp_path, records, bar)
+                    _rollouts(cfg, client, grader, todo, resp_path, records, bar, banned_ids)
                 finally:
                     bar.close()
                     gen_s = time.time() - t_gen
@@ -643,7 +690,10 @@ def run_eval(cfg: EvalConfig) -> dict:
         "samples per problem": k,
         "decoding": (f"T {d.temperature}, top-k {d.top_k}, top-p {d.top_p}, max {d.max_new_tokens} tokens, "
                      f"{d.denoising_steps} steps, {d.unmasking_strategy}"
-                     + (f" (τ {d.confidence_threshold})" if d.unmasking_strategy == "low_confidence_dynamic" else "")),
+                     + (f" (τ {d.confidence_threshold})" if d.unmasking_strategy == "low_confidence_dynamic" else "")
+                     + (f", at least {cfg.min_new_tokens} new tokens" if cfg.min_new_tokens else "")
+                     + (f", banned {', '.join(cfg.banned_tokens)}" if cfg.banned_tokens else "")),
+        "grading": None if cfg.truncated_is_wrong else "truncated responses graded like any other (DiRL's eval script)",
         "server": server_info or None,
         "seed": cfg.seed,
         "rollout + grading time (s, all runs)": state.get("rollout_seconds"),

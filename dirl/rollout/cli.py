@@ -23,7 +23,8 @@ from typing import Any, Optional
 from dirl.config import ConfigError, DecodingConfig, check_decoding
 
 _EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-_SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample", "stop_token_ids", "seed")
+_SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample", "stop_token_ids", "seed",
+                    "min_new_tokens", "banned_token_ids")
 
 
 def default_device() -> str:
