@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dirl.config import ConfigError, DecodingConfig, load_config
-from dirl.eval.run import EvalConfig, _grade, read_responses, run_eval
+from dirl.eval.run import EvalConfig, _build_request, _grade, read_responses, request_seed, run_eval
 from dirl.rollout.server import start_server
 
 PRESET = "configs/eval_dirl_compat.yaml"
@@ -54,6 +54,16 @@ def test_the_preset_sets_what_dirls_eval_script_sets():
     assert (d.block_size, d.denoising_steps, d.unmasking_strategy, d.confidence_threshold) == (
         4, 4, "low_confidence_dynamic", 0.9)
     assert cfg.num_samples == 16 and len(cfg.data.benchmarks) == 5
+    # the prompt text DiRL's script writes by hand, for a math question
+    from dirl.data.benchmarks import format_prompt
+
+    q = "What is $1+2$?"
+    dirl_prompt = ("<|im_start|>user\n{problem}\nPlease reason step by step, and put your final answer within "
+                   "$\\boxed{{}}$.<|im_end|>\n<|im_start|>assistant\n").format(problem=q)
+    assert _build_request(cfg, {"benchmark": "math500", "id": "0", "index": 0, "prompt": format_prompt(q)}, 0) == {
+        "request_id": "math500/0/0", "prompt": dirl_prompt, "max_new_tokens": 8192, "temperature": 1.0,
+        "top_k": 50, "top_p": 1.0, "do_sample": True, "min_new_tokens": 128,
+        "seed": request_seed(0, "math500", 0, 0)}
     # ours stay the default
     ours = load_config(EvalConfig, "configs/eval_sdar8b.yaml")
     assert (ours.min_new_tokens, ours.banned_tokens, ours.truncated_is_wrong) == (0, [], True)
@@ -166,10 +176,12 @@ def test_eval_sends_the_preset_settings_to_the_server(server, tiny_dir, tmp_path
         f"model.path={tiny_dir}", f"server.urls=[{server.url}]", f"output_dir={out}", "data.benchmarks=[synthetic]",
         "data.synthetic_size=4", "num_samples=2", "decoding.max_new_tokens=16", "progress_bar=false",
         "grading_workers=0", "min_new_tokens=9", "banned_tokens=[<|endoftext|>]", "truncated_is_wrong=false",
-        "save_token_ids=true",
+        "save_token_ids=true", r'prompt_text_template="<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"',
     ])
+    assert cfg.prompt_text_template == load_config(EvalConfig, PRESET).prompt_text_template
     run_eval(cfg)
-    vocab = load_tokenizer(tiny_dir).get_vocab()
+    tok = load_tokenizer(tiny_dir)
+    vocab = tok.get_vocab()
     eot, im_end = vocab["<|endoftext|>"], vocab["<|im_end|>"]
     recs = read_responses(out / "responses.jsonl")
     assert len(recs) == 8
@@ -177,6 +189,8 @@ def test_eval_sends_the_preset_settings_to_the_server(server, tiny_dir, tmp_path
         assert eot not in r["token_ids"]
         assert im_end not in r["token_ids"][:9]
         assert r["response_length"] > 9
+        want = f"<|im_start|>user\n{r['question']}<|im_end|>\n<|im_start|>assistant\n"  # the text as given
+        assert r["prompt_length"] == len(tok(want, add_special_tokens=False)["input_ids"])
     assert "at least 9 new tokens" in (out / "report.md").read_text()
     # another truncation rule in the same folder is other settings
     with pytest.raises(ConfigError, match="other settings"):

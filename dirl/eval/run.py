@@ -121,6 +121,10 @@ class EvalConfig:
     min_new_tokens: int = 0  # stop tokens cannot end a response before this many tokens
     banned_tokens: list[str] = field(default_factory=list)  # token texts never generated, e.g. "<|endoftext|>"
     truncated_is_wrong: bool = True  # False: grade a truncated (finish_reason "length") response like any other
+    # empty: the user turn goes to the server as chat messages (the model's own chat template); else
+    # the prompt text sent as it is, "{prompt}" replaced by the user turn (DiRL's script writes its
+    # template by hand)
+    prompt_text_template: str = ""
 
     def validate(self) -> None:
         check_decoding(self.decoding)
@@ -141,6 +145,8 @@ class EvalConfig:
                               f"decoding.max_new_tokens={self.decoding.max_new_tokens}")
         if not all(isinstance(t, str) and t for t in self.banned_tokens):
             raise ConfigError(f"config key 'banned_tokens': must be a list of token texts, got {self.banned_tokens!r}")
+        if self.prompt_text_template and "{prompt}" not in self.prompt_text_template:
+            raise ConfigError("config key 'prompt_text_template': must contain {prompt} (where the user turn goes)")
         if self.banned_tokens and self.server.urls and not self.model.path:
             raise ConfigError("config key 'banned_tokens': needs model.path (its tokenizer turns the token texts "
                               "into ids) when the servers are given by URL")
@@ -261,6 +267,8 @@ def _fingerprint(cfg: EvalConfig, model_id: dict) -> dict:
         fp["banned_tokens"] = list(cfg.banned_tokens)
     if not cfg.truncated_is_wrong:
         fp["truncated_is_wrong"] = False
+    if cfg.prompt_text_template:
+        fp["prompt_text_template"] = cfg.prompt_text_template
     return fp
 
 
@@ -456,6 +464,9 @@ def _build_request(cfg: EvalConfig, problem: dict, sample: int, banned_ids: Sequ
         "do_sample": d.do_sample,
         "seed": request_seed(cfg.seed, problem["benchmark"], problem["index"], sample),
     }
+    if cfg.prompt_text_template:
+        del req["messages"]
+        req["prompt"] = cfg.prompt_text_template.replace("{prompt}", problem["prompt"])
     if cfg.min_new_tokens:
         req["min_new_tokens"] = cfg.min_new_tokens
     if banned_ids:
@@ -694,6 +705,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                      + (f", at least {cfg.min_new_tokens} new tokens" if cfg.min_new_tokens else "")
                      + (f", banned {', '.join(cfg.banned_tokens)}" if cfg.banned_tokens else "")),
         "grading": None if cfg.truncated_is_wrong else "truncated responses graded like any other (DiRL's eval script)",
+        "prompt text": json.dumps(cfg.prompt_text_template) if cfg.prompt_text_template else None,
         "server": server_info or None,
         "seed": cfg.seed,
         "rollout + grading time (s, all runs)": state.get("rollout_seconds"),
