@@ -149,7 +149,7 @@ def test_the_redraw_correction_is_the_probability_of_a_masked_token():
     p = mask_probability(t)
     hit = torch.rand(n, 3, 2, 3, generator=g) < p[..., None]
     sizes = torch.tensor([[1, 0], [3, 0], [1, 1]])
-    use = torch.arange(3)[None, None, :] < sizes[None, :, :, None].expand(1, 3, 2, 3).squeeze(0)[None]
+    use = torch.arange(3) < sizes[..., None]  # [row, doc, token slot]: the slots a sample has
     freq = (hit & use).flatten(2).any(dim=2).double().mean(0).tolist()
     for a, b in zip(got, freq):
         assert abs(a - b) < 0.005
