@@ -428,6 +428,15 @@ def test_generation_kwargs_sampling_and_greedy():
         lb.generation_kwargs(_req(temperature=2.5))
 
 
+def test_generation_kwargs_min_new_tokens_and_banned_ids():
+    """DiRL's eval settings map onto LMDeploy's own GenerationConfig fields."""
+    kw = lb.generation_kwargs(_req(max_new_tokens=256, min_new_tokens=128, banned_token_ids=[3, 7]))
+    assert set(kw) <= GENERATION_CONFIG_FIELDS
+    assert kw["min_new_tokens"] == 128 and kw["bad_token_ids"] == [3, 7] and kw["stop_token_ids"] == [2]
+    plain = lb.generation_kwargs(_req())
+    assert "min_new_tokens" not in plain and "bad_token_ids" not in plain
+
+
 def _out(status: str, ids):
     return SimpleNamespace(status=SimpleNamespace(name=status), token_ids=list(ids))
 

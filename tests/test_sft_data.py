@@ -207,3 +207,90 @@ def test_step_slices_cover_the_global_batch():
         assert got == list(range(24, 32))
     with pytest.raises(ValueError):
         rank_row_slice(0, 6, 0, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# DiRL's own (already templated) SFT rows
+# --------------------------------------------------------------------------------------------
+
+DIRL_ROWS = [  # exactly the shape of DiRL's SFT data (Light-OpenR1Math-SFT)
+    {"prompt": "<|im_start|>user\nWhat is 1+2?<|im_end|>\n<|im_start|>assistant\n",
+     "response": "1+2=3. \\boxed{3}<|im_end|><|endoftext|>"},
+    {"prompt": "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n7*6?<|im_end|>\n<|im_start|>assistant\n",
+     "response": "42<|im_end|><|endoftext|>"},
+]
+
+
+def _expected_ids(tok, text: str) -> list[int]:
+    """Token ids of ``text`` for the tiny character-level tokenizer, spelled out from its vocabulary:
+    special and whole-word tokens by longest match, every other character on its own."""
+    vocab = tok.get_vocab()
+    words = sorted((t for t in vocab if len(t) > 1), key=len, reverse=True)
+    out, i = [], 0
+    while i < len(text):
+        w = next((w for w in words if text.startswith(w, i)), None)
+        if w is None:
+            w = text[i]
+        out.append(vocab[w])
+        i += len(w)
+    return out
+
+
+def test_the_tiny_tokenizer_has_dirls_special_tokens(tok):
+    vocab = tok.get_vocab()
+    for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        assert t in vocab
+        assert tok.convert_ids_to_tokens(vocab[t]) == t
+
+
+def test_dirl_rows_tokenise_to_exactly_their_own_text(tok, tmp_path):
+    f = tmp_path / "dirl_sft.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in DIRL_ROWS))
+    examples = read_sft_examples(str(f))
+    assert all(e.templated for e in examples)
+    samples = tokenize_examples(tok, examples, block_size=4)
+    pad = tok.convert_tokens_to_ids("<|endoftext|>")
+    for row, s in zip(DIRL_ROWS, samples):
+        p_ids = _expected_ids(tok, row["prompt"])
+        r_ids = _expected_ids(tok, row["response"])
+        n_pad = (-(len(p_ids) + len(r_ids))) % 4
+        assert s.input_ids == p_ids + r_ids + [pad] * n_pad
+        assert s.n_prompt == len(p_ids)  # the boundary is where the row puts it
+        assert tok.decode(s.input_ids[: s.n_prompt]) == row["prompt"]
+        assert tok.decode(s.input_ids[s.n_prompt:len(s.input_ids) - n_pad]) == row["response"]
+        text = tok.decode(s.input_ids)
+        assert text.count("<|im_start|>") == row["prompt"].count("<|im_start|>")  # never templated twice
+        assert text.count("<|im_end|>") == row["prompt"].count("<|im_end|>") + 1  # no second end of turn
+
+
+def test_a_plain_pair_still_gets_the_template_and_end_of_turn(tok):
+    ex = parse_sft_row({"prompt": "What is 1+2?", "response": "3"}, "x:1")
+    assert not ex.templated
+    s = tokenize_examples(tok, [ex], block_size=4)[0]
+    want = "<|im_start|>user\nWhat is 1+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(s.input_ids[: s.n_prompt]) == want
+    assert tok.decode(s.input_ids[s.n_prompt:]).startswith("3<|im_end|>\n")
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "response": "hello"},
+     "'prompt' is chat-templated text (DiRL's format) but 'response' does not end with <|im_end|>"),
+    ({"prompt": "hi", "response": "hello<|im_end|><|endoftext|>"},
+     "'response' ends with <|endoftext|> but 'prompt' is plain text"),
+    ({"prompt": "hi", "response": "hello<|im_end|>"},
+     "'response' ends with <|im_end|> but 'prompt' is plain text"),
+    ({"prompt": "<|im_start|>user\nhi<|im_end|>\n", "response": "hello<|im_end|>"},
+     "does not end with the assistant header"),
+    ({"messages": [{"role": "user", "content": "<|im_start|>user\nhi<|im_end|>\n"},
+                   {"role": "assistant", "content": "hello"}]},
+     "messages[0].content holds the chat-template token <|im_start|>"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello<|endoftext|>"}]},
+     "already ends its turn"),
+])
+def test_a_row_mixing_the_two_styles_names_file_and_line(tmp_path, row, message):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text(json.dumps(DIRL_ROWS[0]) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError) as e:
+        read_sft_examples(str(f))
+    assert str(e.value).startswith(f"{f}:2: ")
+    assert message in str(e.value)

@@ -7,6 +7,16 @@ An SFT row is one of two shapes:
   earlier user/assistant turns) is the prompt and takes no loss.
 * pair: ``{"prompt": ..., "response": ...}``. ``prompt`` is the user turn (a string) or a list of
   messages; ``response`` is the assistant's text.
+* templated pair (DiRL's own SFT rows): ``prompt`` is chat-templated text,
+  ``"<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n"``, and ``response`` already ends with
+  the end-of-turn / end-of-text tokens (``"...<|im_end|><|endoftext|>"``). Both are used verbatim:
+  the prompt is never templated again and the response gets no second ``<|im_end|>``.
+
+The style of a row is set by its prompt: a prompt holding ``<|im_start|>`` is templated text, and its
+response must then end with ``<|im_end|>`` (optionally ``\n``) or ``<|endoftext|>``; a plain prompt
+(a string or messages) takes a plain response, closed by the trainer. A row that mixes the two (a
+templated prompt with an open response, a plain prompt with a closed response, chat-template tokens
+inside a message) is a :class:`DataError`: tokenising it either way would corrupt the sample.
 
 Rows come from JSON Lines (one object a line), JSON (an array of objects, or an object whose
 ``"data"``/``"rows"`` key holds that array), a Hugging Face ``datasets`` name (local folder or Hub),
@@ -23,6 +33,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 ROLES = ("system", "user", "assistant", "tool")
+TURN_START = "<|im_start|>"
+END_OF_TURN = "<|im_end|>"
+END_OF_TEXT = "<|endoftext|>"
+CLOSINGS = (END_OF_TURN, END_OF_TURN + "\n", END_OF_TEXT)  # how a closed (templated) response ends
 
 
 class DataError(ValueError):
@@ -37,6 +51,13 @@ class SFTExample:
     response: str
     where: str = ""  # file:line or dataset row, for error messages
     meta: dict = field(default_factory=dict)
+    # set for a templated row (DiRL's format): the prompt text used verbatim (``prompt`` is then
+    # empty), and ``response`` is used verbatim too (it already ends with <|im_end|> / <|endoftext|>)
+    prompt_text: Optional[str] = None
+
+    @property
+    def templated(self) -> bool:
+        return self.prompt_text is not None
 
 
 @dataclass
@@ -60,8 +81,31 @@ def _check_messages(msgs: Any, where: str, key: str) -> list[dict]:
             raise DataError(f"{where}: {key}[{i}].role must be one of {', '.join(ROLES)}, got {_short(role)}")
         if not isinstance(content, str):
             raise DataError(f"{where}: {key}[{i}].content must be a string, got {_short(content)}")
+        tok = next((t for t in (TURN_START, END_OF_TURN) if t in content), None)
+        if tok is not None:
+            raise DataError(f"{where}: {key}[{i}].content holds the chat-template token {tok}: it would be "
+                            "templated twice (give already templated text as a {prompt, response} pair, "
+                            "used verbatim)")
         out.append({"role": role, "content": content})
     return out
+
+
+def is_templated_prompt(text: str) -> bool:
+    """Whether a prompt string is already chat-templated text (it holds ``<|im_start|>``)."""
+    return TURN_START in text
+
+
+def is_closed_response(text: str) -> bool:
+    """Whether a response already ends its turn (``<|im_end|>``, ``<|im_end|>\\n`` or ``<|endoftext|>``)."""
+    return text.endswith(CLOSINGS)
+
+
+def _check_templated_prompt(prompt: str, where: str, key: str) -> None:
+    last = prompt.rfind(TURN_START)
+    tail = prompt[last + len(TURN_START):]
+    if not tail.startswith("assistant\n") or END_OF_TURN in tail:
+        raise DataError(f"{where}: '{key}' is chat-templated text but does not end with the assistant header "
+                        f"{TURN_START}assistant\\n (its last turn is {_short(prompt[last:], 40)})")
 
 
 def _short(v: Any, n: int = 60) -> str:
@@ -82,6 +126,11 @@ def parse_sft_row(row: Any, where: str, names: FieldNames | None = None) -> SFTE
                             f"got role {msgs[-1]['role']!r}")
         if len(msgs) < 2:
             raise DataError(f"{where}: '{names.messages}' needs a prompt turn before the assistant's response")
+        if is_closed_response(msgs[-1]["content"]):
+            raise DataError(f"{where}: the assistant's response in '{names.messages}' already ends its turn "
+                            f"({_short(msgs[-1]['content'][-24:])}); chat messages get the template and "
+                            f"{END_OF_TURN} here, so give plain text (or the whole row as templated "
+                            "{prompt, response} text, used verbatim)")
         return SFTExample(prompt=msgs[:-1], response=msgs[-1]["content"], where=where, meta=meta)
     if names.prompt in row or names.response in row:
         if names.prompt not in row:
@@ -89,12 +138,27 @@ def parse_sft_row(row: Any, where: str, names: FieldNames | None = None) -> SFTE
         if names.response not in row:
             raise DataError(f"{where}: missing field '{names.response}'")
         prompt, response = row[names.prompt], row[names.response]
+        if not isinstance(response, str):
+            raise DataError(f"{where}: '{names.response}' must be a string, got {_short(response)}")
+        closed = is_closed_response(response)
+        if isinstance(prompt, str) and is_templated_prompt(prompt):
+            _check_templated_prompt(prompt, where, names.prompt)
+            if not closed:
+                raise DataError(f"{where}: '{names.prompt}' is chat-templated text (DiRL's format) but "
+                                f"'{names.response}' does not end with {END_OF_TURN} or {END_OF_TEXT}; a row "
+                                "is either templated text in both fields or plain text in both")
+            return SFTExample(prompt=[], response=response, where=where, meta=meta, prompt_text=prompt)
         if isinstance(prompt, str):
             prompt_msgs = [{"role": "user", "content": prompt}]
         else:
             prompt_msgs = _check_messages(prompt, where, names.prompt)
-        if not isinstance(response, str):
-            raise DataError(f"{where}: '{names.response}' must be a string, got {_short(response)}")
+        if closed:
+            end = END_OF_TEXT if response.endswith(END_OF_TEXT) else END_OF_TURN
+            raise DataError(f"{where}: '{names.response}' ends with {end} but '{names.prompt}' is plain text, "
+                            f"which gets the chat template (and the response its {END_OF_TURN}); a row is "
+                            "either templated text in both fields (used verbatim) or plain text in both")
+        if TURN_START in response:
+            raise DataError(f"{where}: '{names.response}' holds the chat-template token {TURN_START}")
         return SFTExample(prompt=prompt_msgs, response=response, where=where, meta=meta)
     keys = ", ".join(sorted(map(str, row))) or "none"
     raise DataError(f"{where}: expected '{names.messages}' or '{names.prompt}'/'{names.response}' fields, "

@@ -38,7 +38,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from dirl.config import (
     ConfigError,
@@ -105,6 +105,15 @@ class EvalConfig:
     grading_timeout: float = 5.0  # seconds before a comparison counts as wrong
     grading_workers: Optional[int] = None  # grading subprocesses (None: automatic)
     progress_bar: bool = True
+    # DiRL's eval-script settings (configs/eval_dirl_compat.yaml; docs/GRADING.md). Ours by default:
+    # no minimum length, nothing banned, a truncated response is wrong.
+    min_new_tokens: int = 0  # stop tokens cannot end a response before this many tokens
+    banned_tokens: list[str] = field(default_factory=list)  # token texts never generated, e.g. "<|endoftext|>"
+    truncated_is_wrong: bool = True  # False: grade a truncated (finish_reason "length") response like any other
+    # empty: the user turn goes to the server as chat messages (the model's own chat template); else
+    # the prompt text sent as it is, "{prompt}" replaced by the user turn (DiRL's script writes its
+    # template by hand)
+    prompt_text_template: str = ""
 
     def validate(self) -> None:
         check_decoding(self.decoding)
@@ -115,6 +124,17 @@ class EvalConfig:
         check_positive("data.limit", self.data.limit, allow_zero=True)
         check_positive("data.synthetic_size", self.data.synthetic_size)
         check_server_config(self.server)
+        check_positive("min_new_tokens", self.min_new_tokens, allow_zero=True)
+        if self.min_new_tokens > self.decoding.max_new_tokens:
+            raise ConfigError(f"config key 'min_new_tokens': {self.min_new_tokens} is over "
+                              f"decoding.max_new_tokens={self.decoding.max_new_tokens}")
+        if not all(isinstance(t, str) and t for t in self.banned_tokens):
+            raise ConfigError(f"config key 'banned_tokens': must be a list of token texts, got {self.banned_tokens!r}")
+        if self.prompt_text_template and "{prompt}" not in self.prompt_text_template:
+            raise ConfigError("config key 'prompt_text_template': must contain {prompt} (where the user turn goes)")
+        if self.banned_tokens and self.server.urls and not self.model.path:
+            raise ConfigError("config key 'banned_tokens': needs model.path (its tokenizer turns the token texts "
+                              "into ids) when the servers are given by URL")
         if self.grading_workers is not None:
             check_positive("grading_workers", self.grading_workers, allow_zero=True)
         for j in self.pass_k:
@@ -170,8 +190,34 @@ def _model_identity(model_dir: Path) -> dict:
 
 def _fingerprint(cfg: EvalConfig, model_id: dict) -> dict:
     dec = to_dict(cfg.decoding)
-    return {"model": model_id, "decoding": dec, "seed": cfg.seed,
-            "backend": cfg.server.backend if not cfg.server.urls else "external"}
+    fp = {"model": model_id, "decoding": dec, "seed": cfg.seed,
+          "backend": cfg.server.backend if not cfg.server.urls else "external"}
+    # DiRL-compatible settings, only when set: run folders made without them keep their fingerprint
+    if cfg.min_new_tokens:
+        fp["min_new_tokens"] = cfg.min_new_tokens
+    if cfg.banned_tokens:
+        fp["banned_tokens"] = list(cfg.banned_tokens)
+    if not cfg.truncated_is_wrong:
+        fp["truncated_is_wrong"] = False
+    if cfg.prompt_text_template:
+        fp["prompt_text_template"] = cfg.prompt_text_template
+    return fp
+
+
+def banned_token_ids(tokens: list[str], model_dir: Optional[Path]) -> list[int]:
+    """Ids of ``banned_tokens`` in the model's tokenizer: each text must be one vocabulary entry."""
+    if not tokens:
+        return []
+    from dirl.model.sdar import load_tokenizer
+
+    if model_dir is None:
+        raise ConfigError("config key 'banned_tokens': needs model.path (its tokenizer turns the token texts into ids)")
+    vocab = load_tokenizer(model_dir).get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        raise ConfigError(f"config key 'banned_tokens': {missing[0]!r} is not a token of the model's tokenizer "
+                          f"({model_dir})")
+    return sorted({int(vocab[t]) for t in tokens})
 
 
 def _hash(obj: Any) -> str:
@@ -265,12 +311,21 @@ def _server_summary(info: dict) -> dict:
     return {k: info[k] for k in keep if k in info}
 
 
-def _build_request(cfg: EvalConfig, problem: dict, sample: int) -> dict:
+def _build_request(cfg: EvalConfig, problem: dict, sample: int, banned_ids: Sequence[int] = ()) -> dict:
     """Sample ``sample`` of a problem; its seed does not depend on the sample count, so raising
-    ``num_samples`` later only adds samples."""
-    return sampling_request(f"{problem['benchmark']}/{problem['id']}/{sample}", cfg.decoding,
-                            request_seed(cfg.seed, f"{problem['benchmark']}:{problem['index']}", sample),
-                            messages=[{"role": "user", "content": problem["prompt"]}])
+    ``num_samples`` later only adds samples. With ``prompt_text_template`` the prompt is sent as
+    text (DiRL's hand-written prompt); ``min_new_tokens`` / ``banned_ids`` only when set."""
+    req = sampling_request(f"{problem['benchmark']}/{problem['id']}/{sample}", cfg.decoding,
+                           request_seed(cfg.seed, f"{problem['benchmark']}:{problem['index']}", sample),
+                           messages=[{"role": "user", "content": problem["prompt"]}])
+    if cfg.prompt_text_template:
+        del req["messages"]
+        req["prompt"] = cfg.prompt_text_template.replace("{prompt}", problem["prompt"])
+    if cfg.min_new_tokens:
+        req["min_new_tokens"] = cfg.min_new_tokens
+    if banned_ids:
+        req["banned_token_ids"] = list(banned_ids)
+    return req
 
 
 def _record(cfg: EvalConfig, problem: dict, sample: int, req: dict, traj: dict, correct: bool) -> dict:
@@ -303,20 +358,24 @@ def _record(cfg: EvalConfig, problem: dict, sample: int, req: dict, traj: dict, 
 
 
 def _grade(cfg: EvalConfig, grader, items: list[tuple[dict, dict]]) -> list[bool]:
-    """Accuracy verdicts (SPEC section 7) for (problem, trajectory) pairs."""
+    """Accuracy verdicts (SPEC section 7) for (problem, trajectory) pairs; with
+    ``truncated_is_wrong=False`` (DiRL's script) a truncated response is graded like any other."""
+
+    if not cfg.truncated_is_wrong:
+        return grader.grade_many([(t.get("text") or "", p["answer"]) for p, t in items], timeout=cfg.grading_timeout)
     return accuracy_verdicts([t for _, t in items], [p["answer"] for p, _ in items], grader=grader,
                              timeout=cfg.grading_timeout)
 
 
 def _rollouts(cfg: EvalConfig, client, grader, todo: list[tuple[dict, list[int]]], resp_path: Path,
-              records: list[dict], bar) -> None:
+              records: list[dict], bar, banned_ids: Sequence[int] = ()) -> None:
     """Generate, grade and append to ``responses.jsonl``, batch by batch; the next batches are
     already being decoded while one is graded and written."""
     def requests_of(batch):
         reqs, owners = [], []
         for p, samples in batch:
             for j in samples:
-                reqs.append(_build_request(cfg, p, j))
+                reqs.append(_build_request(cfg, p, j, banned_ids))
                 owners.append((p, j))
         return reqs, owners
 
@@ -422,7 +481,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             pairs = [(r["text"], r["gold"]) for r in records]
             verdicts = grader.grade_many(pairs)
             for r, v in zip(records, verdicts):
-                r["correct"] = bool(v) and r.get("finish_reason") != "length"
+                r["correct"] = bool(v) and (not cfg.truncated_is_wrong or r.get("finish_reason") != "length")
             tmp = resp_path.with_suffix(".tmp")
             with tmp.open("w", encoding="utf-8") as f:
                 for r in records:
@@ -431,6 +490,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
         # 3. rollouts
         if todo:
+            banned_ids = banned_token_ids(cfg.banned_tokens, model_dir)
             facts = _model_facts(cfg, model_dir)
             with open_servers(cfg.server, model_dir, facts, log_path=out / "server.log") as servers:
                 server_info = _server_summary(servers.infos[0])
@@ -439,7 +499,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                 bar = progress_bar(total, initial=total - len(todo), desc="eval", enabled=cfg.progress_bar, unit="problem")
                 t_gen = time.time()
                 try:
-                    _rollouts(cfg, servers.client, grader, todo, resp_path, records, bar)
+                    _rollouts(cfg, servers.client, grader, todo, resp_path, records, bar, banned_ids)
                 finally:
                     bar.close()
                     gen_s = time.time() - t_gen
@@ -463,7 +523,11 @@ def run_eval(cfg: EvalConfig) -> dict:
         "samples per problem": k,
         "decoding": (f"T {d.temperature}, top-k {d.top_k}, top-p {d.top_p}, max {d.max_new_tokens} tokens, "
                      f"{d.denoising_steps} steps, {d.unmasking_strategy}"
-                     + (f" (τ {d.confidence_threshold})" if d.unmasking_strategy == "low_confidence_dynamic" else "")),
+                     + (f" (τ {d.confidence_threshold})" if d.unmasking_strategy == "low_confidence_dynamic" else "")
+                     + (f", at least {cfg.min_new_tokens} new tokens" if cfg.min_new_tokens else "")
+                     + (f", banned {', '.join(cfg.banned_tokens)}" if cfg.banned_tokens else "")),
+        "grading": None if cfg.truncated_is_wrong else "truncated responses graded like any other (DiRL's eval script)",
+        "prompt text": json.dumps(cfg.prompt_text_template) if cfg.prompt_text_template else None,
         "server": server_info or None,
         "seed": cfg.seed,
         "rollout + grading time (s, all runs)": state.get("rollout_seconds"),

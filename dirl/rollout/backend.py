@@ -19,7 +19,7 @@ from dirl.config import ConfigError, DecodingConfig, check_decoding
 ENGINE_NAME = "dirl-reference"
 CONFIDENCE_RULE = "softmax(logits / T)[sampled token], before top-k/top-p filtering"
 REQUEST_FIELDS = ("request_id", "input_ids", "prompt", "messages", "max_new_tokens", "temperature", "top_k",
-                  "top_p", "do_sample", "stop_token_ids", "seed")
+                  "top_p", "do_sample", "stop_token_ids", "seed", "min_new_tokens", "banned_token_ids")
 
 
 class RequestError(ValueError):
@@ -43,6 +43,10 @@ class GenerateRequest:
     do_sample: bool
     stop_token_ids: list[int] = field(default_factory=list)
     seed: Optional[int] = None
+    # stop tokens cannot be generated in a block that starts before this many response tokens
+    # (LMDeploy's rule, docs/CONTRACTS.md); 0: off
+    min_new_tokens: int = 0
+    banned_token_ids: list[int] = field(default_factory=list)  # never generated (logits -inf)
 
 
 def describe_backend(backend: Any, *, block_size: int, mask_token_id: int, vocab_size: int, dtype: str,
@@ -162,9 +166,18 @@ class RequestParser:
         stop = get("stop_token_ids", lambda v: isinstance(v, list) and all(_is_int(t) for t in v),
                    "a list of integers", self.stop_token_ids)
         seed = get("seed", _is_int, "an integer", None)
+        min_new = get("min_new_tokens", lambda v: _is_int(v) and v >= 0, "an integer >= 0", 0)
+        if min_new > max_new:
+            raise RequestError(f"{where}: 'min_new_tokens' ({min_new}) is over 'max_new_tokens' ({max_new})")
+        banned = get("banned_token_ids", lambda v: isinstance(v, list) and all(_is_int(t) for t in v),
+                     "a list of integers", [])
+        bad = [t for t in banned if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"{where}: banned token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
         return GenerateRequest(request_id=rid, input_ids=ids, max_new_tokens=int(max_new), temperature=temperature,
                                top_k=int(top_k), top_p=top_p, do_sample=bool(do_sample),
-                               stop_token_ids=[int(t) for t in stop], seed=seed)
+                               stop_token_ids=[int(t) for t in stop], seed=seed, min_new_tokens=int(min_new),
+                               banned_token_ids=sorted(set(int(t) for t in banned)))
 
     def _prompt(self, obj: dict, where: str) -> list[int]:
         given = [k for k in ("input_ids", "prompt", "messages") if obj.get(k) is not None]

@@ -28,7 +28,8 @@ from dirl.data.formats import DataError, iter_json_objects
 from dirl.rollout.backend import REQUEST_FIELDS, ReferenceBackend, RequestError
 
 _EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-_SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample", "stop_token_ids", "seed")
+_SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample", "stop_token_ids", "seed",
+                    "min_new_tokens", "banned_token_ids")
 
 
 def default_device() -> str:

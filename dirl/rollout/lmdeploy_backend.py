@@ -153,6 +153,13 @@ def generation_kwargs(req: GenerateRequest) -> dict:
         stop_token_ids=[int(t) for t in req.stop_token_ids] or None,
         skip_special_tokens=False,
     )
+    # LMDeploy's own fields for the same rules as the reference engine: while fewer than
+    # min_new_tokens tokens are finished, the stop ids join the bad words of the whole block
+    # (its num_ignore_eos, counted per finished block); bad_token_ids get logits -inf everywhere
+    if getattr(req, "min_new_tokens", 0):
+        kw["min_new_tokens"] = int(req.min_new_tokens)
+    if getattr(req, "banned_token_ids", None):
+        kw["bad_token_ids"] = [int(t) for t in req.banned_token_ids]
     if req.seed is not None:
         kw["random_seed"] = int(req.seed) & ((1 << 64) - 1)
     return kw

@@ -11,7 +11,8 @@ One optimizer step, in order:
    seeded row order; rank r takes a contiguous slice and splits it into micro-batches;
 2. the number of labelled tokens of the whole step is summed over ranks (the normaliser);
 3. per micro-batch: noise (one t per sample, p = eps + (1-eps) t, response tokens masked with
-   probability p, seeded by the row's global index), forward of ``[x_t ; x_0]`` under the
+   probability p, nothing forced, a row with no mask redrawn, seeded by the row's global index;
+   :mod:`dirl.train.noise`), forward of ``[x_t ; x_0]`` under the
    block-diffusion mask, ``lm_head`` on the masked positions only, loss = sum(CE / p) / normaliser;
 4. one clipped AdamW step and one scheduler step (:class:`~dirl.train.common.GradientStepper`).
 
