@@ -334,7 +334,8 @@ def test_dirl_rl_rows(tmp_path):
     assert read_jsonl(out) == [{"question": "What is 1/2 + 1/4?", "answer": "\\frac{3}{4}"},
                                {"question": "2+2?", "answer": "4"}]
     # the trainer reads DiRL's RL rows as they are, too
-    from dirl.train.rl import RLDataConfig, load_problems
+    from dirl.train.rl.config import RLDataConfig
+    from dirl.train.rl.prompts import load_problems
 
     got = load_problems(RLDataConfig(source=str(src)))
     assert [(p["question"], p["answer"]) for p in got] == [(r["question"], r["ground_truth_answer"]) for r in rows]

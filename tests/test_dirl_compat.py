@@ -63,7 +63,7 @@ def test_the_preset_sets_what_dirls_eval_script_sets():
     assert _build_request(cfg, {"benchmark": "math500", "id": "0", "index": 0, "prompt": format_prompt(q)}, 0) == {
         "request_id": "math500/0/0", "prompt": dirl_prompt, "max_new_tokens": 8192, "temperature": 1.0,
         "top_k": 50, "top_p": 1.0, "do_sample": True, "min_new_tokens": 128,
-        "seed": request_seed(0, "math500", 0, 0)}
+        "seed": request_seed(0, "math500:0", 0)}
     # ours stay the default
     ours = load_config(EvalConfig, "configs/eval_sdar8b.yaml")
     assert (ours.min_new_tokens, ours.banned_tokens, ours.truncated_is_wrong) == (0, [], True)
