@@ -2,21 +2,22 @@
 
 A deprecation warning announces that the call stops working at a later release; the upper bounds in
 pyproject.toml assume none is left. The check runs the main code paths on the tiny model (model
-write and load, the cached engine and the naive decoder, trajectory scoring, an SFT step in this
-process and a short SFT run through Accelerate, the rollout client against a real server on
-127.0.0.1) with every warning shown ("always"), and keeps each FutureWarning/DeprecationWarning
+write and load, the cached engine and the naive decoder, trajectory scoring in both layouts, a
+two-step SFT run through Accelerate, the rollout client against a real server on 127.0.0.1 with a
+weight push) with every warning shown ("always"), and keeps each FutureWarning/DeprecationWarning
 that comes from one of those libraries while a dirl frame is on the stack. Warnings raised while a
 library imports its own modules are not dirl's calls and are left out, as are warnings from other
 libraries (a deprecation inside, say, uvicorn is that library's business).
 
-A failure lists each warning once with the dirl line that made the call, e.g.
-``FutureWarning from transformers/utils/deprecation.py:172 called at dirl/rollout/engine.py:312:
-past_key_values is deprecated ...``.
+A failure lists each warning once with the dirl line that made the call and, in parentheses, the
+nearest dirl caller in another file, e.g. ``FutureWarning from transformers/output_capturing.py:361
+called at dirl/model/sdar.py:153 (from dirl/rollout/engine.py:339): `past_key_values` is
+deprecated ...``.
 """
 
 from __future__ import annotations
 
-import traceback
+import sys
 import warnings
 from pathlib import Path
 
@@ -30,27 +31,29 @@ WATCHED = ("transformers", "torch", "accelerate")
 KINDS = (FutureWarning, DeprecationWarning)
 
 
-def _library_of(filename: str) -> str | None:
-    parts = Path(filename).parts
-    for name in WATCHED:
-        if name in parts:
-            return name
-    return None
+def _top(frame) -> str:
+    return str(frame.f_globals.get("__name__") or "").split(".", 1)[0]
 
 
-def _is_dirl(filename: str) -> bool:
-    return str(Path(filename).resolve()).startswith(DIRL_DIR)
+def _is_dirl(frame) -> bool:
+    return _top(frame) == "dirl" or str(Path(frame.f_code.co_filename).resolve()).startswith(DIRL_DIR)
 
 
 def _short(frame) -> str:
-    return f"{Path(frame.filename).resolve().relative_to(Path(DIRL_DIR).parent)}:{frame.lineno}"
+    path = Path(frame.f_code.co_filename).resolve()
+    try:
+        path = path.relative_to(Path(DIRL_DIR).parent)
+    except ValueError:
+        pass
+    return f"{path}:{frame.f_lineno}"
 
 
 class DeprecationRecorder:
     """Collect deprecation warnings raised from dirl's calls, with the calling dirl frame.
 
     ``warnings.showwarning`` is called synchronously inside ``warnings.warn``, so the stack at that
-    moment is the stack of the call that warned.
+    moment is the stack of the call that warned. A frame's library is the top-level package of its
+    module (``transformers.utils.output_capturing`` -> transformers).
     """
 
     def __init__(self) -> None:
@@ -69,26 +72,34 @@ class DeprecationRecorder:
     def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
         if not issubclass(category, KINDS):
             return
-        stack = traceback.extract_stack()[:-1]
-        dirl_frames = [i for i, f in enumerate(stack) if _is_dirl(f.filename) and not f.filename.endswith(__file__)]
+        stack = []  # outermost first
+        f = sys._getframe(1)
+        while f is not None:
+            stack.append(f)
+            f = f.f_back
+        stack.reverse()
+        dirl_frames = [i for i, fr in enumerate(stack) if _is_dirl(fr)]
         if not dirl_frames:
             return
         caller = dirl_frames[-1]
         below = stack[caller + 1:]
         # the innermost dirl frame is an import statement that loads a library: library-internal
-        if any(f.filename.startswith("<frozen importlib") for f in below):
+        if any(fr.f_code.co_filename.startswith("<frozen importlib") for fr in below):
             return
-        lib = _library_of(filename) or next((_library_of(f.filename) for f in below if _library_of(f.filename)), None)
-        if lib is None:
-            return
+        origin = next((fr for fr in reversed(below) if fr.f_code.co_filename == filename), None)
+        libs = [_top(origin)] if origin is not None else []
+        libs += [_top(fr) for fr in below]
+        lib = next((name for name in libs if name in WATCHED), None)
+        if lib is None or (origin is not None and _top(origin) not in WATCHED):
+            return  # raised by another library (uvicorn, datasets, ...), or by the standard library
         where = _short(stack[caller])
-        outer = [i for i in dirl_frames if stack[i].filename != stack[caller].filename]
+        outer = [i for i in dirl_frames if stack[i].f_code.co_filename != stack[caller].f_code.co_filename]
         if outer:  # the nearest dirl caller in another file, e.g. the engine calling the model wrapper
             where += f" (from {_short(stack[outer[-1]])})"
-        origin = f"{lib}/{Path(filename).name}:{lineno}"
+        origin_s = f"{lib}/{Path(filename).name}:{lineno}"
         first = str(message).strip().splitlines()[0] if str(message).strip() else ""
         key = (category.__name__, where, first)
-        self.found.setdefault(key, f"{category.__name__} from {origin} called at {where}: {first}")
+        self.found.setdefault(key, f"{category.__name__} from {origin_s} called at {where}: {first}")
 
     def report(self) -> str:
         return "\n".join(sorted(self.found.values()))
@@ -139,7 +150,7 @@ def test_model_engine_and_scoring_raise_no_deprecation_warning(tmp_path, one_thr
     rec.check("model/engine/scoring")
 
 
-def test_sft_step_and_short_run_raise_no_deprecation_warning(tmp_path, one_thread):
+def test_sft_run_raises_no_deprecation_warning(tmp_path, one_thread):
     from dirl.train.sft import load_sft_config, train_sft
 
     small = ["model.tiny.hidden_size=32", "model.tiny.num_hidden_layers=1", "model.tiny.head_dim=16",
@@ -174,3 +185,33 @@ def test_rollout_client_and_server_raise_no_deprecation_warning(tmp_path, one_th
         finally:
             server.stop()
     rec.check("rollout client/server")
+
+
+def _code_at(module: str, path: str, src: str) -> dict:
+    """Functions whose frames belong to ``module`` at ``path`` (for the recorder's self-check)."""
+    scope: dict = {"warnings": warnings, "__name__": module}
+    exec(compile(src, path, "exec"), scope)
+    return scope
+
+
+def test_recorder_keeps_only_library_deprecations_under_a_dirl_frame():
+    """The recorder itself: a FutureWarning raised inside a watched library's frame called from dirl
+    is kept, and so is one the library attributes to dirl's line (stacklevel=2); one from an
+    unwatched library, one with no dirl frame and a UserWarning are not."""
+    lib = _code_at("torch._fake_for_test", str(Path(torch.__file__).parent / "_fake_for_test.py"),
+                   "def old():\n    warnings.warn('old is deprecated', FutureWarning, stacklevel=1)\n"
+                   "def note():\n    warnings.warn('just a note', UserWarning)\n"
+                   "def blame_caller():\n    warnings.warn('arg is deprecated', DeprecationWarning, stacklevel=2)\n")
+    other = _code_at("otherlib.mod", "/opt/torch/.venv/site-packages/otherlib/mod.py",
+                     "def old():\n    warnings.warn('otherlib: deprecated', DeprecationWarning)\n")
+    caller = _code_at("dirl._fake_caller", str(Path(DIRL_DIR) / "_fake_caller.py"),
+                      "def call(f):\n    f()\n")
+    with DeprecationRecorder() as rec:
+        caller["call"](lib["old"])
+        caller["call"](lib["note"])
+        caller["call"](lib["blame_caller"])  # attributed to dirl's line, raised by torch
+        caller["call"](other["old"])
+        lib["old"]()  # no dirl frame
+    assert sorted(rec.found) == [("DeprecationWarning", "dirl/_fake_caller.py:2", "arg is deprecated"),
+                                 ("FutureWarning", "dirl/_fake_caller.py:2", "old is deprecated")], rec.report()
+    assert "FutureWarning from torch/_fake_for_test.py:2 called at dirl/_fake_caller.py:2" in rec.report()
