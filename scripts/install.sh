@@ -10,6 +10,10 @@
 # Other settings: PYTHON (default python3), VENV (default .venv), TORCH_SPEC (default torch==2.13.0 on
 # CPU, torch==2.12.1 with DIRL_GPU=1: LMDeploy 0.18.0 needs torch<=2.12.1).
 set -euo pipefail
+case "${DIRL_CONSTRAINTS:-auto}" in  # a relative FILE is taken from where the script was started
+  auto|none|/*) ;;
+  *) [ -f "$DIRL_CONSTRAINTS" ] && DIRL_CONSTRAINTS="$PWD/$DIRL_CONSTRAINTS" ;;
+esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
