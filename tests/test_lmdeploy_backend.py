@@ -546,29 +546,30 @@ def test_flatten_bucket_refuses_mixed_dtypes():
         lb.flatten_bucket([("a", torch.zeros(2)), ("b", torch.zeros(2, dtype=torch.int64))])
 
 
-def _ipc_body(handle_obj, tensors, dtype="bfloat16"):
-    handle = base64.b64encode(pickle.dumps(handle_obj)).decode("ascii")
-    return {"transport": "ipc", "buckets": [{"dtype": dtype, "handle": handle, "tensors": tensors}], "finished": True}
-
-
-def test_ipc_payload_passes_the_handle_through_unopened():
-    from multiprocessing.reduction import ForkingPickler
-
+def test_ipc_bucket_json_builds_torchs_rebuild_call_from_checked_fields():
+    """The JSON handle becomes torch's own ``rebuild_cuda_tensor`` call without being opened; the
+    function and classes come from this process, never from the request."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-    tensors = [{"name": "a", "shape": [2, 3], "offset": 0, "numel": 6},
-               {"name": "b", "shape": [4], "offset": 6, "numel": 4}]
-    handle = (rebuild_cuda_tensor, (torch.Tensor, (10,), (1,), 0, torch.UntypedStorage, torch.bfloat16, 0, b"h"))
-    (s,) = lb.lmdeploy_requests_from_ipc(_ipc_body(handle, tensors))  # the stand-in handle is never opened
-    data = ForkingPickler.loads(base64.b64decode(s))
-    assert data["flattened_tensor"] == handle and data["require_clone"] is True
-    meta = data["metadata"]
-    assert [(m.name, tuple(m.shape), m.start_idx, m.end_idx, m.dtype) for m in meta] == [
+    from dirl.rollout import weights as W
+
+    handle = {"storage_handle": base64.b64encode(b"h" * 65).decode(), "storage_size_bytes": 20,
+              "storage_offset_bytes": 0, "tensor_offset": 0, "ref_counter_handle": base64.b64encode(
+                  b"/torch_12_34_0").decode(), "ref_counter_offset": 0, "event_handle": None,
+              "event_sync_required": False}
+    tensors = [{"name": "a", "shape": [2, 3], "dtype": "bfloat16", "start_idx": 0, "end_idx": 6, "numel": 6},
+               {"name": "b", "shape": [4], "dtype": "bfloat16", "start_idx": 6, "end_idx": 10, "numel": 4}]
+    (b,) = W.check_ipc_buckets([{"dtype": "bfloat16", "handle": handle, "tensors": tensors}])
+    func, args = b.rebuild_call(3)
+    assert func is rebuild_cuda_tensor and args[0] is torch.Tensor and args[4] is torch.storage.TypedStorage
+    assert args[1] == torch.Size([10]) and args[5] is torch.bfloat16 and args[6] == 3 and args[7] == b"h" * 65
+    assert [(m.name, tuple(m.shape), m.start_idx, m.end_idx, m.dtype) for m in b.entries] == [
         ("a", (2, 3), 0, 6, torch.bfloat16), ("b", (4,), 6, 10, torch.bfloat16)]
-    with pytest.raises(RequestError, match="only torch"):
-        lb.lmdeploy_requests_from_ipc(_ipc_body((os.getcwd, ()), tensors))
-    with pytest.raises(RequestError, match="malformed"):
-        lb.lmdeploy_requests_from_ipc(_ipc_body(handle, [{"name": "a"}]))
+    with pytest.raises(W.PayloadError, match="pickled handles are not accepted"):
+        W.check_ipc_buckets([{"dtype": "bfloat16", "handle": base64.b64encode(pickle.dumps((os.getcwd, ()))).decode(),
+                              "tensors": tensors}])
+    with pytest.raises(W.PayloadError, match="missing field 'shape'"):
+        W.check_ipc_buckets([{"dtype": "bfloat16", "handle": handle, "tensors": [{"name": "a"}]}])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -645,6 +646,9 @@ def fake_backend(monkeypatch):
     b._gate = lb._Gate()
     b._sessions = iter(range(1, 10_000))
     b.asleep = {"weights": False, "kv_cache": False}
+    b._specs = {n: (tuple(t.shape), t.dtype) for n, t in _state_dict()}
+    b._update_started = False
+    b._weights_partial = False
     b._loop = lb._LoopThread()
     yield b
     b._loop.stop()
