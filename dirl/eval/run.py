@@ -49,6 +49,7 @@ from dirl.config import (
     save_config,
     to_dict,
 )
+from dirl.data.formats import read_jsonl_log
 
 logger = logging.getLogger("dirl.eval")
 
@@ -281,18 +282,7 @@ def _check_state(out: Path, fp: dict, resume: bool) -> dict:
 
 def read_responses(path: Path) -> list[dict]:
     """The records of ``responses.jsonl`` (a torn last line, from a killed run, is dropped)."""
-    if not path.is_file():
-        return []
-    out = []
-    with path.open("r", encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
+    return read_jsonl_log(path)
 
 
 def _open_for_append(path: Path):

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from dirl.config import ConfigError, LoggingConfig, OptimConfig, save_config
+from dirl.data.formats import read_jsonl_log, truncate_jsonl_log
 
 Strategy = Literal["auto", "single", "ddp", "deepspeed"]
 
@@ -464,9 +465,7 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            truncate_jsonl_log(self.path, resume_step)  # a torn last line (killed, disk full) is dropped
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         if cfg.tensorboard:
@@ -512,10 +511,7 @@ class MetricsLogger:
 
 
 def read_metrics(metrics_jsonl: str | os.PathLike) -> list[dict]:
-    p = Path(metrics_jsonl)
-    if not p.exists():
-        return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    return read_jsonl_log(metrics_jsonl)
 
 
 def plot_curves(metrics_jsonl: str | os.PathLike, keys: Sequence[str], out_png: str | os.PathLike,

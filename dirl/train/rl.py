@@ -1031,7 +1031,9 @@ def train_rl(cfg: RLConfig) -> dict:
     samples_path = run_dir / "samples.jsonl"
     if acc.is_main_process:
         if resume_from is not None:
-            _truncate_jsonl(samples_path, start_step)
+            from dirl.data.formats import truncate_jsonl_log
+
+            truncate_jsonl_log(samples_path, start_step)  # a torn last line (killed, disk full) is dropped
         elif samples_path.exists():
             samples_path.unlink()
     bar = progress_bar(t.steps, initial=start_step, desc="rl", enabled=cfg.logging.progress_bar,
