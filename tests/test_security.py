@@ -202,7 +202,7 @@ BAD_HANDLES = [
      lambda h: {**h, "ref_counter_handle": base64.b64encode(b"/../../etc/shadow").decode()}),
     ("ref counter any shm", "not a torch reference-counter name",
      lambda h: {**h, "ref_counter_handle": base64.b64encode(b"/someone_elses_segment").decode()}),
-    ("huge handle", "must hold 1 to", lambda h: {**h, "storage_handle": base64.b64encode(b"x" * 5000).decode()}),
+    ("huge handle", "must hold 1 to", lambda h: {**h, "storage_handle": base64.b64encode(b"x" * 70000).decode()}),
     ("not base64", "not valid base64", lambda h: {**h, "storage_handle": "%%%"}),
     ("negative size", "'storage_size_bytes' must be an integer", lambda h: {**h, "storage_size_bytes": -1}),
     ("bool as int", "'tensor_offset' must be an integer", lambda h: {**h, "tensor_offset": True}),

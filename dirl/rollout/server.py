@@ -1,19 +1,24 @@
-"""The rollout server: ``dirl serve --model DIR --backend reference|lmdeploy [--host --port --api-key]
-[--backend-option KEY=VALUE ...]``.
+"""The rollout server: ``dirl serve --model DIR --backend reference|lmdeploy [--host --port]
+[--api-key-file FILE | --api-key KEY | $DIRL_SERVER_API_KEY] [--insecure] [--weights-dir DIR]
+[--max-body-bytes N] [--max-prompt-chars N] [--backend-option KEY=VALUE ...]``.
 
-HTTP contract (docs/CONTRACTS.md):
+HTTP contract (docs/CONTRACTS.md; what is refused and why: docs/SECURITY.md):
 
 * ``GET /health`` (never needs the API key), ``GET /info`` (its ``asleep`` is what the backend itself
-  reports: LMDeploy's sleep level 1 also offloads the weights);
+  reports: LMDeploy's sleep level 1 also offloads the weights; ``limits`` the request bounds);
 * ``POST /generate``: one request object, or ``{"requests": [...]}`` → ``{"results": [...]}``;
 * ``POST /sleep`` ``{"level": 1|2}``, ``POST /wakeup`` ``{"tags": [...]}``, ``POST /update_weights``
   (a segment, see :mod:`dirl.rollout.weights`), with the state machine of SPEC section 8: weights can
   only be updated while the KV cache is asleep, and nothing is generated while anything is asleep
   (HTTP 409 otherwise).
 
-Malformed requests get a 4xx with ``{"error": reason}``; the server keeps serving. Generation runs on
-one worker thread; requests that arrive while it is busy (or within a few milliseconds of each
-other) are decoded together in one engine batch.
+It listens on 127.0.0.1 unless told otherwise, and refuses a non-loopback bind without a key unless
+``--insecure``. POST bodies must be ``application/json`` (415), at most ``--max-body-bytes`` (413,
+counted as they arrive), strict JSON nested at most 32 deep; every field is range-checked before any
+work. Malformed requests get a 4xx with ``{"error": reason}``; the server keeps serving. Requests are
+parsed and tokenised on threads of their own; generation runs on one worker thread, and requests
+that arrive while it is busy (or within a few milliseconds of each other) are decoded together in
+one engine batch, where a request that fails fails alone.
 
 :func:`start_server` launches ``python -m dirl.cli serve`` in a subprocess on a free port and waits
 for ``/health``: what the trainers and the evaluator use.

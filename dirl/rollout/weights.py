@@ -246,7 +246,7 @@ unflatten = rebuild_bucket
 IPC_HANDLE_FIELDS = ("storage_handle", "storage_size_bytes", "storage_offset_bytes", "tensor_offset",
                      "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
 _REF_COUNTER_NAME = re.compile(rb"/torch_[0-9]{1,10}_[0-9]{1,20}_[0-9]{1,20}")  # at::NewProcessWideShmHandle
-MAX_IPC_HANDLE_BYTES = 4096
+MAX_IPC_HANDLE_BYTES = 64 << 10  # a plain allocation: 65 bytes; an expandable segment: one handle per page
 MAX_INDEX = 1 << 62
 
 
