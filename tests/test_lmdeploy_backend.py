@@ -701,6 +701,40 @@ def test_backend_state_machine_and_weight_loading(fake_backend):
     assert b.generate([_req()])[0]["request_id"] == "r0"
 
 
+def test_backend_generate_each_fails_a_request_alone(fake_backend):
+    reqs = [_req(request_id="a", stop_token_ids=[2]), _req(request_id="hot", temperature=5.0),
+            _req(request_id="b", stop_token_ids=[2])]
+    out = fake_backend.generate_each(reqs)
+    assert isinstance(out[1], RequestError) and "temperature" in str(out[1])
+    assert [out[0]["request_id"], out[2]["request_id"]] == ["a", "b"]
+    with pytest.raises(RequestError):
+        fake_backend.generate(reqs)
+
+
+def test_backend_checks_each_segment_and_refuses_to_serve_a_mix(fake_backend):
+    from dirl.rollout.weights import PayloadError
+
+    b, eng = fake_backend, fake_backend.engine
+    pairs = _state_dict()
+    nan = [(pairs[0][0], torch.full_like(pairs[0][1], float("nan")))]
+    b.sleep(1)
+    with pytest.raises(PayloadError, match="NaN"):
+        b.update_weights(nan, finished=True)  # refused before LMDeploy saw any of it
+    assert eng.loaded == []
+    with pytest.raises(PayloadError, match="unknown parameter"):
+        b.update_weights([("model.nope", torch.zeros(1))], finished=True)
+    b.update_weights(pairs[:3], finished=False)
+    with pytest.raises(PayloadError, match="shape"):
+        b.update_weights([(pairs[3][0], torch.zeros(7, 7))], finished=True)
+    b.wakeup()
+    with pytest.raises(StateError, match="refused after part of it had loaded"):
+        b.generate([_req()])
+    b.sleep(1)
+    b.update_weights(pairs, finished=True)  # a complete update clears it
+    b.wakeup()
+    assert b.generate([_req()])[0]["request_id"] == "r0"
+
+
 def test_backend_empty_finishing_update(fake_backend):
     b, eng = fake_backend, fake_backend.engine
     b.sleep()

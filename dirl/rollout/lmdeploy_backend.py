@@ -490,6 +490,15 @@ class LMDeployBackend:
                                 max_batch_size=self.max_batch_size, engine=ENGINE_NAME, confidence=CONFIDENCE_RULE)
 
     def generate(self, requests: list[GenerateRequest]) -> list[dict]:
+        results = self.generate_each(requests)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+        return results
+
+    def generate_each(self, requests: list[GenerateRequest]) -> list:
+        """Like :meth:`generate`, but a request that fails has its exception in its place (the server
+        answers it alone and serves the rest of the batch)."""
         with self._gate.shared():
             if any(self.asleep.values()):
                 raise StateError(f"the backend is asleep ({', '.join(k for k, v in self.asleep.items() if v)}); "
@@ -507,7 +516,6 @@ class LMDeployBackend:
             got = self._loop.run(self._generate_all([requests[i] for i in ok])) if ok else []
             for i, res in zip(ok, got):
                 results[i] = res
-        # a request that failed is answered with its exception in its place: it fails alone
         return results
 
     def sleep(self, level: int = 1) -> None:

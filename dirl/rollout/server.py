@@ -75,8 +75,8 @@ class BatchWorker:
     as soon as a row is free; with others they form the next batch. Results are handed back per
     HTTP call by position in the batch, checked against the request ids.
 
-    A request that fails inside the engine fails alone: a backend may answer an exception in a
-    request's place (LMDeploy does), and when a whole batch raises, each request not yet answered is
+    A request that fails inside the engine fails alone: a backend's ``generate_each`` answers an
+    exception in a failed request's place (LMDeploy's does), and when a whole batch raises, each request not yet answered is
     run again on its own, so only the one that fails again gets the error.
     """
 
@@ -179,8 +179,9 @@ class BatchWorker:
                 self.state.check_awake()
                 if hasattr(self.backend, "generate_continuous"):
                     self.backend.generate_continuous(list(reqs), more, on_result)
-                else:
-                    for i, res in enumerate(self.backend.generate(list(reqs))):
+                else:  # generate_each: a failed request's exception in its place
+                    run = getattr(self.backend, "generate_each", self.backend.generate)
+                    for i, res in enumerate(run(list(reqs))):
                         on_result(i, res)
             if open_items:
                 raise RuntimeError("the backend returned fewer results than requests")
