@@ -560,3 +560,39 @@ def test_serve_refuses_a_public_bind_without_a_key_as_a_process(tiny_dir):
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs an API key" in lines[0] and "--insecure" in lines[0], proc.stderr
+
+
+class BlockingParser:
+    """Wraps a parser; a request with prompt 'block' waits inside parsing until released."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def parse(self, obj, where="request"):
+        if isinstance(obj, dict) and obj.get("prompt") == "block":
+            self.entered.set()
+            assert self.release.wait(120)
+        return self.inner.parse(obj, where)
+
+
+def test_parsing_and_tokenising_never_block_the_event_loop(backend):
+    parser = BlockingParser(backend.parser())
+    s = ThreadServer(create_app(backend, parser))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, s.url + "/generate", json={"prompt": "block", "max_new_tokens": 2},
+                                  timeout=120)
+            assert parser.entered.wait(120)  # the request is being parsed now, on a parsing thread
+            assert httpx.get(s.url + "/health", timeout=60).status_code == 200
+            r = httpx.post(s.url + "/generate", json={"input_ids": [5, 6, 7], "max_new_tokens": 2}, timeout=60)
+            assert r.status_code == 200  # other requests are parsed and served meanwhile
+            parser.release.set()
+            assert pending.result().status_code == 200
+    finally:
+        parser.release.set()
+        s.stop()
