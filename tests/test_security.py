@@ -9,7 +9,6 @@ server serves a backend that fails inside the engine for one request.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import pickle
