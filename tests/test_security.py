@@ -86,7 +86,8 @@ def wdir(tmp_path_factory):
 def srv(backend, wdir):
     parser = backend.parser()
     parser.max_prompt_chars = 2000
-    s = ThreadServer(create_app(backend, parser, api_key=KEY, weights_dir=str(wdir), max_body_bytes=MAX_BODY))
+    s = ThreadServer(create_app(backend, parser, api_key=KEY, weights_dir=str(wdir), max_body_bytes=MAX_BODY,
+                                allowed_hosts=("127.0.0.1", "localhost", "::1")))
     yield s
     s.stop()
 
@@ -300,6 +301,9 @@ def test_key_and_content_type(srv):
             headers["Content-Type"] = ctype
         for path in ("/sleep", "/update_weights", "/generate"):
             r = httpx.post(srv.url + path, headers=headers, content=b'{"level": 1}')
+            assert r.status_code in (403, 415) and r.json()["error"], (ctype, path)
+            r = httpx.post(srv.url + path, headers={k: v for k, v in headers.items() if k != "Origin"},
+                           content=b'{"level": 1}')
             assert r.status_code == 415 and "application/json" in r.json()["error"], (ctype, path)
     assert post(srv, "/generate", {"input_ids": [3, 4]},
                 headers={**AUTH, "Content-Type": "application/json; charset=utf-8"}).status_code == 200
@@ -309,6 +313,22 @@ def test_key_and_content_type(srv):
     assert r.status_code == 404 and r.json()["error"]
     r = httpx.get(srv.url + "/generate", headers=AUTH)
     assert r.status_code == 405 and r.json()["error"]
+
+
+def test_foreign_origin_and_host_are_refused(srv):
+    """A web page cannot reach a local server: not cross-site (Origin), not by DNS rebinding (Host)."""
+    for path in ("/info", "/generate", "/sleep"):
+        method = "GET" if path == "/info" else "POST"
+        r = httpx.request(method, srv.url + path, headers={**AUTH, "Origin": "http://evil.example"}, content=b"{}")
+        assert r.status_code == 403 and "cross-origin" in r.json()["error"]
+        r = httpx.request(method, srv.url + path, headers={**AUTH, "Host": "evil.example:80"}, content=b"{}")
+        assert r.status_code == 421 and "Host header" in r.json()["error"]
+        r = httpx.request(method, srv.url + path, headers={"Host": "evil.example", "Origin": "http://evil.example"})
+        assert r.status_code == 421  # a rebinding page's own origin is still not this server
+    port = srv.url.rsplit(":", 1)[1]
+    ok = httpx.get(srv.url + "/info", headers={**AUTH, "Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"})
+    assert ok.status_code == 200
+    assert post(srv, "/sleep", {"level": 1}).status_code == 200 and post(srv, "/wakeup", {}).status_code == 200
 
 
 def test_oversized_bodies_are_refused_before_parsing(srv):
@@ -327,7 +347,7 @@ def test_oversized_bodies_are_refused_before_parsing(srv):
     # a Content-Length over the limit is answered before any of the body is read
     host, port = srv.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=60) as sock:
-        sock.sendall(f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH['Authorization']}\r\n"
+        sock.sendall(f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {AUTH['Authorization']}\r\n"
                      "Content-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n{".encode())
         sock.shutdown(socket.SHUT_WR)
         head = b""

@@ -44,6 +44,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 from dirl.config import ConfigError, DecodingConfig
 from dirl.rollout.backend import RequestError, RequestParser, StateError
@@ -295,6 +296,17 @@ def parse_json_body(body: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any
         raise BodyError(400, f"malformed JSON: {e}") from None
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def _host_name(host_header: str) -> str:
+    """The name part of a Host header (``[::1]:8000`` -> ``::1``, ``Localhost:80`` -> ``localhost``)."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
 def is_loopback(host: str) -> bool:
     if host in ("localhost",):
         return True
@@ -306,14 +318,18 @@ def is_loopback(host: str) -> bool:
 
 def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = None, batch_window_s: float = 0.005,
                weights_dir: Optional[str] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_json_depth: int = DEFAULT_MAX_JSON_DEPTH, parse_threads: int = 4):
+               max_json_depth: int = DEFAULT_MAX_JSON_DEPTH, parse_threads: int = 4,
+               allowed_hosts: Optional[tuple[str, ...]] = None):
     """The FastAPI app around a backend (docs/CONTRACTS.md, docs/SECURITY.md).
 
     ``weights_dir``: the only folder the ``file`` weight transport reads from (None: the transport is
     off). Bodies over ``max_body_bytes`` get 413 before they are parsed (counted as they arrive, so a
     missing or wrong Content-Length changes nothing); POSTs need ``Content-Type: application/json``
     (415); JSON deeper than ``max_json_depth`` gets 400. Requests are parsed and tokenised on
-    ``parse_threads`` threads of their own, never on the event loop."""
+    ``parse_threads`` threads of their own, never on the event loop. A request whose ``Origin``
+    (sent by browsers) is not the server itself gets 403; with ``allowed_hosts`` (a loopback server:
+    its own names) a ``Host`` header naming anything else gets 421, which stops a web page from
+    reaching a local server through DNS rebinding."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
@@ -343,6 +359,12 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
 
     @app.middleware("http")
     async def check_request(request: Request, call_next):
+        host = request.headers.get("host", "")
+        if allowed_hosts is not None and _host_name(host) not in allowed_hosts:
+            return error(421, f"Host header {host[:64]!r} does not name this server")
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+            return error(403, f"cross-origin request from {origin[:64]!r} refused")
         if api_key and request.url.path != "/health":
             auth = request.headers.get("authorization", "")
             given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
@@ -613,8 +635,10 @@ def cli_main(argv: list[str]) -> int:
     parser = make_parser(backend, decoding, args.model)
     if args.max_prompt_chars is not None:
         parser.max_prompt_chars = args.max_prompt_chars
+    loopback = is_loopback(args.host)
     app = create_app(backend, parser, api_key=api_key, batch_window_s=args.batch_window_ms / 1000,
-                     weights_dir=weights_dir, max_body_bytes=args.max_body_bytes)
+                     weights_dir=weights_dir, max_body_bytes=args.max_body_bytes,
+                     allowed_hosts=(LOOPBACK_NAMES + (_host_name(args.host),)) if loopback else None)
 
     import uvicorn
 
