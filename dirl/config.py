@@ -132,9 +132,13 @@ def read_checkpoint_config(path: str | os.PathLike, key: str = "model.path") -> 
     if not cfg_file.is_file():
         raise ConfigError(f"config key '{key}': '{p}' has no config.json, so it is not a model checkpoint")
     try:
-        raw = json.loads(cfg_file.read_text())
+        raw = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config key '{key}': '{cfg_file}' is not UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"config key '{key}': '{cfg_file}' is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{key}': '{cfg_file}' must hold a JSON object")
     mt = raw.get("model_type")
     if mt not in (SDAR_MODEL_TYPE, "qwen3"):
         raise ConfigError(
@@ -326,7 +330,11 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{p}' is not UTF-8 (byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""

@@ -31,14 +31,14 @@ class ThreadServer:
     """The same app served by uvicorn on a thread of this process (a real socket on a free port);
     saves starting a second interpreter on a busy 2-core machine."""
 
-    def __init__(self, backend):
+    def __init__(self, backend, weights_dir=None):
         import uvicorn
 
         from dirl.rollout.server import create_app
 
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        app = create_app(backend, backend.parser())
+        app = create_app(backend, backend.parser(), weights_dir=weights_dir)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -172,7 +172,7 @@ def test_push_weights_streams_one_segment_at_a_time(tiny_dir, local, tmp_path):
     """Two servers: every segment reaches both before the next is written, and only it is on disk."""
     torch.set_num_threads(1)
     backends = [RecordingBackend(str(tiny_dir), decoding=DECODING, device="cpu", watch=tmp_path) for _ in range(2)]
-    servers = [ThreadServer(b) for b in backends]
+    servers = [ThreadServer(b, weights_dir=str(tmp_path)) for b in backends]
     try:
         client = RolloutClient([s.url for s in servers], retries=0)
         probe = [{"request_id": "p", "input_ids": [30, 31, 32]}]

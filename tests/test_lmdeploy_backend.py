@@ -555,29 +555,30 @@ def test_flatten_bucket_refuses_mixed_dtypes():
         lb.flatten_bucket([("a", torch.zeros(2)), ("b", torch.zeros(2, dtype=torch.int64))])
 
 
-def _ipc_body(handle_obj, tensors, dtype="bfloat16"):
-    handle = base64.b64encode(pickle.dumps(handle_obj)).decode("ascii")
-    return {"transport": "ipc", "buckets": [{"dtype": dtype, "handle": handle, "tensors": tensors}], "finished": True}
-
-
-def test_ipc_payload_passes_the_handle_through_unopened():
-    from multiprocessing.reduction import ForkingPickler
-
+def test_ipc_bucket_json_builds_torchs_rebuild_call_from_checked_fields():
+    """The JSON handle becomes torch's own ``rebuild_cuda_tensor`` call without being opened; the
+    function and classes come from this process, never from the request."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-    tensors = [{"name": "a", "shape": [2, 3], "offset": 0, "numel": 6},
-               {"name": "b", "shape": [4], "offset": 6, "numel": 4}]
-    handle = (rebuild_cuda_tensor, (torch.Tensor, (10,), (1,), 0, torch.UntypedStorage, torch.bfloat16, 0, b"h"))
-    (s,) = lb.lmdeploy_requests_from_ipc(_ipc_body(handle, tensors))  # the stand-in handle is never opened
-    data = ForkingPickler.loads(base64.b64decode(s))
-    assert data["flattened_tensor"] == handle and data["require_clone"] is True
-    meta = data["metadata"]
-    assert [(m.name, tuple(m.shape), m.start_idx, m.end_idx, m.dtype) for m in meta] == [
+    from dirl.rollout import weights as W
+
+    handle = {"storage_handle": base64.b64encode(b"h" * 65).decode(), "storage_size_bytes": 20,
+              "storage_offset_bytes": 0, "tensor_offset": 0, "ref_counter_handle": base64.b64encode(
+                  b"/torch_12_34_0").decode(), "ref_counter_offset": 0, "event_handle": None,
+              "event_sync_required": False}
+    tensors = [{"name": "a", "shape": [2, 3], "dtype": "bfloat16", "start_idx": 0, "end_idx": 6, "numel": 6},
+               {"name": "b", "shape": [4], "dtype": "bfloat16", "start_idx": 6, "end_idx": 10, "numel": 4}]
+    (b,) = W.check_ipc_buckets([{"dtype": "bfloat16", "handle": handle, "tensors": tensors}])
+    func, args = b.rebuild_call(3)
+    assert func is rebuild_cuda_tensor and args[0] is torch.Tensor and args[4] is torch.storage.TypedStorage
+    assert args[1] == torch.Size([10]) and args[5] is torch.bfloat16 and args[6] == 3 and args[7] == b"h" * 65
+    assert [(m.name, tuple(m.shape), m.start_idx, m.end_idx, m.dtype) for m in b.entries] == [
         ("a", (2, 3), 0, 6, torch.bfloat16), ("b", (4,), 6, 10, torch.bfloat16)]
-    with pytest.raises(RequestError, match="only torch"):
-        lb.lmdeploy_requests_from_ipc(_ipc_body((os.getcwd, ()), tensors))
-    with pytest.raises(RequestError, match="malformed"):
-        lb.lmdeploy_requests_from_ipc(_ipc_body(handle, [{"name": "a"}]))
+    with pytest.raises(W.PayloadError, match="pickled handles are not accepted"):
+        W.check_ipc_buckets([{"dtype": "bfloat16", "handle": base64.b64encode(pickle.dumps((os.getcwd, ()))).decode(),
+                              "tensors": tensors}])
+    with pytest.raises(W.PayloadError, match="missing field 'shape'"):
+        W.check_ipc_buckets([{"dtype": "bfloat16", "handle": handle, "tensors": [{"name": "a"}]}])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -654,6 +655,9 @@ def fake_backend(monkeypatch):
     b._gate = lb._Gate()
     b._sessions = iter(range(1, 10_000))
     b.asleep = {"weights": False, "kv_cache": False}
+    b._specs = {n: (tuple(t.shape), t.dtype) for n, t in _state_dict()}
+    b._update_started = False
+    b._weights_partial = False
     b._loop = lb._LoopThread()
     yield b
     b._loop.stop()
@@ -703,6 +707,40 @@ def test_backend_state_machine_and_weight_loading(fake_backend):
     b.sleep(1)
     b.wakeup(["kv_cache"])  # the weights come first, or LMDeploy would warm up a model on the CPU
     assert eng.calls[-1] == ("wakeup", ["weights", "kv_cache"])
+    assert b.generate([_req()])[0]["request_id"] == "r0"
+
+
+def test_backend_generate_each_fails_a_request_alone(fake_backend):
+    reqs = [_req(request_id="a", stop_token_ids=[2]), _req(request_id="hot", temperature=5.0),
+            _req(request_id="b", stop_token_ids=[2])]
+    out = fake_backend.generate_each(reqs)
+    assert isinstance(out[1], RequestError) and "temperature" in str(out[1])
+    assert [out[0]["request_id"], out[2]["request_id"]] == ["a", "b"]
+    with pytest.raises(RequestError):
+        fake_backend.generate(reqs)
+
+
+def test_backend_checks_each_segment_and_refuses_to_serve_a_mix(fake_backend):
+    from dirl.rollout.weights import PayloadError
+
+    b, eng = fake_backend, fake_backend.engine
+    pairs = _state_dict()
+    nan = [(pairs[0][0], torch.full_like(pairs[0][1], float("nan")))]
+    b.sleep(1)
+    with pytest.raises(PayloadError, match="NaN"):
+        b.update_weights(nan, finished=True)  # refused before LMDeploy saw any of it
+    assert eng.loaded == []
+    with pytest.raises(PayloadError, match="unknown parameter"):
+        b.update_weights([("model.nope", torch.zeros(1))], finished=True)
+    b.update_weights(pairs[:3], finished=False)
+    with pytest.raises(PayloadError, match="shape"):
+        b.update_weights([(pairs[3][0], torch.zeros(7, 7))], finished=True)
+    b.wakeup()
+    with pytest.raises(StateError, match="refused after part of it had loaded"):
+        b.generate([_req()])
+    b.sleep(1)
+    b.update_weights(pairs, finished=True)  # a complete update clears it
+    b.wakeup()
     assert b.generate([_req()])[0]["request_id"] == "r0"
 
 

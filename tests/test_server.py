@@ -32,10 +32,16 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir):
+def weights_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("weights")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, weights_dir):
     # a backend option (not the default 64) must reach the backend: /info reports it
     with start_server(tiny_dir, decoding=DECODING, api_key=KEY, device="cpu", threads=1,
-                      backend_options={"max_batch_size": 16}) as handle:
+                      backend_options={"max_batch_size": 16},
+                      env={"DIRL_SERVER_WEIGHTS_DIR": str(weights_dir)}) as handle:
         yield handle
     assert not handle.alive()
 
@@ -53,7 +59,8 @@ def in_process(local, reqs):
 
 def post(server, path, body=None, content=None, headers=AUTH):
     if content is not None:
-        return httpx.post(server.url + path, content=content, headers=headers, timeout=60)
+        return httpx.post(server.url + path, content=content, timeout=60,
+                          headers={"Content-Type": "application/json", **headers})
     return httpx.post(server.url + path, json=body, headers=headers, timeout=60)
 
 
@@ -167,7 +174,7 @@ def test_sleep_state_machine_and_weight_updates(server, local, tiny_dir, tmp_pat
     sd = {k: v.clone() for k, v in local.model.hf.state_dict().items()}
     for payload, reason in [
         ({"transport": "carrier-pigeon"}, "'transport' must be one of"),
-        ({"transport": "file", "path": str(tmp_path / "none.safetensors")}, "does not exist"),
+        ({"transport": "file", "path": str(tmp_path / "none.safetensors")}, "no such weights file"),
         ({"transport": "inline", "data": "!!"}, "base64"),
         ({"transport": "inline", "data": "", "finished": "yes"}, "'finished'"),
         ({"transport": "inline", "data": "", "color": 1}, "unknown field 'color'"),

@@ -173,8 +173,9 @@ def parse_sft_row(row: Any, where: str, names: FieldNames | None = None) -> SFTE
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     """``(file:line, object)`` for every non-blank line; invalid JSON is a :class:`DataError`."""
     p = Path(path)
-    with p.open("r", encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
+    with p.open("rb") as f:
+        for i, raw in enumerate(f, start=1):
+            line = decode_line(raw, f"{p}:{i}")
             if not line.strip():
                 continue
             try:
@@ -193,10 +194,68 @@ def iter_json_objects(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]
         yield where, int(where.rsplit(":", 1)[1]), obj
 
 
+def read_jsonl_log(path: str | os.PathLike) -> list[dict]:
+    """The records of a log a run appends to (``metrics.jsonl``, ``samples.jsonl``,
+    ``responses.jsonl``), as resume reads them: a torn last line (no newline: the process was killed
+    or the disk filled while writing it) is dropped, and so is any line that is not a complete JSON
+    object (bytes a crash left in the middle). A missing file has no records."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    with p.open("rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # the torn last line
+            try:
+                rec = json.loads(raw)
+            except ValueError:  # invalid JSON or UTF-8
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
+
+
+def truncate_jsonl_log(path: str | os.PathLike, last_step: int) -> None:
+    """Keep the records of a log whose ``step`` is at most ``last_step`` (a resumed run redoes the
+    steps after its checkpoint), torn or broken lines dropped; rewritten atomically."""
+    p = Path(path)
+    if not p.exists():
+        return
+    kept = [r for r in read_jsonl_log(p) if _step_of(r) <= last_step]
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, p)
+
+
+def _step_of(rec: dict) -> float:
+    s = rec.get("step", 0)
+    return s if isinstance(s, (int, float)) and not isinstance(s, bool) else float("inf")
+
+
+def decode_line(raw: bytes, where: str) -> str:
+    """UTF-8 text of one line; bytes that are not UTF-8 are a :class:`DataError` naming the line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """A whole text file; bytes that are not UTF-8 are a :class:`DataError` naming file and line."""
+    p = Path(path)
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{p}:{line}: not UTF-8 (byte 0x{data[e.start]:02x})") from None
+
+
 def iter_json_array(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     """``(file:line, object)`` for each element of a JSON array (the line where the element starts)."""
     p = Path(path)
-    text = p.read_text(encoding="utf-8")
+    text = read_utf8(p)
     dec = json.JSONDecoder()
 
     def line_of(idx: int) -> int:

@@ -54,6 +54,7 @@ from dirl.config import (
     to_dict,
 )
 from dirl.data.benchmarks import canonical_name, load_benchmark
+from dirl.data.formats import read_jsonl_log
 from dirl.eval.metrics import average_metrics, benchmark_metrics
 from dirl.eval.report import markdown_table, write_report
 from dirl.rewards import Grader, accuracy_verdicts, extract_answer, tokens_per_step
@@ -259,18 +260,7 @@ def _check_state(out: Path, fp: dict, resume: bool) -> dict:
 
 def read_responses(path: Path) -> list[dict]:
     """The records of ``responses.jsonl`` (a torn last line, from a killed run, is dropped)."""
-    if not path.is_file():
-        return []
-    out = []
-    with path.open("r", encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
+    return read_jsonl_log(path)
 
 
 def _open_for_append(path: Path):

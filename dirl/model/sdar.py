@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from dirl.config import SDAR_MODEL_TYPE, ConfigError, read_checkpoint_config
+from dirl.config import SDAR_MODEL_TYPE, WEIGHT_FILES, ConfigError, read_checkpoint_config
 from dirl.model.attention import Backend, TokenMeta, build_mask, resolve_backend
 
 SDAR_ARCHITECTURE = "SDARForCausalLM"
@@ -218,14 +218,33 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     backend = resolve_backend(attn_backend, device)
     hf_cfg = qwen3_config_from_dict(info.raw)
-    with quiet_transformers():  # "a model of type sdar ... Qwen3" is the point, not a problem
-        hf = Qwen3ForCausalLM.from_pretrained(
-            info.path, config=hf_cfg, dtype=torch_dtype, attn_implementation=_HF_ATTN[backend]
-        )
+    try:
+        with quiet_transformers():  # "a model of type sdar ... Qwen3" is the point, not a problem
+            hf = Qwen3ForCausalLM.from_pretrained(
+                info.path, config=hf_cfg, dtype=torch_dtype, attn_implementation=_HF_ATTN[backend]
+            )
+    except Exception as e:  # noqa: BLE001 - a checkpoint that does not load is bad input: say which and why
+        raise checkpoint_load_error(info.path, e, key) from e
     hf.to(device)
     model = SDARModel(hf, bs, mid, attn_backend=attn_backend, source=info.path)
     model._active_backend = backend
     return model
+
+
+def checkpoint_load_error(path: Path, e: Exception, key: str = "model.path") -> Exception:
+    """A one-line :class:`ConfigError` for weights that do not load: a truncated or foreign
+    safetensors file, or a config.json whose shapes disagree with the weights. Other errors as they are."""
+    text = " ".join(str(e).split())
+    name = type(e).__name__
+    weights = next((path / w for w in WEIGHT_FILES if (path / w).is_file()), path)
+    if name == "SafetensorError" or "deserializ" in text.lower() or "header" in text.lower():
+        return ConfigError(f"config key '{key}': '{weights}' is truncated or not a safetensors file ({text[:160]})")
+    if "size mismatch" in text or "ignore_mismatched_sizes" in text or "mismatch" in text.lower():
+        return ConfigError(f"config key '{key}': '{path / 'config.json'}' disagrees with the weights in '{weights}' "
+                           "(tensor shapes differ from what config.json describes)")
+    if isinstance(e, OSError):
+        return ConfigError(f"config key '{key}': '{weights}' cannot be read ({text[:160]})")
+    return e
 
 
 def _mask_id_from_tokenizer(path: Path) -> Optional[int]:

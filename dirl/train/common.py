@@ -52,6 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dirl.config import ConfigError, LoggingConfig, OptimConfig, save_config, to_dict
+from dirl.data.formats import read_jsonl_log, truncate_jsonl_log
 
 Strategy = Literal["auto", "single", "ddp", "deepspeed"]
 
@@ -500,12 +501,9 @@ def make_run_dir(accelerator, output_dir: str, run_name: str, prefix: str, confi
 
 def truncate_jsonl(path: str | os.PathLike, last_step: int) -> None:
     """Drop the lines of a per-step JSONL file whose ``step`` is after ``last_step`` (a run killed
-    after its last checkpoint wrote steps that a resumed run does again)."""
-    p = Path(path)
-    if not p.exists():
-        return
-    keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
-    p.write_text("".join(ln + "\n" for ln in keep))
+    after its last checkpoint wrote steps that a resumed run does again); a torn last line (killed,
+    disk full) is dropped too. See :func:`dirl.data.formats.truncate_jsonl_log`."""
+    truncate_jsonl_log(path, last_step)
 
 
 class MetricsLogger:
@@ -525,9 +523,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
-            truncate_jsonl(self.path, resume_step)
-        elif self.path.exists():
+        if resume_step is not None and self.path.exists():
+            truncate_jsonl_log(self.path, resume_step)  # a torn last line (killed, disk full) is dropped
+        elif resume_step is None and self.path.exists():
             self.path.unlink()
         if cfg.tensorboard:
             try:
@@ -570,10 +568,7 @@ class MetricsLogger:
 
 
 def read_metrics(metrics_jsonl: str | os.PathLike) -> list[dict]:
-    p = Path(metrics_jsonl)
-    if not p.exists():
-        return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    return read_jsonl_log(metrics_jsonl)
 
 
 def plot_curves(metrics_jsonl: str | os.PathLike, keys: Sequence[str], out_png: str | os.PathLike,

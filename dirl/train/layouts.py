@@ -98,6 +98,10 @@ def parse_trajectory(traj: dict, score_after_eos: bool = False, index: int = 0) 
         if key not in traj or traj[key] is None:
             hint = " (the rollout backend must return step maps for step-level log-probs)" if key == "step_map" else ""
             raise TrajectoryError(f"{where}: missing field '{key}'{hint}")
+    for key in ("prompt_ids", "token_ids", "step_map"):
+        v = traj[key]
+        if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            raise TrajectoryError(f"{where}: '{key}' must be a list of integers")
     prompt = [int(t) for t in traj["prompt_ids"]]
     tokens = [int(t) for t in traj["token_ids"]]
     steps = [int(s) for s in traj["step_map"]]

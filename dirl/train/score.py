@@ -32,8 +32,16 @@ def read_trajectories(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--input: file '{p}' does not exist")
+    from dirl.train.layouts import TrajectoryError, parse_trajectory
+
+    out = []
     try:
-        out = [row for _, _, row in iter_json_objects(p)]
+        for where, _, row in iter_json_objects(p):
+            try:
+                parse_trajectory(row, index=len(out))  # checked here, where the line is known
+            except TrajectoryError as e:
+                raise DataError(f"{where}: {e}") from None
+            out.append(row)
     except DataError as e:
         raise ConfigError(f"--input: {e}") from None
     return out

@@ -214,7 +214,11 @@ def build_sft_data(cfg: SFTConfig, tokenizer: Any, block_size: int):
     examples = load_sft_examples(cfg.data)
     if not examples:
         raise ConfigError(f"config key 'data.source': '{cfg.data.source}' has no rows")
-    return build_sft_rows(tokenizer, examples, block_size, cfg.data.max_length)
+    rows = build_sft_rows(tokenizer, examples, block_size, cfg.data.max_length)
+    if len(rows) == 0:
+        raise ConfigError(f"config key 'data.max_length': every one of the {len(examples)} samples of "
+                          f"'{cfg.data.source}' is longer than {cfg.data.max_length} tokens (all dropped)")
+    return rows
 
 
 def make_micro_batches(data, stream, cursor: int, cfg: SFTConfig, rank: int, world: int,
