@@ -16,6 +16,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 SHARED = Path(os.environ.get("DIRL_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared")
 BENCHMARKS = SHARED / "data" / "benchmarks"
 _SHARED_SKIP = "the ../shared folder is absent"
+_NOTE = pytest.StashKey[tuple]()
 
 
 @pytest.fixture(scope="session")
@@ -50,14 +51,20 @@ def _seed():
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """One closing line naming the tests skipped for want of ../shared, so a green run without the
-    benchmark copies cannot pass for a full one."""
+    """Names the tests skipped for want of ../shared (printed as the run's last line, below pytest's
+    counts, by pytest_unconfigure), so a green run without the benchmark copies cannot pass for a
+    full one."""
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if _SHARED_SKIP in str(r.longrepr)]
     if not skipped:
         return
-    names = sorted({r.nodeid.split("::")[0] + "::" + r.nodeid.split("::")[-1].split("[")[0] for r in skipped})
-    terminalreporter.write_line(
-        f"NOTE: {len(skipped)} tests skipped because {BENCHMARKS} is absent (the ../shared folder; set "
-        f"DIRL_SHARED_DIR to its path): {', '.join(names)}",
-        yellow=True, bold=True,
-    )
+    names = sorted({r.nodeid.split("[")[0] for r in skipped})
+    config.stash[_NOTE] = (terminalreporter, (
+        f"NOTE: {len(skipped)} tests skipped because {BENCHMARKS} is absent (the ../shared folder with "
+        f"the benchmark copies; set DIRL_SHARED_DIR to its path): {', '.join(names)}"))
+
+
+def pytest_unconfigure(config):
+    note = config.stash.get(_NOTE, None)
+    if note is not None:
+        reporter, line = note
+        reporter.write_line(line, yellow=True, bold=True)
