@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -359,36 +360,53 @@ def _rollout_setup(tiny_dir):
     return cfg, probs, prompts, Dist(None)
 
 
-def _kill_later(handle, delay):
+def _rollout_in_thread(fn):
+    """Runs ``fn()`` on a thread; ``box`` gets its result or exception, ``ended`` is set after."""
+    box, ended = {}, threading.Event()
+
     def go():
-        time.sleep(delay)
-        os.kill(handle.pid, signal.SIGKILL)
+        try:
+            box["out"] = fn()
+        except BaseException as e:  # noqa: BLE001 - checked by the test
+            box["err"] = e
+        finally:
+            ended.set()
 
     th = threading.Thread(target=go)
     th.start()
-    return th
+    return th, box, ended
 
 
 @pytest.mark.slow
 def test_a_dying_server_is_retried_on_the_pool_and_rewards_stay_with_their_prompts(tiny_dir):
+    """The first server holds its requests (tests/helpers_gated_server.py) and is killed once it
+    reports them in its engine; the second takes them over."""
+    from helpers_gated_server import GatedServer
+
     from dirl.rollout.client import RolloutClient
     from dirl.rollout.server import start_server
     from dirl.train.rl import rollout_and_score
 
     cfg, probs, prompts, dist = _rollout_setup(tiny_dir)
     dec = DecodingConfig(max_new_tokens=32)
-    a = start_server(tiny_dir, decoding=dec, device="cpu", max_batch_size=8)
-    b = start_server(tiny_dir, decoding=dec, device="cpu", max_batch_size=8)
+    b = start_server(tiny_dir, decoding=dec, device="cpu", max_batch_size=8, wait=False)
+    a = GatedServer(tiny_dir)
     try:
+        b.wait_ready()
+        # a is first: its workers take the first chunks
         client = RolloutClient([a.url, b.url], retries=4, batch_size=4, max_concurrency=2, backoff=0.2)
-        th = _kill_later(a, 1.0)
-        groups = rollout_and_score(client, probs, prompts, 4, step=0, rnd=0, cfg=cfg, block_size=4,
-                                   stop_ids=[2], dist=dist)
+        th, box, ended = _rollout_in_thread(lambda: rollout_and_score(
+            client, probs, prompts, 4, step=0, rnd=0, cfg=cfg, block_size=4, stop_ids=[2], dist=dist))
+        held = a.wait_in_flight()
+        assert held > 0 and not ended.is_set()  # the rollout cannot finish while a holds requests
+        a.kill()
         th.join()
         assert not a.alive()
     finally:
-        a.stop()
+        a.kill()
         b.stop()
+    assert "err" not in box, box.get("err")
+    groups = box["out"]
     assert [g.problem["id"] for g in groups] == [p["id"] for p in probs]
     for g, ids in zip(groups, prompts):
         assert len(g.trajectories) == 4 and len(g.rewards) == 4
@@ -396,19 +414,27 @@ def test_a_dying_server_is_retried_on_the_pool_and_rewards_stay_with_their_promp
 
 
 def test_a_dying_only_server_fails_the_step_with_a_clear_error(tiny_dir):
+    """The only server is killed while its engine holds the step's requests (an event, not a
+    delay): the step fails with an error naming them."""
+    from helpers_gated_server import GatedServer
+
     from dirl.rollout.client import RolloutClient, RolloutError
-    from dirl.rollout.server import start_server
     from dirl.train.rl import rollout_and_score
 
     cfg, probs, prompts, dist = _rollout_setup(tiny_dir)
-    a = start_server(tiny_dir, decoding=DecodingConfig(max_new_tokens=32), device="cpu", max_batch_size=4)
+    a = GatedServer(tiny_dir)
     try:
         client = RolloutClient([a.url], retries=2, batch_size=48, max_concurrency=1, backoff=0.1)
-        th = _kill_later(a, 0.8)
-        # either the chunk's own retries run out first or the client sees the only server gone
-        with pytest.raises(RolloutError, match=r"failed( after 3 attempts|: no rollout server answers \(1 tried, 3 times each\))") as e:
-            rollout_and_score(client, probs, prompts, 4, step=0, rnd=0, cfg=cfg, block_size=4, stop_ids=[2], dist=dist)
+        th, box, ended = _rollout_in_thread(lambda: rollout_and_score(
+            client, probs, prompts, 4, step=0, rnd=0, cfg=cfg, block_size=4, stop_ids=[2], dist=dist))
+        assert a.wait_in_flight() == 48 and not ended.is_set()
+        a.kill()
         th.join()
-        assert e.value.request_ids and all(r.startswith("s0-r0-p") for r in e.value.request_ids)
     finally:
-        a.stop()
+        a.kill()
+    e = box.get("err")
+    assert isinstance(e, RolloutError), box
+    # either the chunk's own retries run out first or the client sees the only server gone
+    assert re.search(
+        r"failed( after 3 attempts|: no rollout server answers \(1 tried, 3 times each\))", str(e)), str(e)
+    assert e.request_ids and all(r.startswith("s0-r0-p") for r in e.request_ids)
