@@ -226,6 +226,25 @@ def test_ipc_refused_for_cpu_tensors_before_any_server_sleeps(pool, local):
         client.push_weights(local.model, transport="pigeon")
 
 
+def test_g_samples_of_one_prompt_at_t1_are_not_all_identical(pool, local):
+    """G = 8 requests of one prompt built as the RL trainer builds them (distinct per-sample seeds),
+    T = 1, top-k 50, through both real servers: the samples differ (a backend that reused one
+    random stream, or ignored the seeds, would return G copies), and each is its seed's output."""
+    from dirl.data.chat import prompt_ids
+    from dirl.train.rl import build_requests
+
+    G = 8
+    dec = DecodingConfig(max_new_tokens=12, temperature=1.0, top_k=50, top_p=1.0)
+    reqs = build_requests([prompt_ids(local.tokenizer, "What is 3+4?")], G, step=1, rnd=0, seed=0,
+                          decoding=dec, stop_token_ids=[])
+    assert len({r["seed"] for r in reqs}) == G
+    got = RolloutClient([h.url for h in pool], max_concurrency=2, batch_size=2).generate(reqs)
+    responses = [tuple(g["token_ids"]) for g in got]
+    assert len(set(responses)) > 1, "all G samples are identical"
+    assert len(set(responses)) >= G // 2  # a near-uniform tiny model: most samples differ
+    assert responses == [tuple(t["token_ids"]) for t in expected(local, reqs)]
+
+
 def test_a_server_killed_mid_run_is_retried_on_the_other(pool, local, tiny_dir):
     """A third server holds every request it gets (tests/helpers_gated_server.py); it is killed once
     its engine reports requests in flight, so the kill always lands during the run; the pool's
