@@ -134,6 +134,21 @@ def test_engine_matches_the_oracle_on_the_plain_tiny_model(tiny):
     run_both(model, make_requests(model, [3, 6], max_new=9, seed0=62, do_sample=True), "low_confidence_static")
 
 
+def test_trajectory_text_is_the_response_up_to_the_stop_token(sharp, tiny):
+    """SPEC 4.9: ``text`` is ``token_ids[:response_length]`` decoded without special tokens; the
+    token ids run to the end of the last block."""
+    _, tok = tiny
+    base = make_requests(sharp, [3, 6], max_new=16, seed0=70, do_sample=True, temperature=1.0)
+    stop = oracle_generate(sharp, base[0], 2, "low_confidence_static")["token_ids"][4]
+    reqs = [GenerateRequest(**{**r.__dict__, "stop_token_ids": [stop]}) for r in base]
+    got = Engine(sharp, tok, denoising_steps=2, unmasking_strategy="low_confidence_static").generate(reqs)
+    for g, r in zip(got, reqs):
+        w = oracle_generate(sharp, r, 2, "low_confidence_static")
+        assert g["token_ids"] == w["token_ids"] and g["response_length"] == w["response_length"]
+        assert g["text"] == tok.decode(w["token_ids"][: w["response_length"]], skip_special_tokens=True)
+    assert got[0]["finish_reason"] == "stop" and got[0]["response_length"] <= 5
+
+
 # ----------------------------------------------------------------------------------------------
 # The oracle's own rules on hand-made numbers (so a wrong oracle cannot agree with a wrong engine)
 # ----------------------------------------------------------------------------------------------
