@@ -109,5 +109,27 @@ class GatedServer:
     stop = kill
 
 
+def serve_in_thread(backend):
+    """dirl's app over ``backend`` served by uvicorn on a thread of this process (a real socket);
+    returns ``(url, stop)``."""
+    import uvicorn
+
+    from dirl.rollout.server import create_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(create_app(backend, backend.parser()), log_level="warning"))
+    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    th.start()
+
+    def stop():
+        server.should_exit = True
+        th.join()
+        sock.close()
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
 if __name__ == "__main__":
     _serve(sys.argv[1])
