@@ -128,6 +128,13 @@ def test_stop_tokens_and_max_new_tokens_match_the_oracle(sharp, strategy):
         assert r["finish_reason"] == "length" and 5 <= len(r["token_ids"]) <= 5 + sharp.block_size - 1
 
 
+@pytest.mark.parametrize("switch", [dict(top_k=1, temperature=0.7), dict(top_k=0, temperature=0.0)])
+def test_greedy_switches_match_the_oracle(sharp, switch):
+    """Sampling on but top_k == 1 or T == 0: argmax, no draws; T == 0 scores at T = 1."""
+    reqs = make_requests(sharp, [2, 5], max_new=8, seed0=80, do_sample=True, **switch)
+    run_both(sharp, reqs, "low_confidence_dynamic")
+
+
 def test_engine_matches_the_oracle_on_the_plain_tiny_model(tiny):
     model, _ = tiny
     run_both(model, make_requests(model, [2, 7], max_new=9, seed0=60), "low_confidence_dynamic")
