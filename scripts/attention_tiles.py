@@ -388,7 +388,7 @@ def table(res: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from dirl.train.rl import RLTrainConfig
+    from dirl.train.rl.config import RLTrainConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", type=int, default=1024, help="prompt tokens (default 1024)")

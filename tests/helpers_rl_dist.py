@@ -28,6 +28,20 @@ def digit_fraction(ctx, digit: str = "7") -> float:
     return text.count(digit) / max(1, len(text))
 
 
+def hold_from_step(ctx) -> float:
+    """A reward of 0. With ``$DIRL_TEST_HOLD_STEP`` = N and ``$DIRL_TEST_HOLD_FILE`` set, the first
+    response of step N (request ids are ``s{step}-...``) writes that file and blocks for good, so a
+    test can kill the trainer at a known point of the run, whatever the machine's speed."""
+    hold = os.environ.get("DIRL_TEST_HOLD_STEP")
+    rid = str(ctx.trajectory.get("request_id", ""))
+    if hold and rid.startswith("s") and int(rid[1:].split("-")[0]) >= int(hold):
+        Path(os.environ["DIRL_TEST_HOLD_FILE"]).write_text(rid)
+        import threading
+
+        threading.Event().wait()
+    return 0.0
+
+
 # -- one update step -----------------------------------------------------------------------------------
 
 

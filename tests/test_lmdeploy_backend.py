@@ -27,7 +27,6 @@ from dirl.config import ConfigError, DecodingConfig
 from dirl.rollout import lmdeploy_backend as lb
 from dirl.rollout import lmdeploy_patch as lp
 from dirl.rollout.backend import GenerateRequest, RequestError, StateError
-from dirl.rollout.decoding import tokens_to_keep
 
 M, U, C = lp.MASKED, lp.UNMASKED, lp.CACHED
 RUNNING, STOPPED = "RUNNING", "STOPPED"
@@ -170,6 +169,32 @@ class FakeExtraOutputs:
     dllm_mask: torch.Tensor
 
 
+def lmdeploy_unmask(conf: np.ndarray, masked: np.ndarray, strategy: str, threshold: float, steps: int) -> np.ndarray:
+    """LMDeploy's ``UnmaskingProcessor`` rule for one block, re-stated here (not dirl's code):
+    scores of unmasked positions count as -inf; ``low_confidence_dynamic`` unmasks every score >=
+    threshold plus the argmax; ``low_confidence_static`` the top ``max(1, B // steps)`` scores;
+    ``sequential`` the first that many masked positions."""
+    B = len(conf)
+    n = max(1, B // steps)
+    keep = np.zeros(B, dtype=bool)
+    idx = [i for i in range(B) if masked[i]]
+    if not idx:
+        return keep
+    if strategy == "sequential":
+        keep[idx[:n]] = True
+        return keep
+    scores = np.where(masked, conf.astype(np.float64), -np.inf)
+    if strategy == "low_confidence_dynamic":
+        keep |= masked & (scores >= threshold)
+        keep[int(np.argmax(scores))] = True
+    elif strategy == "low_confidence_static":
+        for i in np.argsort(-scores, kind="stable")[: min(n, len(idx))]:  # never an unmasked one
+            keep[int(i)] = True
+    else:
+        raise ValueError(strategy)
+    return keep
+
+
 class FakeDLLMEngine:
     """Decodes FakeSeqs with the unmasking rules of LMDeploy's ``UnmaskingProcessor`` and hands
     every forward to the (patched) ``update_running``, as the engine process does."""
@@ -202,7 +227,7 @@ class FakeDLLMEngine:
             sampled = logits.argmax(-1)
             conf = logp.gather(1, sampled[:, None]).squeeze(1).exp()
             masked = torch.as_tensor(mask == M)
-            keep = tokens_to_keep(conf[None], masked[None], self.strategy, self.threshold, self.steps)[0].numpy()
+            keep = lmdeploy_unmask(conf.numpy(), masked.numpy(), self.strategy, self.threshold, self.steps)
             new_tok = np.where(mask != M, tok, sampled.numpy())
             new_mask = mask.copy()
             new_mask[keep] = U

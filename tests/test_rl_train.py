@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,6 +136,26 @@ def test_bad_rl_configs_are_one_line_errors(override, key):
     with pytest.raises(ConfigError) as e:
         load_rl_config(None, [override])
     assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_rl_defaults_are_the_spec_values():
+    """SPEC section 6: eps_low 0.2, eps_high 0.28 (not DiRL's 0.2 + 0.08 written as 0.2), beta 0 (no
+    reference model), grpo aggregation, gradient clipping 1.0, weight decay 0, one update per
+    rollout batch; post-EOS tokens take no loss; SPEC section 4/6 decoding: 4 steps, dynamic tau 0.9,
+    T 1.0, top-p 1.0. The paper configs say the same."""
+    cfg = load_rl_config(None, [])
+    lo = cfg.loss
+    assert (lo.clip_eps_low, lo.clip_eps_high, lo.kl_beta, lo.aggregation) == (0.2, 0.28, 0.0, "grpo")
+    assert lo.score_after_eos is False and lo.layout == "packed" and lo.behaviour_logprobs == "recompute"
+    assert (cfg.optim.max_grad_norm, cfg.optim.weight_decay) == (1.0, 0.0)
+    assert (cfg.train.mini_batches, cfg.train.num_iterations) == (1, 1)
+    d = cfg.rollout.decoding
+    assert (d.denoising_steps, d.unmasking_strategy, d.confidence_threshold, d.temperature, d.top_p) == (
+        4, "low_confidence_dynamic", 0.9, 1.0, 1.0)
+    for name in ("rl_sdar8b.yaml", "rl_sdar8b_dapo.yaml"):
+        c = load_rl_config(str(ROOT / "configs" / name), ["model.path=''", "rollout.urls=[http://10.0.0.1:8000]"])
+        assert (c.loss.clip_eps_low, c.loss.clip_eps_high) == (0.2, 0.28), name
+        assert c.rollout.decoding.block_size == 4 and c.rollout.decoding.denoising_steps == 4, name
 
 
 def test_paper_configs_load():
@@ -326,20 +347,26 @@ def test_kl_several_updates_dapo_and_rounds_run_end_to_end(tiny_dir, tmp_path):
 
 
 def test_kill_and_resume_continues_from_the_saved_cursor(tiny_dir, tmp_path):
+    """The first run holds at step 3's rewards (helpers_rl_dist.hold_from_step), after step 2's
+    checkpoint, and is killed there: an event, so a fast machine cannot finish the run first."""
     args = [sys.executable, "-m", "dirl.cli", "rl", *_small_run(tmp_path, tiny_dir, 4, [
-        "train.save_every=2", "train.prompts_per_step=2", "train.num_generations=2", "optim.lr=1e-3"])]
+        "train.save_every=2", "train.prompts_per_step=2", "train.num_generations=2", "optim.lr=1e-3",
+        "custom_rewards.hold=helpers_rl_dist:hold_from_step", "rewards.weights={accuracy: 1.0, hold: 1.0}"])]
     run = tmp_path / "run"
-    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    held = tmp_path / "held"
+    env = {**_env(), "DIRL_TEST_HOLD_STEP": "3", "DIRL_TEST_HOLD_FILE": str(held)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 240
-        while not (run / "checkpoints" / "step_00000002" / "COMPLETE").is_file():
+        while not held.is_file():  # waits for the event; a hang fails by the suite's per-test timeout
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.time() < deadline, "no checkpoint in time"
-            time.sleep(0.2)
+            time.sleep(0.1)
+        assert held.read_text().startswith("s3-")
+        assert (run / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+        assert not (run / "checkpoints" / "step_00000004").exists()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its rollout server
         proc.wait()
-    r = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(args, env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at step 2" in r.stdout
     rows = [json.loads(ln) for ln in (run / "samples.jsonl").read_text().splitlines()]
@@ -370,34 +397,52 @@ def _rollout_setup(tiny_dir):
     return sampling, probs, prompts, Dist(None)
 
 
-def _kill_later(handle, delay):
+def _rollout_in_thread(fn):
+    """Runs ``fn()`` on a thread; ``box`` gets its result or exception, ``ended`` is set after."""
+    box, ended = {}, threading.Event()
+
     def go():
-        time.sleep(delay)
-        os.kill(handle.pid, signal.SIGKILL)
+        try:
+            box["out"] = fn()
+        except BaseException as e:  # noqa: BLE001 - checked by the test
+            box["err"] = e
+        finally:
+            ended.set()
 
     th = threading.Thread(target=go)
     th.start()
-    return th
+    return th, box, ended
 
 
 @pytest.mark.slow
 def test_a_dying_server_is_retried_on_the_pool_and_rewards_stay_with_their_prompts(tiny_dir):
+    """The first server holds its requests (tests/helpers_gated_server.py) and is killed once it
+    reports them in its engine; the second takes them over."""
+    from helpers_gated_server import GatedServer
+
     from dirl.rollout.client import RolloutClient
     from dirl.rollout.launch import start_server
 
     sampling, probs, prompts, dist = _rollout_setup(tiny_dir)
     dec = DecodingConfig(max_new_tokens=32)
-    a = start_server(tiny_dir, decoding=dec, device="cpu", max_batch_size=8)
-    b = start_server(tiny_dir, decoding=dec, device="cpu", max_batch_size=8)
+    b = start_server(tiny_dir, decoding=dec, device="cpu", max_batch_size=8, wait=False)
+    a = GatedServer(tiny_dir)
     try:
+        b.wait_ready()
+        # a is first: its workers take the first chunks
         client = RolloutClient([a.url, b.url], retries=4, batch_size=4, max_concurrency=2, backoff=0.2)
-        th = _kill_later(a, 1.0)
-        groups = rollout_and_score(client, probs, prompts, 4, step=0, rnd=0, s=sampling, dist=dist)
+        th, box, ended = _rollout_in_thread(lambda: rollout_and_score(
+            client, probs, prompts, 4, step=0, rnd=0, s=sampling, dist=dist))
+        held = a.wait_in_flight()
+        assert held > 0 and not ended.is_set()  # the rollout cannot finish while a holds requests
+        a.kill()
         th.join()
         assert not a.alive()
     finally:
-        a.stop()
+        a.kill()
         b.stop()
+    assert "err" not in box, box.get("err")
+    groups = box["out"]
     assert [g.problem["id"] for g in groups] == [p["id"] for p in probs]
     for g, ids in zip(groups, prompts):
         assert len(g.trajectories) == 4 and len(g.rewards) == 4
@@ -405,18 +450,25 @@ def test_a_dying_server_is_retried_on_the_pool_and_rewards_stay_with_their_promp
 
 
 def test_a_dying_only_server_fails_the_step_with_a_clear_error(tiny_dir):
-    from dirl.rollout.client import RolloutClient, RolloutError
-    from dirl.rollout.launch import start_server
+    """The only server is killed while its engine holds the step's requests (an event, not a
+    delay): the step fails with an error naming them."""
+    from helpers_gated_server import GatedServer
 
+    from dirl.rollout.client import RolloutClient, RolloutError
     sampling, probs, prompts, dist = _rollout_setup(tiny_dir)
-    a = start_server(tiny_dir, decoding=DecodingConfig(max_new_tokens=32), device="cpu", max_batch_size=4)
+    a = GatedServer(tiny_dir)
     try:
         client = RolloutClient([a.url], retries=2, batch_size=48, max_concurrency=1, backoff=0.1)
-        th = _kill_later(a, 0.8)
-        # either the chunk's own retries run out first or the client sees the only server gone
-        with pytest.raises(RolloutError, match=r"failed( after 3 attempts|: no rollout server answers \(1 tried, 3 times each\))") as e:
-            rollout_and_score(client, probs, prompts, 4, step=0, rnd=0, s=sampling, dist=dist)
+        th, box, ended = _rollout_in_thread(lambda: rollout_and_score(
+            client, probs, prompts, 4, step=0, rnd=0, s=sampling, dist=dist))
+        assert a.wait_in_flight() == 48 and not ended.is_set()
+        a.kill()
         th.join()
-        assert e.value.request_ids and all(r.startswith("s0-r0-p") for r in e.value.request_ids)
     finally:
-        a.stop()
+        a.kill()
+    e = box.get("err")
+    assert isinstance(e, RolloutError), box
+    # either the chunk's own retries run out first or the client sees the only server gone
+    assert re.search(
+        r"failed( after 3 attempts|: no rollout server answers \(1 tried, 3 times each\))", str(e)), str(e)
+    assert e.request_ids and all(r.startswith("s0-r0-p") for r in e.request_ids)

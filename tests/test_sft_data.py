@@ -169,6 +169,40 @@ def test_packing_rows_docs_positions_and_labels():
     assert sorted(seen) == kept  # every kept sample exactly once
 
 
+def test_the_block_pads_of_the_last_block_are_labelled_targets_in_packed_rows(tok):
+    """SPEC section 3: the pad tokens that complete a sample's last block are labelled targets
+    (they take loss and can be masked), unlike the row's tail padding."""
+    from dirl.train.noise import sample_noise
+
+    B = 4
+    exs = [SFTExample(prompt=[{"role": "user", "content": "q" * (i % 3)}], response="r" * (1 + i)) for i in range(8)]
+    samples = tokenize_examples(tok, exs, B)
+    pad = tok.pad_token_id
+    data = PackedSFTData(samples, row_len=64, pad_id=pad)
+    checked = 0
+    for r in range(len(data)):
+        row = data.row(r)
+        ids, doc, lab = row["input_ids"], row["doc"], row["labels"]
+        at = 0
+        for s in data.row_samples(r):
+            n = int(data.offsets[s + 1] - data.offsets[s])
+            sample_ids = ids[at:at + n].tolist()
+            k = 0  # block pads: the trailing pad tokens of the sample
+            while k < n and sample_ids[n - 1 - k] == pad:
+                k += 1
+            assert k < B
+            assert lab[at + int(data.n_prompt[s]):at + n].all()  # every response token, pads included
+            assert not lab[at:at + int(data.n_prompt[s])].any()
+            checked += k
+            at += n
+    assert checked > 0
+    # with eps = 1 (p = 1) the noise masks every labelled token, block pads included
+    batch = data.rows(range(len(data)))
+    masked, p = sample_noise(batch["labels"], batch["doc"], seed=0, first_global_row=0, eps=1.0)  # p = 1
+    assert torch.equal(masked, batch["labels"])
+    assert bool((masked & (batch["input_ids"] == pad)).any())
+
+
 def test_best_fit_packing_is_tight_and_deterministic():
     lengths = [40, 44] * 30
     rows, dropped = pack_lengths(lengths, 128)
