@@ -145,16 +145,16 @@ def test_rl_defaults_are_the_spec_values():
     T 1.0, top-p 1.0. The paper configs say the same."""
     cfg = load_rl_config(None, [])
     lo = cfg.loss
-    assert (lo.clip_eps_low, lo.clip_eps_high, lo.kl_beta, lo.aggregation) == (0.2, 0.28, 0.0, "grpo")
+    assert (lo.epsilon, lo.epsilon_high, lo.beta, lo.loss_type) == (0.2, 0.28, 0.0, "grpo")
     assert lo.score_after_eos is False and lo.layout == "packed" and lo.behaviour_logprobs == "recompute"
     assert (cfg.optim.max_grad_norm, cfg.optim.weight_decay) == (1.0, 0.0)
-    assert (cfg.train.mini_batches, cfg.train.num_iterations) == (1, 1)
+    assert (cfg.train.num_mini_batches, cfg.train.num_iterations) == (1, 1)
     d = cfg.rollout.decoding
     assert (d.denoising_steps, d.unmasking_strategy, d.confidence_threshold, d.temperature, d.top_p) == (
         4, "low_confidence_dynamic", 0.9, 1.0, 1.0)
     for name in ("rl_sdar8b.yaml", "rl_sdar8b_dapo.yaml"):
-        c = load_rl_config(str(ROOT / "configs" / name), ["model.path=''", "rollout.urls=[http://10.0.0.1:8000]"])
-        assert (c.loss.clip_eps_low, c.loss.clip_eps_high) == (0.2, 0.28), name
+        c = load_rl_config(str(ROOT / "configs" / name), ["model.path=''", "server.urls=[http://10.0.0.1:8000]"])
+        assert (c.loss.epsilon, c.loss.epsilon_high) == (0.2, 0.28), name
         assert c.rollout.decoding.block_size == 4 and c.rollout.decoding.denoising_steps == 4, name
 
 
