@@ -195,3 +195,31 @@ def test_loss_and_gradient_equal_the_plain_computation(tiny, loss_trajs, aggrega
                 for n, p in model.named_parameters())
     assert worst <= 1e-4
     model.zero_grad(set_to_none=True)
+
+
+def test_clamped_log_ratio_keeps_far_off_policy_batches_finite():
+    """An off-policy batch with huge log-ratio gaps (both signs) gives a finite loss and gradient,
+    and the clamped tokens are counted; without the clamp exp() overflows."""
+    from dirl.train.dipo import LOG_RATIO_CLAMP
+
+    assert LOG_RATIO_CLAMP == 10.0  # DiRL's bound
+    logp = torch.tensor([-0.5, -1.0, -200.0, -0.1, -3.0], requires_grad=True)
+    old = torch.tensor([-0.4, -150.0, -0.2, -0.1, -3.0])     # gaps +149, -199.8 and small ones
+    ref = torch.tensor([-300.0, -1.0, -0.3, -0.1, -1.0])
+    adv = torch.tensor([1.0, 1.0, -1.0, 1.0, -1.0])
+    loss, st = dipo_token_loss(logp, old, adv, beta=0.1, ref_logp=ref)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(logp.grad).all()
+    assert st.ratio_clamped == 2 and st.kl_clamped == 2
+    assert st.ratio_max <= math.exp(LOG_RATIO_CLAMP) * (1 + 1e-6)
+    # the k3 estimate stays >= 0 beyond the bound
+    assert torch.all(k3_kl(logp.detach(), ref) >= 0)
+    # clamped tokens take no gradient through the ratio; in-range tokens are untouched by the clamp
+    free, _ = dipo_token_loss(logp.detach()[[0, 3, 4]].requires_grad_(), old[[0, 3, 4]], adv[[0, 3, 4]],
+                              log_ratio_clamp=None)
+    assert torch.allclose(free, loss.detach()[[0, 3, 4]] - 0.1 * k3_kl(logp.detach(), ref)[[0, 3, 4]])
+    # without the clamp: exp() overflows into an infinite KL and a NaN gradient
+    lp = logp.detach().clone().requires_grad_()
+    unclamped, _ = dipo_token_loss(lp, old, adv, beta=0.1, ref_logp=ref, log_ratio_clamp=None)
+    unclamped.sum().backward()
+    assert not torch.isfinite(unclamped).all() and not torch.isfinite(lp.grad).all()

@@ -60,9 +60,22 @@ def keep_groups(correct: Sequence[float] | torch.Tensor, group_size: int) -> lis
 # --------------------------------------------------------------------------------------------
 
 
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """k3 estimator of KL(pi || pi_ref) per token: exp(ref - l) - (ref - l) - 1 (>= 0)."""
+# DiRL's bound on the log-ratio and on the k3 exponent: exp(10) ~ 2.2e4 keeps every term finite in
+# fp32 (and bf16) even when the behaviour policy is far from the current one.
+LOG_RATIO_CLAMP = 10.0
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: Optional[float] = LOG_RATIO_CLAMP) -> torch.Tensor:
+    """k3 estimator of KL(pi || pi_ref) per token: exp(d) - d - 1 with d = ref - l (>= 0).
+
+    With ``clamp``, d is bounded to [-clamp, clamp] before both terms (``None`` leaves it free).
+    DiRL bounds only the exponent; bounding both keeps the estimate >= 0 and never lets its
+    gradient push a token away from the reference (with only the exponent bounded, d = 50 gives
+    exp(10) - 51 and a gradient of the wrong sign).
+    """
     d = ref_logp - logp
+    if clamp is not None:
+        d = d.clamp(-clamp, clamp)
     return torch.exp(d) - d - 1.0
 
 
@@ -76,40 +89,59 @@ class LossStats:
     ratio: float = 0.0
     ratio_max: float = 0.0
     ratio_min: float = math.inf
+    ratio_clamped: float = 0.0   # tokens whose |log-ratio| reached the clamp
+    kl_clamped: float = 0.0      # tokens whose k3 exponent reached the clamp
 
     def add(self, other: "LossStats") -> "LossStats":
         return LossStats(self.tokens + other.tokens, self.clipped + other.clipped, self.kl + other.kl,
                          self.ratio + other.ratio, max(self.ratio_max, other.ratio_max),
-                         min(self.ratio_min, other.ratio_min))
+                         min(self.ratio_min, other.ratio_min), self.ratio_clamped + other.ratio_clamped,
+                         self.kl_clamped + other.kl_clamped)
 
 
 def dipo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                     eps_low: float = 0.2, eps_high: float = 0.28, beta: float = 0.0,
-                    ref_logp: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, LossStats]:
+                    ref_logp: Optional[torch.Tensor] = None, log_ratio_clamp: Optional[float] = LOG_RATIO_CLAMP,
+                    ) -> tuple[torch.Tensor, LossStats]:
     """Per-token loss -(min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) - beta * KL), and stats.
 
-    ``advantages`` is per token (a response's advantage repeated over its tokens).
+    ``advantages`` is per token (a response's advantage repeated over its tokens). The log-ratio
+    l - l_old and the k3 exponent are clamped to [-log_ratio_clamp, log_ratio_clamp] before exp()
+    (DiRL's bound, 10), so a far-off behaviour policy (several updates per batch, the engine's
+    recorded log-probs as l_old) gives finite losses and gradients; a clamped token carries no
+    gradient through the ratio. ``None`` disables the clamp.
     """
     old_logp = old_logp.detach().to(logp.dtype)
     adv = advantages.detach().to(logp.dtype)
-    ratio = torch.exp(logp - old_logp)
+    log_ratio = logp - old_logp
+    if log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     surrogate = torch.minimum(unclipped, clipped)
     loss = -surrogate
     kl_sum = 0.0
+    kl_clamped = 0.0
     if beta > 0.0:
         if ref_logp is None:
             raise ValueError("beta > 0 needs reference log-probs")
-        kl = k3_kl(logp, ref_logp.detach().to(logp.dtype))
+        ref = ref_logp.detach().to(logp.dtype)
+        kl = k3_kl(logp, ref, clamp=log_ratio_clamp)
         loss = loss + beta * kl
         kl_sum = float(kl.detach().sum())
+        if log_ratio_clamp is not None:
+            kl_clamped = float(((ref - logp).detach().abs() >= log_ratio_clamp).sum())
     with torch.no_grad():
         r = ratio.detach()
         is_clipped = ((adv > 0) & (r > 1.0 + eps_high)) | ((adv < 0) & (r < 1.0 - eps_low))
         n = r.numel()
+        n_clamped = 0.0
+        if log_ratio_clamp is not None:
+            n_clamped = float(((logp - old_logp).detach().abs() >= log_ratio_clamp).sum())
         stats = LossStats(tokens=float(n), clipped=float(is_clipped.sum()), kl=kl_sum, ratio=float(r.sum()),
-                          ratio_max=float(r.max()) if n else 0.0, ratio_min=float(r.min()) if n else math.inf)
+                          ratio_max=float(r.max()) if n else 0.0, ratio_min=float(r.min()) if n else math.inf,
+                          ratio_clamped=n_clamped, kl_clamped=kl_clamped)
     return loss, stats
 
 
