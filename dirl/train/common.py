@@ -634,3 +634,21 @@ def format_rate(x: float) -> str:
 def rank_zero_print(accelerator, *args, **kwargs) -> None:
     if accelerator is None or accelerator.is_main_process:
         print(*args, **kwargs, flush=True)
+
+
+def param_digests(accelerator, model: torch.nn.Module) -> list[str]:
+    """A SHA-256 of every rank's parameters (names, dtypes, shapes and bytes, in name order), gathered
+    on every rank: data-parallel ranks that trained as one job end with identical digests."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(unwrap(model).named_parameters()):
+        t = p.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    mine = h.hexdigest()
+    if accelerator is None or accelerator.num_processes == 1:
+        return [mine]
+    out: list[Any] = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(out, mine)
+    return [str(d) for d in out]

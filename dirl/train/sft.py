@@ -55,6 +55,7 @@ from dirl.train.common import (
     GradientStepper,
     MetricsLogger,
     all_reduce_sum,
+    param_digests,
     build_optimizer,
     build_scheduler,
     format_rate,
@@ -317,7 +318,8 @@ def train_sft(cfg: SFTConfig, on_finish: Optional[Callable[[Any, Any], None]] = 
     ``run_dir``, ``final_checkpoint``, ``final_model`` (SDAR folder), ``steps``, ``start_step``,
     ``loss_first`` / ``loss_last`` (first and last step), ``loss_start`` / ``loss_end`` (means of the
     first and last ten steps), ``data`` (packing statistics, dropped samples), ``train_time_s``,
-    ``world_size``, ``strategy``, ``plot``.
+    ``world_size``, ``strategy``, ``param_digest_per_rank`` (a SHA-256 of each rank's final
+    parameters) and ``ranks_in_sync`` (all equal), ``plot``.
 
     ``on_finish(model, accelerator)``, when given, is called on every rank with the trained
     :class:`~dirl.model.sdar.SDARModel` before returning (e.g. to evaluate it in the same process)."""
@@ -427,6 +429,7 @@ def train_sft(cfg: SFTConfig, on_finish: Optional[Callable[[Any, Any], None]] = 
                            title=f"SFT {run_dir.name}", smooth=10, smooth_keys=["loss", "grad_norm"])
     assert final_ckpt is not None
     k = max(1, min(10, len(losses) // 2))  # averaging window for the start/end loss
+    digests = param_digests(acc, wrapped)
     summary = {
         "run_dir": str(run_dir),
         "final_checkpoint": str(final_ckpt),
@@ -441,6 +444,8 @@ def train_sft(cfg: SFTConfig, on_finish: Optional[Callable[[Any, Any], None]] = 
         "train_time_s": round(train_time, 2),
         "world_size": world,
         "strategy": strategy,
+        "param_digest_per_rank": digests,
+        "ranks_in_sync": len(set(digests)) == 1,
         "plot": str(plot) if plot else None,
     }
     if acc.is_main_process:
