@@ -20,7 +20,7 @@ import torch
 from dirl.config import ConfigError, DecodingConfig
 from dirl.train.common import Dist
 from dirl.train.rl.config import load_rl_config
-from dirl.train.rl.groups import Group, Sampling, collect_groups, rollout_and_score
+from dirl.train.rl.groups import FillError, Group, Sampling, collect_groups, rollout_and_score
 from dirl.train.rl.prompts import PromptSampler, load_problems
 from dirl.train.rl.recipe import train_rl
 from dirl.train.rl.update import make_samples, micro_batches_per_rank, plan_micro_batches
@@ -73,22 +73,25 @@ def test_dapo_filter_refills_and_advances_the_cursor():
     def draw(n):
         return [({"i": i, "id": str(i)}, [i]) for i in sampler.draw(n)]
 
-    kept, st = collect_groups(draw, _fake_generate(verdicts), target=3, dynamic_sampling=True, max_rounds=5)
+    kept, st = collect_groups(draw, _fake_generate(verdicts), target=3, filter_groups=True, max_rounds=5)
     mixed = [i for i in order if 0 < sum(verdicts[i]) < 4]
     assert [g.problem["i"] for g in kept] == mixed[:3]
     assert all(0 < sum(g.correct) < 4 for g in kept)
     assert st.drawn == sampler.cursor and st.rounds >= 2  # refill rounds drew more prompts
     assert len(st.all_groups) == st.drawn  # every drawn prompt was rolled out and counted
-    # the cap: never more than max_rounds rounds, whatever was kept
+    assert st.dropped == st.drawn - len(kept) - st.surplus
+    # the bound: never more than max_rounds rounds, and a step still short fails loudly, naming the keys
     s2 = PromptSampler(8, seed=0)
-    kept2, st2 = collect_groups(lambda n: [({"i": i, "id": str(i)}, [i]) for i in s2.draw(n)],
-                                _fake_generate({i: [0, 0, 0, 0] for i in range(8)}), target=3,
-                                dynamic_sampling=True, max_rounds=2)
-    assert kept2 == [] and st2.rounds == 2 and s2.cursor == 6
+    with pytest.raises(FillError, match=r"after 2 sampling rounds \(6 prompts drawn\) only 0 of 3 groups.*"
+                                        r"train.max_sampling_rounds or train.oversample"):
+        collect_groups(lambda n: [({"i": i, "id": str(i)}, [i]) for i in s2.draw(n)],
+                       _fake_generate({i: [0, 0, 0, 0] for i in range(8)}), target=3,
+                       filter_groups=True, max_rounds=2)
+    assert s2.cursor == 6  # the drawn prompts were consumed all the same
     # switched off: one round, everything kept
     s3 = PromptSampler(8, seed=0)
     kept3, st3 = collect_groups(lambda n: [({"i": i, "id": str(i)}, [i]) for i in s3.draw(n)],
-                                _fake_generate(verdicts), target=3, dynamic_sampling=False, max_rounds=5)
+                                _fake_generate(verdicts), target=3, filter_groups=False, max_rounds=5)
     assert len(kept3) == 3 and st3.rounds == 1 and s3.cursor == 3
 
 
@@ -96,7 +99,7 @@ def test_oversampling_draws_more_and_keeps_exactly_the_target():
     verdicts = {i: ([1, 0, 0, 0] if i % 2 else [1, 1, 1, 1]) for i in range(20)}
     s = PromptSampler(20, seed=1)
     kept, st = collect_groups(lambda n: [({"i": i, "id": str(i)}, [i]) for i in s.draw(n)],
-                              _fake_generate(verdicts), target=4, dynamic_sampling=True, max_rounds=3, oversample=2.0)
+                              _fake_generate(verdicts), target=4, filter_groups=True, max_rounds=3, oversample=2.0)
     assert st.drawn >= 8  # the first round drew twice the missing groups
     assert len(kept) == 4 and s.cursor == st.drawn
 
@@ -164,7 +167,7 @@ def test_paper_configs_load():
         assert cfg.train.prompts_per_step == 128 and cfg.optim.lr == 1e-6
         assert cfg.rollout.decoding.top_k == 50 and cfg.rollout.decoding.confidence_threshold == 0.9
     dapo = load_rl_config(str(ROOT / "configs" / "rl_sdar8b_dapo.yaml"), ["model.path=''", "server.urls=[http://x:1]"])
-    assert dapo.train.dynamic_sampling and dapo.loss.loss_type == "dapo"
+    assert dapo.train.filter_groups and dapo.loss.loss_type == "dapo"
 
 
 @pytest.mark.parametrize("old, new", [
@@ -299,6 +302,7 @@ def _small_run(tmp_path, tiny_dir, steps, extra=()):
         "train.micro_batch_size=32", "rollout.decoding.max_new_tokens=8", "server.max_batch_size=64",
         "eval.enabled=false", "logging.progress_bar=false", "logging.tensorboard=false",
         "rollout.decoding.unmasking_strategy=low_confidence_static", "rollout.decoding.denoising_steps=2",
+        "train.filter_groups=false",  # the tiny random model answers nothing right: every group is flat
         *extra,
     ]
 
@@ -322,18 +326,16 @@ def test_rl_raises_a_toy_reward_through_the_server(tiny_dir, tmp_path):
 @pytest.mark.slow
 def test_kl_several_updates_dapo_and_rounds_run_end_to_end(tiny_dir, tmp_path):
     """The other branches of the step: a frozen reference model (beta > 0), old log-probs from a
-    pre-pass (two mini-batches), DAPO aggregation and filter with refill, the rounds layout."""
+    pre-pass (two mini-batches), DAPO aggregation, the filter's bound, the rounds layout."""
     cfg = load_rl_config(None, _small_run(tmp_path, tiny_dir, 2, [
         "custom_rewards.sevens=helpers_rl_dist:digit_fraction", "rewards.weights={sevens: 1.0}",
         "loss.beta=0.1", "train.num_mini_batches=2", "loss.loss_type=dapo", "loss.layout=rounds",
-        "train.dynamic_sampling=true", "train.max_sampling_rounds=2", "optim.lr=1e-3", "train.save_every=0",
+        "train.filter_groups=true", "train.max_sampling_rounds=2", "optim.lr=1e-3", "train.save_every=0",
         "train.micro_batch_size=8"]))
-    train_rl(cfg)
-    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2
-    for r in rows:
-        assert r["sampling/rounds"] == 2  # no response is ever 'correct' for the accuracy verdict: refill to the cap
-        assert r["groups/kept"] == 0 and r["updates"] == 0
+    # no response is ever 'correct' for the accuracy verdict: every group is flat, the refill reaches its
+    # bound, and the step fails loudly instead of training on nothing
+    with pytest.raises(FillError, match="after 2 sampling rounds .* only 0 of 4 groups"):
+        train_rl(cfg)
     # with the filter off, both mini-batches update, KL is measured against the reference
     cfg = load_rl_config(None, _small_run(tmp_path, tiny_dir, 2, [
         "custom_rewards.sevens=helpers_rl_dist:digit_fraction", "rewards.weights={sevens: 1.0}",

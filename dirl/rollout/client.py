@@ -284,7 +284,7 @@ class RolloutClient:
         return "file" if local and len(dirs) == 1 and None not in dirs else "inline"
 
     async def apush_weights(self, weights: Any, transport: str = "auto", segment_bytes: Optional[int] = None,
-                            sleep_level: int = 1, tmp_dir: Optional[str] = None) -> dict:
+                            sleep_level: int = 1, tmp_dir: Optional[str] = None, sleep_first: bool = True) -> dict:
         from dirl.rollout import weights as W
 
         pairs = W.named_tensors(weights)
@@ -319,7 +319,8 @@ class RolloutClient:
                 if errors:
                     raise errors[0]
 
-            await everywhere("sleep", "/sleep", {"level": sleep_level})
+            if sleep_first:  # False: the caller put the servers to sleep already (the RL step's hand-off)
+                await everywhere("sleep", "/sleep", {"level": sleep_level})
             # one segment at a time: built, sent to every server, freed (file removed, CUDA buckets
             # released) before the next is built
             stream = W.iter_payloads(groups, transport, tmp_dir=tmp_dir,
@@ -334,7 +335,7 @@ class RolloutClient:
         return {"transport": transport, "segments": len(groups), "tensors": len(pairs), "servers": len(self.urls)}
 
     def push_weights(self, weights: Any, transport: str = "auto", segment_bytes: Optional[int] = None,
-                     sleep_level: int = 1, tmp_dir: Optional[str] = None) -> dict:
+                     sleep_level: int = 1, tmp_dir: Optional[str] = None, sleep_first: bool = True) -> dict:
         """sleep → update_weights (segmented) → wakeup on every server. ``weights``: a model
         (SDARModel, HF, DDP-wrapped) or a state dict. ``transport``: auto, file, inline or ipc."""
-        return _run(self.apush_weights(weights, transport, segment_bytes, sleep_level, tmp_dir))
+        return _run(self.apush_weights(weights, transport, segment_bytes, sleep_level, tmp_dir, sleep_first))

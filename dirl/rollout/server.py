@@ -576,6 +576,20 @@ def read_api_key(arg_key: Optional[str], key_file: Optional[str], environ: Optio
     return env_key or None
 
 
+ACCESS_LOG_ENV = "DIRL_SERVER_ACCESS_LOG"
+
+
+def add_access_log(app) -> None:
+    """One stdout line per request handled, in the order they finish: ``dirl serve: POST /sleep 200``
+    (no bodies, no keys). The server's log file then shows the order of a trainer's calls."""
+
+    @app.middleware("http")
+    async def _access_log(request, call_next):
+        response = await call_next(request)
+        print(f"dirl serve: {request.method} {request.url.path} {response.status_code}", flush=True)
+        return response
+
+
 def cli_main(argv: list[str]) -> int:
     die_with_parent()  # first: a server started by a trainer or evaluator never outlives it
     from dirl.rollout.cli import (add_decoding_args, add_runtime_args, apply_threads, decoding_from_args,
@@ -606,6 +620,8 @@ def cli_main(argv: list[str]) -> int:
                    help="an option of the backend's own (repeatable; VALUE read as YAML: 0.3, true, null), "
                         "e.g. lmdeploy's cache_max_entry_count=0.3, max_context, eager_mode, "
                         "weight_segment_bytes; overrides --dtype / --max-batch-size")
+    p.add_argument("--access-log", action="store_true",
+                   help=f"print one line per HTTP request handled (method, path, status; also ${ACCESS_LOG_ENV}=1)")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="how long the first waiting request waits for others to join its batch")
     add_decoding_args(p)
@@ -635,6 +651,9 @@ def cli_main(argv: list[str]) -> int:
     app = create_app(backend, parser, api_key=api_key, batch_window_s=args.batch_window_ms / 1000,
                      weights_dir=weights_dir, max_body_bytes=args.max_body_bytes,
                      allowed_hosts=(LOOPBACK_NAMES + (_host_name(args.host),)) if loopback else None)
+
+    if args.access_log or os.environ.get(ACCESS_LOG_ENV, "") == "1":
+        add_access_log(app)
 
     import uvicorn
 

@@ -320,12 +320,18 @@ class PhaseTimer:
     """Seconds per named phase of one step: ``with timer("rollout"): ...`` or ``timer.add(name, s)``;
     :meth:`metrics` gives ``time/<phase>``, the slowest rank's."""
 
-    def __init__(self, phases: Sequence[str] = ()):
+    def __init__(self, phases: Sequence[str] = (), on_enter: Optional[Callable[[str], None]] = None):
         self.seconds: dict[str, float] = {p: 0.0 for p in phases}
         self.start = time.perf_counter()
+        self.on_enter = on_enter  # called with a phase's name as it starts (a probe for tests and tools)
+
+    def enter(self, name: str) -> None:
+        if self.on_enter is not None:
+            self.on_enter(name)
 
     @contextlib.contextmanager
     def __call__(self, name: str):
+        self.enter(name)
         t0 = time.perf_counter()
         try:
             yield

@@ -65,6 +65,11 @@ class RolloutConfig:
 
     decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=40))
     weight_transport: Literal["auto", "file", "inline", "ipc"] = "auto"
+    # The memory hand-off (SPEC section 8): servers asleep from the end of the rollout until the
+    # weight push, so the log-prob pass and the updates have the device. None: servers started for
+    # the run (colocated: they share the trainer's GPUs) sleep, a pool given by URL does not.
+    sleep_while_training: Optional[bool] = None
+    sleep_level: int = 1  # 1: KV cache freed; 2: weights too (DiRL's runs)
 
 
 @dataclass
@@ -81,6 +86,9 @@ class LossConfig:
     epsilon_high: float = 0.28  # upper clip: 1 + epsilon_high
     beta: float = 0.0  # KL coefficient (k3 estimator); > 0 loads a frozen reference model
     scale_adv_by_std: bool = True  # divide group advantages by the group's std
+    # |l - l_old| and the k3 exponent clamped to this before exp() (DiRL's bound): a far-off
+    # behaviour policy gives finite losses and gradients; null turns the clamp off
+    log_ratio_clamp: Optional[float] = 10.0
     # Behaviour policy of the ratio when it is not the current policy: "recompute" (the trainer's
     # log-probs before the step's first update) or "rollout" (the engine's recorded log-probs).
     behaviour_logprobs: Literal["recompute", "rollout"] = "recompute"
@@ -92,7 +100,8 @@ class LossConfig:
 @dataclass
 class RLTrainConfig:
     RENAMED: ClassVar[dict[str, str]] = {"samples_per_prompt": "train.num_generations",
-                                         "mini_batches": "train.num_mini_batches"}
+                                         "mini_batches": "train.num_mini_batches",
+                                         "dynamic_sampling": "train.filter_groups"}
 
     steps: int = 100  # RL steps (one rollout batch each)
     prompts_per_step: int = 8  # groups trained on per step
@@ -104,8 +113,11 @@ class RLTrainConfig:
     # in rows of about this many tokens (a longer response gets a row of its own). 0: one row per
     # micro-batch (best with FlexAttention on GPU; on CPU the dense mask grows with the row squared).
     row_tokens: int = 512
-    dynamic_sampling: bool = False  # DAPO filter
-    max_sampling_rounds: int = 4  # refill rounds per step with dynamic sampling
+    # Drop groups whose responses are all correct or all wrong (zero advantage) and refill the step
+    # with more prompts until exactly prompts_per_step groups are kept, as DiRL's GRPO and DAPO runs
+    # do (verl: algorithm.filter_groups). false: one round, every group kept.
+    filter_groups: bool = True
+    max_sampling_rounds: int = 8  # bound on refill rounds; a step still short after it fails loudly
     oversample: float = 1.0  # prompts drawn per round = ceil(missing groups * oversample)
     shuffle_samples: bool = True  # shuffle responses across mini-batches (when there are several)
     seed: int = 0
@@ -113,6 +125,9 @@ class RLTrainConfig:
     keep_last: int = 2
     resume: str = "auto"  # "auto": newest checkpoint of the run folder; "never"; or a checkpoint path
     entropy: bool = True  # log the policy entropy of the scored tokens
+    # The trainer's weights, gradients and optimizer state on the CPU while the servers roll out
+    # (CUDA, single process or DDP; under DeepSpeed use its own offload_optimizer instead).
+    offload_during_rollout: bool = False
 
 
 @dataclass
@@ -179,6 +194,8 @@ class RLConfig:
         if lo.epsilon >= 1.0:
             raise ConfigError(f"config key 'loss.epsilon': must be < 1, got {lo.epsilon!r}")
         check_positive("loss.beta", lo.beta, allow_zero=True)
+        if lo.log_ratio_clamp is not None:
+            check_positive("loss.log_ratio_clamp", lo.log_ratio_clamp)
         check_positive("loss.logits_chunk_size", lo.logits_chunk_size)
         check_positive("optim.lr", self.optim.lr)
         check_positive("logging.log_every", self.logging.log_every)
@@ -189,6 +206,12 @@ class RLConfig:
         if self.data.source != "synthetic" and self.data.source.endswith((".json", ".jsonl", ".parquet")):
             check_path_exists("data.source", self.data.source)
         check_server_config(self.server)
+        if self.rollout.sleep_level not in (1, 2):
+            raise ConfigError(f"config key 'rollout.sleep_level': must be 1 (KV cache) or 2 (KV cache and weights), "
+                              f"got {self.rollout.sleep_level!r}")
+        if t.offload_during_rollout and self.dist.strategy == "deepspeed":
+            raise ConfigError("config key 'train.offload_during_rollout': not with DeepSpeed (its parameters are views "
+                              "of flat buffers); use DeepSpeed's offload_optimizer, or dist.strategy ddp")
         if self.server.backend == "lmdeploy" and not self.server.urls and not torch.cuda.is_available():
             raise ConfigError("config key 'server.backend': lmdeploy servers need CUDA; use 'reference' on CPU "
                               "or give server.urls of running servers")

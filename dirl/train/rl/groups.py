@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from dirl.config import DecodingConfig
+from dirl.config import ConfigError, DecodingConfig
 from dirl.data.benchmarks import load_benchmark
 from dirl.data.chat import prompt_ids
 from dirl.rewards.shaping import RewardConfig, score_trajectories, tokens_per_step
@@ -100,24 +100,33 @@ class CollectStats:
     rounds: int = 0
     drawn: int = 0
     skipped_long: int = 0
+    dropped: int = 0  # groups dropped by the filter (flat: all correct or all wrong)
+    surplus: int = 0  # kept groups beyond the target of the last round, not trained on
     all_groups: list = field(default_factory=list)  # every rewarded group of the step, kept or not
+
+
+class FillError(ConfigError):
+    """A step could not be filled with ``prompts_per_step`` groups of mixed correctness within the
+    round bound: the run stops rather than train a short step (one line naming the keys to change)."""
 
 
 def collect_groups(draw: Callable[[int], list[tuple[dict, list[int]]]],
                    generate: Callable[[list[dict], list[list[int]], int], list[Group]],
-                   target: int, dynamic_sampling: bool, max_rounds: int, oversample: float = 1.0,
+                   target: int, filter_groups: bool, max_rounds: int, oversample: float = 1.0,
                    keep: Optional[Callable[[Group], bool]] = None) -> tuple[list[Group], CollectStats]:
     """Groups for one step (``generate(problems, prompts, rnd=round)`` rolls out and rewards).
-    Without dynamic sampling: one round of ``target`` prompts, all kept.
-    With it: rounds of ``ceil(missing * oversample)`` prompts, a group kept iff ``keep(group)``
-    (default 0 < mean(correct) < 1), until ``target`` are kept or ``max_rounds`` rounds were drawn.
+    Without filtering: one round of ``target`` prompts, all kept.
+    With it (DiRL's GRPO and DAPO runs): a group is kept iff ``keep(group)`` (default
+    0 < mean(correct) < 1: a flat group has zero advantages and only dilutes the average), and rounds
+    of ``ceil(missing * oversample)`` prompts are drawn until exactly ``target`` groups are kept.
+    After ``max_rounds`` rounds with fewer, :class:`FillError` (never a silently short step).
     Extra kept groups beyond ``target`` are dropped (their prompts were consumed all the same)."""
     keep = keep or (lambda g: keep_group(g.correct))
     stats = CollectStats()
     kept: list[Group] = []
-    for rnd in range(max_rounds if dynamic_sampling else 1):
+    for rnd in range(max_rounds if filter_groups else 1):
         missing = target - len(kept)
-        n = math.ceil(missing * oversample) if dynamic_sampling else target
+        n = math.ceil(missing * oversample) if filter_groups else target
         drawn = draw(n)
         stats.drawn += n
         stats.rounds += 1
@@ -125,9 +134,19 @@ def collect_groups(draw: Callable[[int], list[tuple[dict, list[int]]]],
             continue
         groups = generate([d[0] for d in drawn], [d[1] for d in drawn], rnd=rnd)
         stats.all_groups += groups
-        kept += [g for g in groups if not dynamic_sampling or keep(g)]
+        for g in groups:
+            if not filter_groups or keep(g):
+                kept.append(g)
+            else:
+                stats.dropped += 1
         if len(kept) >= target:
             break
+    if len(kept) < target:
+        raise FillError(f"config key 'train.max_sampling_rounds': after {stats.rounds} sampling rounds "
+                        f"({stats.drawn} prompts drawn) only {len(kept)} of {target} groups have mixed "
+                        f"correctness; raise train.max_sampling_rounds or train.oversample, or set "
+                        f"train.filter_groups=false to train on flat groups too")
+    stats.surplus = len(kept) - target
     return kept[:target], stats
 
 
@@ -152,6 +171,8 @@ def rollout_metrics(stats: CollectStats, kept: Sequence[Group], target: int) -> 
         "groups/rewarded": len(gs),
         "groups/all_correct": sum(1 for g in gs if g.accuracy == 1.0),
         "groups/all_wrong": sum(1 for g in gs if g.accuracy == 0.0),
+        "groups/dropped": stats.dropped,
+        "groups/surplus": stats.surplus,
         "sampling/rounds": stats.rounds,
         "sampling/prompts_drawn": stats.drawn,
         "sampling/skipped_long_prompts": stats.skipped_long,

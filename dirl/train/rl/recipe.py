@@ -14,10 +14,16 @@ this list of calls, each timed by one :class:`~dirl.train.common.PhaseTimer`:
 2. :func:`~dirl.train.rl.groups.rollout_metrics`: reward, accuracy, lengths, filter counts;
 3. :func:`step_samples`: group advantages (``update.make_samples``), shuffled across mini-batches;
 4. :func:`~dirl.train.rl.update.plan_micro_batches`: mini-batches, this rank's share, micro-batches;
-5. :func:`score_before_update`: old log-probs (off-policy) and reference log-probs (β > 0), no grad;
-6. :func:`run_updates`: per mini-batch and iteration, the DiPO loss and one optimizer step;
-7. :func:`push_weights`: the new weights to the rollout servers in place (sleep → update → wakeup);
-8. :func:`update_metrics` and the phase times; :func:`write_samples` (``samples.jsonl``).
+5. :func:`sleep_servers`: the memory hand-off (SPEC section 8): colocated servers sleep (KV cache
+   freed; ``rollout.sleep_level`` 2: weights too) from here until their weights are pushed;
+6. :func:`score_before_update`: old log-probs (off-policy) and reference log-probs (β > 0), no grad;
+7. :func:`run_updates`: per mini-batch and iteration, the DiPO loss and one optimizer step;
+8. :func:`push_weights`: the new weights to the rollout servers in place (update → wakeup; a server
+   that did not sleep for the training sleeps first);
+9. :func:`update_metrics` and the phase times; :func:`write_samples` (``samples.jsonl``).
+
+With ``train.offload_during_rollout`` (CUDA) the trainer's weights, gradients and optimizer state
+sit on the CPU during step 1, so the servers' KV cache has the device to itself.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from dirl.config import run_config_command
+import torch
+
+from dirl.config import ConfigError, run_config_command
 from dirl.data.chat import stop_token_ids
 from dirl.model.sdar import load_model, load_tokenizer
 from dirl.model.tiny import count_parameters
@@ -89,7 +97,7 @@ from dirl.train.rl.update import (
     update,
 )
 
-PHASES = ("rollout", "reward", "logprobs", "update", "weight_push")
+PHASES = ("rollout", "reward", "sleep", "logprobs", "update", "weight_push", "offload")
 
 
 @dataclass
@@ -118,6 +126,8 @@ class RLRun:
     start_step: int
     resumed_from: Optional[Path]
     samples_path: Optional[Path]
+    sleeps: bool = False  # servers sleep while the trainer trains (rollout.sleep_while_training)
+    phase_hook: Optional[Callable[[str], None]] = None  # called as each phase of a step starts
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,17 +138,22 @@ class RLRun:
 def rl_step(run: RLRun, step: int) -> dict:
     """One RL step (0-based ``step``); returns its metrics."""
     t = run.cfg.train
-    timer = PhaseTimer(PHASES)
-    kept, stats = collect_step_groups(run, step, timer)
+    timer = PhaseTimer(PHASES, on_enter=run.phase_hook)
+    with offloaded_trainer(run, timer):
+        kept, stats = collect_step_groups(run, step, timer)
     metrics = rollout_metrics(stats, kept, t.prompts_per_step)
+    with timer("sleep"):
+        slept = sleep_servers(run)
     samples = step_samples(run, kept, step)
     plan = plan_micro_batches(len(samples), t.num_mini_batches, run.dist.rank, run.dist.world, run.n_micro)
     with timer("logprobs"):
         measure = score_before_update(run, samples, plan)
     ups = run_updates(run, samples, plan, measure, timer)
-    if ups:
-        with timer("weight_push"):
-            push_weights(run)
+    with timer("weight_push"):
+        if ups:
+            push_weights(run, slept=slept)
+        elif slept:
+            wake_servers(run)
     metrics.update(update_metrics(ups, measure, run.dist, t.num_iterations))
     metrics.update(timer.metrics(run.dist))
     write_samples(run, step + 1, stats, kept)
@@ -151,7 +166,7 @@ def collect_step_groups(run: RLRun, step: int, timer: PhaseTimer) -> tuple[list[
     run.source.skipped = 0
     generate = partial(rollout_and_score, run.servers.client, G=t.num_generations, step=step, s=run.sampling,
                        dist=run.dist, timer=timer)
-    kept, stats = collect_groups(run.source.draw, generate, t.prompts_per_step, t.dynamic_sampling,
+    kept, stats = collect_groups(run.source.draw, generate, t.prompts_per_step, t.filter_groups,
                                  t.max_sampling_rounds, t.oversample)
     stats.skipped_long = run.source.skipped
     return kept, stats
@@ -186,6 +201,7 @@ def run_updates(run: RLRun, samples: list[Sample], plan: list[list[list[int]]], 
     ups: list[dict] = []
     if not samples:
         return ups
+    timer.enter("update")
     t0 = time.perf_counter()
     for it in range(t.num_iterations):
         for mi, mini in enumerate(plan):
@@ -198,12 +214,53 @@ def run_updates(run: RLRun, samples: list[Sample], plan: list[list[list[int]]], 
     return ups
 
 
-def push_weights(run: RLRun) -> None:
-    """The current weights to the servers, in place. Colocated servers: every rank to its own;
-    a pool: rank 0 to every server."""
-    if run.servers.mode == "started" or run.dist.rank == 0:
-        run.servers.client.push_weights(unwrap(run.wrapped).model, transport=run.cfg.rollout.weight_transport)
+def _talks_to_servers(run: RLRun) -> bool:
+    """Colocated servers: every rank drives its own; a pool: rank 0 drives every server."""
+    return run.servers.mode == "started" or run.dist.rank == 0
+
+
+def sleep_servers(run: RLRun) -> bool:
+    """Put the servers to sleep for the log-prob pass and the updates (when ``run.sleeps``); True
+    when they sleep. Every rank has its rollouts by now (they were gathered)."""
+    if not run.sleeps:
+        return False
+    if _talks_to_servers(run):
+        run.servers.client.sleep(run.cfg.rollout.sleep_level)
     run.dist.barrier()
+    return True
+
+
+def wake_servers(run: RLRun) -> None:
+    if _talks_to_servers(run):
+        run.servers.client.wakeup()
+    run.dist.barrier()
+
+
+def push_weights(run: RLRun, slept: bool = False) -> None:
+    """The current weights to the servers, in place: update_weights → wakeup, with a sleep first
+    unless they already sleep for the training (``slept``)."""
+    if _talks_to_servers(run):
+        run.servers.client.push_weights(unwrap(run.wrapped).model, transport=run.cfg.rollout.weight_transport,
+                                        sleep_level=run.cfg.rollout.sleep_level, sleep_first=not slept)
+    run.dist.barrier()
+
+
+@contextlib.contextmanager
+def offloaded_trainer(run: RLRun, timer: PhaseTimer):
+    """With ``train.offload_during_rollout`` on CUDA: the trainer's weights, gradients and optimizer
+    state on the CPU for the duration (the rollout), back on the device after."""
+    device = torch.device(run.acc.device)
+    if not (run.cfg.train.offload_during_rollout and device.type == "cuda"):
+        yield
+        return
+    with timer("offload"):
+        move_trainer_state(unwrap(run.wrapped), run.optimizer, torch.device("cpu"))
+        torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        with timer("offload"):
+            move_trainer_state(unwrap(run.wrapped), run.optimizer, device)
 
 
 def update_metrics(ups: list[dict], measure: dict, dist: Dist, num_iterations: int) -> dict:
@@ -221,6 +278,8 @@ def update_metrics(ups: list[dict], measure: dict, dist: Dist, num_iterations: i
             "kl": mean([u["kl"] for u in ups]),
             "ratio/mean": mean([u["ratio_mean"] for u in ups]),
             "ratio/max": max(u["ratio_max"] for u in ups),
+            "ratio/clamped_tokens": sum(u["ratio_clamped"] for u in ups),
+            "kl/clamped_tokens": sum(u["kl_clamped"] for u in ups),
             "grad_norm": mean([u["grad_norm"] for u in ups]),
             "lr": ups[-1]["lr"],
             "tokens/scored": sum(u["scored_tokens"] for u in ups) / num_iterations,
@@ -349,6 +408,11 @@ def setup_run(cfg: RLConfig, cleanup: contextlib.ExitStack) -> RLRun:
                                float(dec.temperature), lo.logits_chunk_size, acc.device, t.row_tokens),
         n_micro=n_micro, behaviour=behaviour_policy(lo, t.num_iterations, t.num_mini_batches), strategy=strategy,
         start_step=start_step, resumed_from=resumed_from, samples_path=samples_path)
+    sleeps = cfg.rollout.sleep_while_training
+    run.sleeps = (servers.mode == "started") if sleeps is None else bool(sleeps)
+    if t.offload_during_rollout and strategy == "deepspeed":
+        raise ConfigError("config key 'train.offload_during_rollout': not with DeepSpeed (its parameters are views "
+                          "of flat buffers); use DeepSpeed's offload_optimizer, or dist.strategy ddp")
     if servers.mode == "pool" and resumed_from is not None:  # a pool keeps the weights it had: send ours
         push_weights(run)
     info = servers.infos[0]
@@ -358,6 +422,22 @@ def setup_run(cfg: RLConfig, cleanup: contextlib.ExitStack) -> RLRun:
                          f"{t.num_generations} samples | servers ({_servers_label(servers)}): {', '.join(servers.urls)} "
                          f"[{info.get('engine')}, {info.get('unmasking_strategy')}]")
     return run
+
+
+def move_trainer_state(model: torch.nn.Module, optimizer: Any, device: torch.device) -> None:
+    """Parameters, their gradients and every tensor of the optimizer state to ``device``, in place
+    (the optimizer keeps its references: ``param.data`` moves, the Parameter objects stay)."""
+    for p in model.parameters():
+        p.data = p.data.to(device, non_blocking=True)
+        if p.grad is not None:
+            p.grad = p.grad.to(device, non_blocking=True)
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    for state in opt.state.values():
+        for k, v in list(state.items()):
+            if torch.is_tensor(v):
+                state[k] = v.to(device, non_blocking=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _servers_label(servers: Servers) -> str:

@@ -230,7 +230,8 @@ def update(wrapped, stepper: GradientStepper, samples: list[Sample], mini_plan: 
                 old = _per_token(batch, [torch.tensor(x.traj["logprobs"], dtype=torch.float32) for x in sub]).to(lp.device)
             adv = torch.tensor([x.advantage for x in sub], dtype=torch.float32)[batch.traj].to(lp.device)
             ref = _per_token(batch, [x.ref for x in sub]).to(lp.device) if loss.beta > 0 else None
-            tl, st = dipo_token_loss(lp, old, adv, loss.epsilon, loss.epsilon_high, loss.beta, ref)
+            tl, st = dipo_token_loss(lp, old, adv, loss.epsilon, loss.epsilon_high, loss.beta, ref,
+                                     log_ratio_clamp=loss.log_ratio_clamp)
             counts = torch.bincount(batch.traj, minlength=len(sub))
             w = token_weights(batch.traj, counts, loss.loss_type, tot_resp, max(tot_tok, 1.0)).to(lp.device)
             mb_loss = (tl * w).sum()
@@ -241,10 +242,12 @@ def update(wrapped, stepper: GradientStepper, samples: list[Sample], mini_plan: 
             _mismatch(measure, sub, batch, lp.detach().cpu())
             _entropy(measure, ent)
     out = stepper.step()
-    sums = dist.sum([loss_sum, stats.clipped, stats.tokens, stats.kl, stats.ratio, fwd_tokens])
+    sums = dist.sum([loss_sum, stats.clipped, stats.tokens, stats.kl, stats.ratio, fwd_tokens,
+                     stats.ratio_clamped, stats.kl_clamped])
     out.update({
         "loss": sums[0], "clip_fraction": sums[1] / max(sums[2], 1.0), "kl": sums[3] / max(sums[2], 1.0),
         "ratio_mean": sums[4] / max(sums[2], 1.0), "ratio_max": dist.max(stats.ratio_max),
+        "ratio_clamped": sums[6], "kl_clamped": sums[7],
         "scored_tokens": sums[2], "forward_tokens": sums[5], "responses": tot_resp, "forward_s": fwd_time,
     })
     return out
