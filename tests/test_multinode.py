@@ -68,3 +68,38 @@ def test_sft_two_nodes_train_as_one_job(tmp_path):
     assert w_nodes.keys() == w_single.keys()
     for k in w_nodes:
         assert (w_nodes[k] == w_single[k]).all(), k
+
+
+RL_ARGS = ["runs_dir=/nonexistent", "train.steps=2", "train.prompts_per_step=2", "train.num_generations=4",
+           "train.micro_batch_size=8", "train.filter_groups=false", "train.save_every=0", "optim.lr=1e-3",
+           "rollout.decoding.max_new_tokens=8", "eval.enabled=false", "logging.progress_bar=false",
+           "logging.tensorboard=false", "custom_rewards.sevens=helpers_rl_dist:digit_fraction",
+           "rewards.weights={sevens: 1.0}"]  # a reward that varies within a group: real updates
+
+
+@pytest.mark.slow
+def test_rl_two_nodes_train_as_one_job(tmp_path, tiny_dir):
+    """examples/rl.sh as two one-process "nodes": each rank starts its own rollout server (colocated),
+    and the job ends with the parameters of a 2-process single-node run."""
+    cfg = tmp_path / "rl.yaml"
+    cfg.write_text(f"output_dir: {tmp_path}\nmodel:\n  path: {tiny_dir}\n")
+    port = _free_port()
+    path = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])  # the toy reward's module
+    nodes = [_launch("rl.sh", [str(cfg), "run_name=nodes", *RL_ARGS],
+                     _env(port, NNODES="2", NODE_RANK=str(r), NPROC_PER_NODE="1", PYTHONPATH=path)) for r in (0, 1)]
+    for p in nodes:
+        _finish(p)
+    _finish(_launch("rl.sh", [str(cfg), "run_name=single", *RL_ARGS],
+                    _env(_free_port(), NPROC_PER_NODE="2", PYTHONPATH=path)))
+
+    two_nodes, w_nodes = _weights(tmp_path / "nodes")
+    one_node, w_single = _weights(tmp_path / "single")
+    assert two_nodes["world_size"] == 2 and two_nodes["servers"] == "colocated", two_nodes
+    assert two_nodes["ranks_in_sync"], two_nodes["param_digest_per_rank"]
+    assert two_nodes["param_digest_per_rank"] == one_node["param_digest_per_rank"]
+    for k in w_nodes:
+        assert (w_nodes[k] == w_single[k]).all(), k
+    start = load_file(str(tiny_dir / "model.safetensors"))
+    assert any(not (w_nodes[k] == start[k]).all() for k in start)  # the two steps did train
+    logs = sorted(p.name for p in (tmp_path / "nodes" / "logs").glob("server-rank*.log"))
+    assert logs == ["server-rank0.log", "server-rank1.log"]

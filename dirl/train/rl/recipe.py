@@ -61,6 +61,7 @@ from dirl.train.common import (
     build_optimizer,
     build_scheduler,
     make_run_dir,
+    param_digests,
     plot_curves,
     progress_bar,
     rank_zero_print,
@@ -515,6 +516,7 @@ def write_summary(run: RLRun, log: RunLog, final_ckpt: Optional[Path], train_tim
                                                            "eval/accuracy"],
                            run.run_dir / "curves.png", title=f"RL {run.run_dir.name}", smooth=5)
     k = min(5, len(history))
+    digests = param_digests(acc, run.wrapped)
     summary = {
         "run_dir": str(run.run_dir),
         "initial_model": str(run.init_dir),
@@ -530,6 +532,8 @@ def write_summary(run: RLRun, log: RunLog, final_ckpt: Optional[Path], train_tim
         "train_time_s": round(train_time, 2),
         "world_size": run.dist.world,
         "strategy": run.strategy,
+        "param_digest_per_rank": digests,
+        "ranks_in_sync": len(set(digests)) == 1,
         "servers": _servers_label(run.servers),
         "plot": str(plot) if plot else None,
     }
