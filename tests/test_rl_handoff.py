@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 
 import pytest
 
@@ -55,3 +56,49 @@ def test_colocated_servers_sleep_while_the_trainer_trains(tiny_dir, tmp_path, mo
     assert _posts(log) == ["/generate", "/sleep", "/update_weights", "/wakeup"], log[-2000:]
     assert sum(ln.startswith("dirl serve: POST /sleep ") for ln in log.splitlines()) == 1
     assert metrics["time/sleep"] >= 0 and metrics["time/weight_push"] > 0
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status (Linux)")
+def test_the_reference_engine_holds_no_kv_cache_while_asleep(tmp_path):
+    """Measured from the server process: its peak resident memory during a long batched generation
+    grows by about the KV cache's size, and asleep its resident memory is back near where it started.
+    (The reference engine keeps its cache only inside a generate call; glibc's mmap threshold is
+    pinned so freed blocks go back to the system at once.)"""
+    from dirl.config import DecodingConfig, TinyModelConfig
+    from dirl.model.tiny import make_tiny_model
+    from dirl.rollout.client import RolloutClient
+    from dirl.rollout.launch import start_server
+
+    shape = TinyModelConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                            head_dim=64, intermediate_size=256, max_position_embeddings=1024)
+    model_dir = make_tiny_model(tmp_path / "m", shape)
+    rows, new = 32, 256
+    server = start_server(model_dir, decoding=DecodingConfig(max_new_tokens=new), device="cpu", max_batch_size=rows,
+                          threads=1, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    try:
+        client = RolloutClient([server.url], api_key=server.api_key, batch_size=rows, max_concurrency=1)
+        req = {"prompt": "What is 12+34?", "max_new_tokens": new, "stop_token_ids": [], "temperature": 1.0,
+               "do_sample": True}
+        client.generate([dict(req, request_id="warm", max_new_tokens=8, seed=0)])  # kernels, first allocations
+        pid = server.proc.pid
+        before = _status_kib(pid, "VmRSS")
+        out = client.generate([dict(req, request_id=f"r{i}", seed=i) for i in range(rows)])
+        assert all(len(t["token_ids"]) >= new for t in out)
+        peak = _status_kib(pid, "VmHWM")
+        client.sleep(1)
+        asleep = _status_kib(pid, "VmRSS")
+        assert client.info()[0]["asleep"]["kv_cache"] is True
+    finally:
+        server.stop()
+    # K and V of every layer for every cached token, fp32
+    kv_kib = rows * (new + 16) * shape.num_hidden_layers * 2 * shape.num_key_value_heads * shape.head_dim * 4 / 1024
+    print(f"RSS before {before} KiB, peak {peak} KiB, asleep {asleep} KiB, KV cache {kv_kib:.0f} KiB")
+    assert peak - before >= 0.8 * kv_kib, (before, peak, kv_kib)
+    assert asleep - before <= 0.25 * kv_kib, (before, asleep, kv_kib)
