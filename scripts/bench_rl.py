@@ -82,8 +82,8 @@ def make_trajectories(model, tok, n: int, max_new_tokens: int, seed: int = 0) ->
 
 
 def bench_layouts(model, trajs: list[dict], micro: int, repeats: int) -> dict:
-    """Packed vs rounds on the same trajectories. The runs of the two layouts are interleaved and
-    both the minimum and the median are reported (on a shared machine the minimum is the better
+    """Packed vs rounds on the same trajectories (CPU seconds). The runs of the two layouts are
+    interleaved and both the minimum and the median are reported (on a shared machine the minimum is the better
     estimate of the uncontended time)."""
     import torch
 
@@ -115,12 +115,14 @@ def bench_layouts(model, trajs: list[dict], micro: int, repeats: int) -> dict:
         fwd(lay)
         fwd_bwd(lay)
     runs = {(lay, kind): [] for lay in layouts for kind in ("f", "fb")}
+    # CPU time of this (one-thread) process: on a shared machine wall time also counts the time other
+    # jobs hold the core
     for _ in range(repeats):
         for lay in layouts:
             for kind, fn in (("f", fwd), ("fb", fwd_bwd)):
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 fn(lay)
-                runs[(lay, kind)].append(time.perf_counter() - t0)
+                runs[(lay, kind)].append(time.process_time() - t0)
     lps = {}
     for lay in layouts:
         vals = {}

@@ -135,7 +135,7 @@ def test_chunked_mask_with_separate_key_metadata():
     k = TokenMeta.cat([TokenMeta.make(torch.arange(0, 8)[None], 4), q])
     plan = ChunkedMask(q, k, chunk=4)
     full = dense_mask(q, k)
-    for a, b, idx, m in plan.plan:
+    for a, b, idx, m in plan.chunk_masks():
         cols = torch.arange(k.pos.shape[1]) if idx is None else idx
         assert torch.equal(m, full[:, :, a:b][..., cols])
         assert not full[:, :, a:b].index_fill(3, cols, False).any()  # nothing allowed was left out

@@ -178,7 +178,8 @@ class ChunkedMask:
     linearly with the length. The numbers are those of the dense mask (masked keys weigh exactly 0
     there), up to the order of floating-point sums.
 
-    The plan (key indices and mask slices) is made once per forward and shared by every layer.
+    The plan (which keys each chunk gathers) is made once per forward and shared by every layer; each
+    layer rebuilds a chunk's ``chunk x keys`` mask from the O(L) metadata, so nothing quadratic is kept.
     """
 
     def __init__(self, q: TokenMeta, k: Optional[TokenMeta] = None, chunk: int = DEFAULT_QUERY_CHUNK,
@@ -188,43 +189,51 @@ class ChunkedMask:
         self.k_len = int(k.pos.shape[1])
         self.chunk = max(1, int(chunk))
         self.shape = (int(q.pos.shape[0]), 1, self.q_len, self.k_len)  # what a dense mask would be
-        self.plan: list[tuple[int, int, Optional[torch.Tensor], torch.Tensor]] = []
+        # per chunk: query range, gathered key indices (None: all keys), and the metadata the
+        # chunk's mask is rebuilt from in every layer (cheaper to recompute than to keep)
+        self.plan: list[tuple[int, int, Optional[torch.Tensor], TokenMeta, TokenMeta]] = []
         for a in range(0, self.q_len, self.chunk):
             b = min(a + self.chunk, self.q_len)
-            m = dense_mask(q.select((slice(None), slice(a, b))), k)  # [B, 1, c, Lk]
-            need = m.any(dim=2).any(dim=0)[0]  # keys any query of the chunk (any row) may see
+            qm = q.select((slice(None), slice(a, b)))
+            need = dense_mask(qm, k).any(dim=2).any(dim=0)[0]  # keys some query of the chunk may see
             idx = None
+            km = k
             if int(need.sum()) < gather_below * self.k_len:
                 idx = need.nonzero().flatten()
-                m = m.index_select(3, idx)
-            self.plan.append((a, b, idx, m.contiguous()))
+                km = k.select((slice(None), idx))
+            self.plan.append((a, b, idx, qm, km))
 
     @property
     def keys_attended(self) -> int:
         """Query-key pairs the chunks compute (for cost accounting)."""
-        return sum((b - a) * (self.k_len if idx is None else int(idx.numel())) for a, b, idx, _ in self.plan)
+        return sum((b - a) * (self.k_len if idx is None else int(idx.numel())) for a, b, idx, _, _ in self.plan)
+
+    def chunk_masks(self):
+        """``(a, b, key indices or None, [B, 1, b - a, keys] mask)`` per chunk (for inspection)."""
+        return [(a, b, idx, dense_mask(qm, km)) for a, b, idx, qm, km in self.plan]
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
         """``[B, Hq, Lq, D]`` attention output of the whole query sequence."""
         gqa = query.shape[1] != key.shape[1]
         grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
         outs = []
-        for a, b, idx, m in self.plan:
+        for a, b, idx, qm, km in self.plan:
             if grad:
                 from torch.utils.checkpoint import checkpoint
 
-                o = checkpoint(_chunk_attention, query[:, :, a:b], key, value, idx, m, scale, gqa,
+                o = checkpoint(_chunk_attention, query[:, :, a:b], key, value, idx, qm, km, scale, gqa,
                                use_reentrant=False)
             else:
-                o = _chunk_attention(query[:, :, a:b], key, value, idx, m, scale, gqa)
+                o = _chunk_attention(query[:, :, a:b], key, value, idx, qm, km, scale, gqa)
             outs.append(o)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-def _chunk_attention(q, key, value, idx, mask, scale, gqa):
+def _chunk_attention(q, key, value, idx, q_meta, k_meta, scale, gqa):
     if idx is not None:
         key = key.index_select(2, idx)
         value = value.index_select(2, idx)
+    mask = dense_mask(q_meta, k_meta)
     return torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale,
                                                             enable_gqa=gqa)
 

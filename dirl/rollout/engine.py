@@ -247,9 +247,11 @@ class Engine:
         self.max_context = max_context
         pad = getattr(model.config, "pad_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
-        # statistics since construction: model forwards, rows over all forwards, tokens kept
+        # statistics since construction: model forwards, rows over all forwards, query tokens over all
+        # forwards (padding included), tokens kept
         self.forwards = 0
         self.row_forwards = 0
+        self.query_tokens = 0
         self.tokens_kept = 0
 
     # ------------------------------------------------------------------------------------------
@@ -404,6 +406,7 @@ class Engine:
             hidden = hidden.gather(1, idx)
         self.forwards += 1
         self.row_forwards += n
+        self.query_tokens += n * lq
         return self.model.lm_head(hidden).float()
 
     def _key_meta(self, q: TokenMeta, lengths: torch.Tensor, kv_len: int) -> TokenMeta:
