@@ -246,7 +246,7 @@ def synthetic_trajectory(n_tokens: int, block_size: int, vocab: int, prompt_len:
             "response_length": n_tokens}
 
 
-def scaling_child(n_tokens: int, query_chunk: int) -> dict:
+def scaling_child(n_tokens: int, query_chunk: int, gradient_checkpointing: bool = False) -> dict:
     """One measurement in this (fresh) process: packed fwd+bwd of one response of ``n_tokens``."""
     import resource
 
@@ -258,6 +258,12 @@ def scaling_child(n_tokens: int, query_chunk: int) -> dict:
 
     model, _ = build_tiny_model(TinyModelConfig(**SCALING_SHAPE))
     model.train()
+    if gradient_checkpointing:  # the trainers' model.gradient_checkpointing switch
+        if hasattr(model.hf, "activation_checkpointing_enable"):  # transformers >= 5.24
+            model.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.hf.config.use_cache = False
     traj = synthetic_trajectory(n_tokens, model.block_size, model.config.vocab_size)
     batch = build_batch([traj], model.block_size, model.mask_token_id, "packed")
     class Chunked(torch.nn.Module):  # score_batch's forward with an explicit query chunk
@@ -283,18 +289,19 @@ def scaling_child(n_tokens: int, query_chunk: int) -> dict:
     t2, c2 = time.perf_counter(), time.process_time()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"generated_tokens": n_tokens, "forward_tokens": batch.num_tokens, "scored": batch.num_scored,
-            "query_chunk": query_chunk, "parameters": count_parameters(model), "forward_s": t1 - t0,
+            "query_chunk": query_chunk, "gradient_checkpointing": gradient_checkpointing, "parameters": count_parameters(model), "forward_s": t1 - t0,
             "forward_backward_s": t2 - t0, "forward_cpu_s": c1 - c0, "forward_backward_cpu_s": c2 - c0,
             "peak_rss_gb": peak, "rss_before_gb": base,
             "logprobs": lp.detach().tolist()[:256]}
 
 
-def bench_scaling(lengths: list[int], query_chunk: int) -> dict:
+def bench_scaling(lengths: list[int], query_chunk: int, gradient_checkpointing: bool = False) -> dict:
     import math
     import subprocess
 
-    def run(n, chunk):
+    def run(n, chunk, gc=False):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--scaling-child", str(n), "--query-chunk", str(chunk)]
+        cmd += ["--gradient-checkpointing"] if gc else []
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             return {"generated_tokens": n, "query_chunk": chunk, "error": r.stderr.strip().splitlines()[-1:]}
@@ -303,6 +310,8 @@ def bench_scaling(lengths: list[int], query_chunk: int) -> dict:
     rows = [run(n, query_chunk) for n in lengths]
     dense = run(lengths[0], 0)
     out: dict = {"chunked": rows, "dense": dense}
+    if gradient_checkpointing:
+        out["checkpointed"] = run(lengths[-1], query_chunk, gc=True)
     ok = [r for r in rows if "error" not in r]
     if len(ok) >= 2:
         a, b = ok[0], ok[-1]
@@ -319,7 +328,7 @@ def bench_scaling(lengths: list[int], query_chunk: int) -> dict:
     if "error" not in dense and ok and ok[0]["generated_tokens"] == dense["generated_tokens"]:
         out["max_abs_logprob_diff_chunked_vs_dense"] = max(
             abs(x - y) for x, y in zip(ok[0]["logprobs"], dense["logprobs"]))
-    for r in rows + [dense]:
+    for r in rows + [dense] + ([out["checkpointed"]] if "checkpointed" in out else []):
         r.pop("logprobs", None)
     return out
 
@@ -337,6 +346,8 @@ def main(argv=None) -> int:
     p.add_argument("--scaling-lengths", default="1024,4096,8192", help="generated tokens per response (scaling)")
     p.add_argument("--query-chunk", type=int, default=512, help="queries per chunk of the SDPA path (scaling)")
     p.add_argument("--scaling-child", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="scaling: also measure the longest length with the trainers' gradient checkpointing")
     p.add_argument("--min-forward-speedup", type=float, default=1.5,
                    help="target: rounds/packed forward time of the layouts section")
     p.add_argument("--max-peak-gb", type=float, default=4.0, help="target: peak memory at the longest scaling length")
@@ -349,7 +360,7 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(1)
-        print(json.dumps(scaling_child(a.scaling_child, a.query_chunk)))
+        print(json.dumps(scaling_child(a.scaling_child, a.query_chunk, a.gradient_checkpointing)))
         return 0
 
     import torch
@@ -388,7 +399,8 @@ def main(argv=None) -> int:
     if "step" not in skip:
         result["step"] = bench_step(model_dir, work, a.steps)
     if "scaling" not in skip:
-        result["scaling"] = bench_scaling([int(x) for x in a.scaling_lengths.split(",")], a.query_chunk)
+        result["scaling"] = bench_scaling([int(x) for x in a.scaling_lengths.split(",")], a.query_chunk,
+                                          a.gradient_checkpointing)
     result["machine"]["load_avg_end"] = os.getloadavg()
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
 
@@ -436,12 +448,13 @@ def main(argv=None) -> int:
         print("\n### packed log-prob pass, one response, 4M-parameter SDAR-shaped model (forward + backward)")
         print("| generated tokens | forward tokens | query chunk | forward s (CPU) | forward+backward s (CPU) | "
               "peak RSS GB |\n|---|---|---|---|---|---|")
-        for r in S["chunked"] + [S["dense"]]:
+        for r in S["chunked"] + [S["dense"]] + ([S["checkpointed"]] if "checkpointed" in S else []):
             if "error" in r:
                 print(f"| {r['generated_tokens']} | | {r['query_chunk'] or 'dense'} | failed: {r['error']} | | |")
                 continue
             cpu = lambda k: f" ({r[k]:.2f})" if k in r else ""  # noqa: E731
-            print(f"| {r['generated_tokens']} | {r['forward_tokens']} | {r['query_chunk'] or 'dense'} | "
+            name = f"{r['query_chunk'] or 'dense'}" + (", grad. ckpt" if r.get("gradient_checkpointing") else "")
+            print(f"| {r['generated_tokens']} | {r['forward_tokens']} | {name} | "
                   f"{r['forward_s']:.2f}{cpu('forward_cpu_s')} | {r['forward_backward_s']:.2f}"
                   f"{cpu('forward_backward_cpu_s')} | {r['peak_rss_gb']:.2f} |")
         if "time_exponent" in S:

@@ -192,8 +192,7 @@ class ChunkedMask:
         # per chunk: query range, gathered key indices (None: all keys), and the metadata the
         # chunk's mask is rebuilt from in every layer (cheaper to recompute than to keep)
         self.plan: list[tuple[int, int, Optional[torch.Tensor], TokenMeta, TokenMeta]] = []
-        for a in range(0, self.q_len, self.chunk):
-            b = min(a + self.chunk, self.q_len)
+        for a, b in _chunk_bounds(q.doc, self.chunk):
             qm = q.select((slice(None), slice(a, b)))
             need = dense_mask(qm, k).any(dim=2).any(dim=0)[0]  # keys some query of the chunk may see
             idx = None
@@ -227,6 +226,25 @@ class ChunkedMask:
                 o = _chunk_attention(query[:, :, a:b], key, value, idx, qm, km, scale, gqa)
             outs.append(o)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _chunk_bounds(doc: torch.Tensor, chunk: int) -> list[tuple[int, int]]:
+    """Query ranges of at most ``chunk`` tokens, cut where a document starts (in any row) once the
+    current range holds ``chunk // 8`` tokens or more, so a chunk rarely spans documents and gathers
+    only its own document's keys."""
+    n = int(doc.shape[1])
+    starts = ((doc[:, 1:] != doc[:, :-1]).any(dim=0).nonzero().flatten() + 1).tolist()
+    min_len = max(1, chunk // 8)
+    bounds, a = [], 0
+    for p in starts + [n]:
+        while p - a > chunk:
+            bounds.append((a, a + chunk))
+            a += chunk
+        if p - a >= min_len or p == n:
+            if p > a:
+                bounds.append((a, p))
+            a = p
+    return bounds
 
 
 def _chunk_attention(q, key, value, idx, q_meta, k_meta, scale, gqa):
