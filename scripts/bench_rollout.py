@@ -12,7 +12,8 @@
    engine in this process (tiny model).
 
 Targets (exit status 1, each missed target named): batch 8 at 2,048 tokens >= 3x cheaper per token
-than batch 1; engine cost per forward within 5% of the plain cached forward; engine >= 5x faster
+than batch 1; engine cost per forward within 5% of the plain cached forward (its first forward of a
+block also carries the previous block's commit); engine >= 5x faster
 than naive at 1,024 tokens; HTTP within 1.3x of in-process.
 
 Sections 3-4 use the tiny model made on the spot with its lm_head scaled up (``--sharpen``) so that
@@ -210,13 +211,12 @@ def main() -> int:
         print(f"plain cached forward of {B} tokens (DynamicCache, SDPA, no mask): {plain * 1e3:.3f} CPU ms")
         raw = per_fwd / plain
         per_token = (t / eng.query_tokens) / (plain / B)
-        print(f"engine / plain, per forward: {raw:.3f}; per query token processed: {per_token:.3f} (target <= 1.05)")
+        print(f"engine / plain, per forward: {raw:.3f} (target <= 1.05); per query token processed: {per_token:.3f}")
         print(f"SDAR-style decoding (same steps, a separate commit forward per block: {sdar_forwards} forwards of "
               f"{B} tokens) would take {sdar_forwards * plain:.2f} CPU s; the engine took {t:.2f} s "
               f"({sdar_forwards * plain / t:.2f}x)")
-        if per_token > 1.05:
-            missed.append(f"engine cost per query token within 5% of a plain cached forward's "
-                          f"(measured {per_token:.3f}x)")
+        if raw > 1.05:
+            missed.append(f"engine cost per forward within 5% of a plain cached forward (measured {raw:.3f}x)")
 
     # 3. static vs dynamic ----------------------------------------------------------------------
     if "3" not in skip:
