@@ -2,25 +2,29 @@
 
 Each subcommand lives in its own module as ``cli_main(argv) -> int`` and is imported only when
 called, so ``dirl serve`` never imports the trainer and CPU installs never import GPU packages.
-Configuration problems (:class:`dirl.config.ConfigError`) are printed as one line, exit code 2.
+Bad input of any kind (a config key, a data row, a checkpoint, a full disk: see :func:`one_line`) is
+printed as one line, ``dirl: error: ...``, exit code 2; the traceback too only with ``dirl --debug``
+or ``DIRL_DEBUG=1``. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
-import argparse
+import errno
 import importlib
 import os
 import sys
+import traceback
 from typing import Optional
 
+from dirl import __version__
 from dirl.config import ConfigError
 
-# name -> (module, help, issue that fills it in)
+# name -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("dirl.quickstart", "the embedded default end to end: tiny model, SFT, eval, RL, eval"),
     "make-tiny-model": ("dirl.model.tiny_cli", "write the embedded default model and tokenizer (SDAR layout)"),
     "sft": ("dirl.train.sft", "supervised fine-tuning (random-masking blockwise NELBO): dirl sft CONFIG [k=v ...]"),
-    "rl": ("dirl.train.rl", "reinforcement learning (DiPO/GRPO, DAPO): dirl rl CONFIG [k=v ...]"),
+    "rl": ("dirl.train.rl.recipe", "reinforcement learning (DiPO/GRPO, DAPO): dirl rl CONFIG [k=v ...]"),
     "eval": ("dirl.eval.run", "evaluate on math benchmarks: dirl eval CONFIG [k=v ...]"),
     "serve": ("dirl.rollout.server", "start a rollout server (reference engine or LMDeploy)"),
     "rollout": ("dirl.rollout.cli", "decode prompts from a JSONL file into trajectories"),
@@ -28,22 +32,58 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DEBUG_ENV = "DIRL_DEBUG"
+
+
+def _input_error_classes() -> tuple[type, ...]:
+    """dirl's own error classes for bad input (each message already names the file:line, key or path)."""
+    from dirl.config import ConfigError
+    from dirl.data.formats import DataError
+
+    classes: list[type] = [ConfigError, DataError]
+    for mod, name in (("dirl.train.layouts", "TrajectoryError"), ("dirl.rollout.weights", "PayloadError"),
+                      ("dirl.rollout.client", "RolloutError"), ("dirl.quickstart", "StageError"),
+                      ("dirl.rollout.lmdeploy_patch", "PatchError")):
+        m = sys.modules.get(mod)  # only what the command imported can have been raised
+        if m is not None and hasattr(m, name):
+            classes.append(getattr(m, name))
+    return tuple(classes)
+
+
+def one_line(e: BaseException) -> Optional[str]:
+    """The one-line message of an error caused by input, or ``None`` for a bug."""
+    msg: Optional[str] = None
+    if isinstance(e, _input_error_classes()):
+        msg = str(e)
+    elif isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = e.filename or getattr(e, "filename2", None)
+        msg = "no space left on device" + (f" (writing '{where}')" if where else "")
+    elif isinstance(e, OSError) and e.errno is not None and (e.filename or e.strerror):
+        msg = f"'{e.filename}': {e.strerror}" if e.filename else str(e.strerror)
+    elif type(e).__name__ == "SafetensorError":
+        msg = f"not a readable safetensors file ({e})"
+    if msg is None:
+        return None
+    return " ".join(msg.split("\n")).strip() or type(e).__name__
+
+
 def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
     lines = ["usage: dirl COMMAND [ARGS ...]", "", "commands:"]
     lines += [f"  {n:<{width}}  {h}" for n, (_, h) in COMMANDS.items()]
-    lines += ["", "Run 'dirl COMMAND --help' for the options of one command."]
+    lines += ["", "Run 'dirl COMMAND --help' for the options of one command; 'dirl --debug COMMAND ...' "
+                  f"(or {DEBUG_ENV}=1) shows the traceback of an error."]
     return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from dirl import __version__
-
         print(f"dirl {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
@@ -54,31 +94,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
-            print(f"dirl: error: 'dirl {name}' is not available in this version yet", file=sys.stderr)
+        if e.name and not e.name.startswith("dirl"):  # an optional dependency of the command
+            print(f"dirl: error: 'dirl {name}' needs the package '{e.name}', which is not installed", file=sys.stderr)
             return 2
         raise
     try:
         return int(module.cli_main(rest) or 0)
-    except ConfigError as e:
-        print(f"dirl: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("dirl: interrupted", file=sys.stderr)
         return 130
-
-
-def run_config_command(argv: list[str], prog: str, description: str):
-    """Common parsing for ``dirl sft|rl|eval [CONFIG] [key=value ...]``: returns (config_path, overrides)."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("config", nargs="?", default=None, help="YAML config file (omit for the embedded default)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = p.parse_args(argv)
-    cfg, ov = args.config, list(args.overrides)
-    if cfg is not None and "=" in cfg and not os.path.exists(cfg):
-        ov.insert(0, cfg)
-        cfg = None
-    return cfg, ov
+    except Exception as e:  # noqa: BLE001 - input errors become one line, bugs keep their traceback
+        msg = one_line(e)
+        if msg is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"dirl: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

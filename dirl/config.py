@@ -8,7 +8,9 @@ names the offending key. Nothing heavy (no model, no dataset) is touched before 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import os
 import types
 import typing
@@ -23,6 +25,11 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration problem, reported to the user as a single line."""
+
+
+# A section class may declare ``RENAMED: ClassVar[dict[str, str]]``: an old field name -> the full
+# new key. Reading the old name is a one-line error that names the new one.
+RENAMED_ATTR = "RENAMED"
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,6 +102,55 @@ class LoggingConfig:
     tensorboard: bool = True
     wandb_project: str = ""
     progress_bar: bool = True
+
+
+# --------------------------------------------------------------------------------------------
+# A checkpoint's config.json (JSON only: checking a config never imports torch)
+# --------------------------------------------------------------------------------------------
+
+SDAR_MODEL_TYPE = "sdar"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    model_type: str
+    block_size: Optional[int]
+    mask_token_id: Optional[int]
+    raw: dict
+
+
+def read_checkpoint_config(path: str | os.PathLike, key: str = "model.path") -> CheckpointInfo:
+    """Read and check ``config.json`` of a checkpoint folder; one-line :class:`ConfigError` on problems."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config key '{key}': model folder '{p}' does not exist")
+    if not p.is_dir():
+        raise ConfigError(f"config key '{key}': '{p}' is not a folder (expected a checkpoint folder with config.json)")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"config key '{key}': '{p}' has no config.json, so it is not a model checkpoint")
+    try:
+        raw = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config key '{key}': '{cfg_file}' is not UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config key '{key}': '{cfg_file}' is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{key}': '{cfg_file}' must hold a JSON object")
+    mt = raw.get("model_type")
+    if mt not in (SDAR_MODEL_TYPE, "qwen3"):
+        raise ConfigError(
+            f"config key '{key}': '{cfg_file}' has model_type {mt!r}; expected 'sdar' or 'qwen3'"
+        )
+    if not any((p / w).is_file() for w in WEIGHT_FILES):
+        raise ConfigError(f"config key '{key}': '{p}' has no weights (model.safetensors or pytorch_model.bin)")
+    bs = raw.get("block_size")
+    mid = raw.get("mask_token_id")
+    if bs is not None and (not isinstance(bs, int) or bs <= 0):
+        raise ConfigError(f"config key '{key}': '{cfg_file}' has an invalid block_size {bs!r}")
+    return CheckpointInfo(path=p, model_type=mt, block_size=bs, mask_token_id=mid, raw=raw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,6 +263,9 @@ def _hints(cls: type) -> dict[str, Any]:
 def _build(cls: type[T], data: dict, prefix: str = "") -> T:
     hints = _hints(cls)
     names = {f.name for f in fields(cls) if f.init}
+    renamed = getattr(cls, RENAMED_ATTR, {})
+    for old in sorted(set(data) & set(renamed)):
+        raise ConfigError(f"config key '{prefix}{old}' was renamed to '{renamed[old]}'")
     unknown = sorted(set(data) - names)
     if unknown:
         key = prefix + str(unknown[0])
@@ -271,7 +330,11 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{p}' is not UTF-8 (byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -351,8 +414,6 @@ def check_model(model: ModelConfig, prefix: str = "model") -> None:
     check_path_exists(f"{prefix}.path", model.path)
     check_positive(f"{prefix}.block_size", model.block_size)
     if model.path:
-        from dirl.model.sdar import read_checkpoint_config  # light: reads JSON only
-
         info = read_checkpoint_config(model.path, key=f"{prefix}.path")
         if model.block_size is not None and info.block_size is not None and model.block_size != info.block_size:
             raise ConfigError(
@@ -367,8 +428,6 @@ def check_block_sizes(model: ModelConfig, dec: DecodingConfig, prefix: str = "de
         return
     model_bs = model.block_size
     if model_bs is None and model.path:
-        from dirl.model.sdar import read_checkpoint_config
-
         model_bs = read_checkpoint_config(model.path, key="model.path").block_size
     if model_bs is None and not model.path:
         model_bs = model.tiny.block_size
@@ -376,3 +435,16 @@ def check_block_sizes(model: ModelConfig, dec: DecodingConfig, prefix: str = "de
         raise ConfigError(
             f"config key '{prefix}.block_size': {dec.block_size} disagrees with the model's block size {model_bs}"
         )
+
+
+def run_config_command(argv: list[str], prog: str, description: str) -> tuple[Optional[str], list[str]]:
+    """Common parsing for ``dirl sft|rl|eval [CONFIG] [key=value ...]``: returns (config_path, overrides)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("config", nargs="?", default=None, help="YAML config file (omit for the embedded default)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = p.parse_args(argv)
+    cfg, ov = args.config, list(args.overrides)
+    if cfg is not None and "=" in cfg and not os.path.exists(cfg):
+        ov.insert(0, cfg)
+        cfg = None
+    return cfg, ov

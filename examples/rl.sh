@@ -12,7 +12,7 @@
 #       the paper recipe: Accelerate + DeepSpeed ZeRO-1 on every GPU of this node, one LMDeploy
 #       rollout server per GPU (colocated), weights pushed in place after every step
 #   bash examples/rl.sh configs/rl_sdar8b_dapo.yaml model.path=...                  (DAPO)
-#   bash examples/rl.sh configs/rl_sdar8b.yaml rollout.urls=[http://10.0.0.5:8000,http://10.0.0.6:8000]
+#   bash examples/rl.sh configs/rl_sdar8b.yaml server.urls=[http://10.0.0.5:8000,http://10.0.0.6:8000]
 #       a pool of running servers (`dirl serve --backend lmdeploy ...`) instead of colocated ones
 #
 # Several nodes: run the same command on every node with

@@ -54,11 +54,11 @@ def _min_time(fn, repeats: int) -> tuple[float, list[float]]:
 
 
 def resolve_model(arg: str, work: Path) -> Path:
-    from dirl.train.rl import newest_sft_checkpoint
+    from dirl.train.checkpoint import newest_checkpoint
 
     if arg:
         return Path(arg)
-    found = newest_sft_checkpoint(ROOT / "runs") or newest_sft_checkpoint("runs")
+    found = newest_checkpoint(ROOT / "runs", kinds=("sft",)) or newest_checkpoint("runs", kinds=("sft",))
     if found is not None:
         return found
     from dirl.model.tiny import make_tiny_model
@@ -157,7 +157,7 @@ def bench_push(model_dir: Path, work: Path, repeats: int) -> dict:
     from dirl.model.sdar import load_model, load_tokenizer
     from dirl.model.tiny import count_parameters
     from dirl.rollout.client import RolloutClient
-    from dirl.rollout.server import start_server
+    from dirl.rollout.launch import start_server
 
     model = load_model(model_dir, dtype="float32")
     tok = load_tokenizer(model_dir)
@@ -198,7 +198,8 @@ def bench_push(model_dir: Path, work: Path, repeats: int) -> dict:
 
 
 def bench_step(model_dir: Path, work: Path, steps: int) -> dict:
-    from dirl.train.rl import load_rl_config, train_rl
+    from dirl.train.rl.config import load_rl_config
+    from dirl.train.rl.recipe import train_rl
 
     cfg = load_rl_config(None, [f"model.path={model_dir}", f"output_dir={work}", "run_name=bench-step",
                                 f"train.steps={steps}", "train.save_every=0", "eval.enabled=false",
@@ -210,7 +211,7 @@ def bench_step(model_dir: Path, work: Path, steps: int) -> dict:
     keys = ["time/rollout", "time/reward", "time/logprobs", "time/update", "time/weight_push", "time/step"]
     out = {k.split("/")[1] + "_s": statistics.mean(r[k] for r in later) for k in keys}
     out["steps_averaged"] = len(later)
-    out["responses_per_step"] = cfg.train.prompts_per_step * cfg.train.samples_per_prompt
+    out["responses_per_step"] = cfg.train.prompts_per_step * cfg.train.num_generations
     out["scored_tokens_per_step"] = statistics.mean(r.get("tokens/scored", 0) for r in later)
     out["forward_tokens_per_step"] = statistics.mean(r.get("tokens/forward", 0) for r in later)
     out["decode_tokens_per_step"] = statistics.mean(r.get("decode/tokens_per_step", 0) for r in later)

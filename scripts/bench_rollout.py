@@ -238,7 +238,7 @@ def main() -> int:
     # 4. HTTP vs in-process -----------------------------------------------------------------------
     if "4" not in skip:
         from dirl.rollout.client import RolloutClient
-        from dirl.rollout.server import start_server
+        from dirl.rollout.launch import start_server
 
         nreq, new = (8, 32) if args.quick else (32, 128)
         dec = DecodingConfig(max_new_tokens=new, do_sample=False)

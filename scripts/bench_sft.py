@@ -7,7 +7,15 @@
                                                    Qwen3-1.7B-shaped SDAR model (random weights; CUDA only)
     python scripts/bench_sft.py all
 
-Results are printed as JSON lines (and appended to --out when given).
+Results are printed as JSON lines (and appended to --out when given). Targets (exit 1, naming each
+one missed, when a measured run misses it):
+
+* packing: the default data packs at least --min-packing (0.70) of row tokens as real tokens, and
+  drops no sample;
+* gpu: FlexAttention's training step is at least --min-flex-speedup (8.34x, the paper's figure at
+  1.7B, SPEC section 10) faster than SDPA with the dense mask, and needs no more peak memory (an SDPA
+  run out of memory counts as met when the flex run fits). Without CUDA the gpu bench is skipped and
+  checks nothing.
 """
 
 from __future__ import annotations
@@ -44,7 +52,15 @@ def emit(rec: dict, out: str | None) -> None:
             f.write(line + "\n")
 
 
-def bench_packing(out: str | None) -> None:
+MISSED: list[str] = []  # targets missed in this run, named
+
+
+def check(ok: bool, what: str) -> None:
+    if not ok:
+        MISSED.append(what)
+
+
+def bench_packing(out: str | None, min_packing: float = 0.70) -> None:
     from dirl.data.sft import build_sft_rows
     from dirl.model.tiny import build_tokenizer
     from dirl.train.sft import SFTConfig, load_sft_examples
@@ -54,8 +70,13 @@ def bench_packing(out: str | None) -> None:
     examples = load_sft_examples(cfg.data)
     for row_len in sorted({cfg.data.max_length, 64, 96, 128, 176, 256, 512}):
         data = build_sft_rows(tok, examples, cfg.model.tiny.block_size, row_len)
+        stats = data.stats.as_dict()
         emit({"bench": "sft_packing", "data": f"synthetic train, {len(examples)} samples", "row_len": row_len,
-              "default": row_len == cfg.data.max_length, **data.stats.as_dict()}, out)
+              "default": row_len == cfg.data.max_length, **stats}, out)
+        if row_len == cfg.data.max_length:
+            eff = data.stats.efficiency
+            check(eff >= min_packing, f"packing efficiency of the default data {eff:.3f} >= {min_packing}")
+            check(data.stats.n_dropped == 0, f"no default sample dropped ({data.stats.n_dropped} were)")
 
 
 def bench_cpu(steps: int, out: str | None) -> None:
@@ -97,7 +118,7 @@ def _qwen3_17b_shape(layers: int):
                        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
-def bench_gpu(seq: int, steps: int, layers: int, out: str | None) -> None:
+def bench_gpu(seq: int, steps: int, layers: int, out: str | None, min_speedup: float = 8.34) -> None:
     if not torch.cuda.is_available():
         emit({"bench": "sft_gpu_flex_vs_sdpa", "status": "skipped: CUDA not available"}, out)
         return
@@ -154,6 +175,13 @@ def bench_gpu(seq: int, steps: int, layers: int, out: str | None) -> None:
     emit({"bench": "sft_gpu_flex_vs_sdpa", "model": f"Qwen3-1.7B shape, {layers} layers, random bf16 weights, "
           "gradient checkpointing", "tokens": seq, "forward_tokens": 2 * seq, "docs_in_row": len(lens),
           **res, "flex_speedup": speedup}, out)
+    flex, sdpa = res.get("flex", {}), res.get("sdpa", {})
+    if "step_s" not in flex:
+        check(False, f"FlexAttention training step at {seq} tokens runs ({flex.get('status')})")
+    elif speedup is not None:
+        check(speedup >= min_speedup, f"FlexAttention speed-up over SDPA {speedup}x >= {min_speedup}x")
+        check(flex["peak_mem_gib"] <= sdpa["peak_mem_gib"],
+              f"FlexAttention peak memory {flex['peak_mem_gib']} GiB <= SDPA's {sdpa['peak_mem_gib']} GiB")
 
 
 def main(argv=None) -> int:
@@ -163,14 +191,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
+    ap.add_argument("--min-packing", type=float, default=0.70, help="packing efficiency target of the default data")
+    ap.add_argument("--min-flex-speedup", type=float, default=8.34, help="FlexAttention vs SDPA step-time target")
     a = ap.parse_args(argv)
+    MISSED.clear()
     if a.mode in ("packing", "all"):
-        bench_packing(a.out)
+        bench_packing(a.out, a.min_packing)
     if a.mode in ("cpu", "all"):
         bench_cpu(a.steps, a.out)
     if a.mode in ("gpu", "all"):
-        bench_gpu(a.seq, max(1, a.steps // 4), a.layers, a.out)
-    return 0
+        bench_gpu(a.seq, max(1, a.steps // 4), a.layers, a.out, a.min_flex_speedup)
+    for what in MISSED:
+        print(f"bench_sft: target missed: {what}", file=sys.stderr)
+    return 1 if MISSED else 0
 
 
 if __name__ == "__main__":

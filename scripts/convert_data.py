@@ -10,7 +10,9 @@
 --to sft writes {"messages": [..., {"role": "assistant", "content": <response>}]} a line (what
 `dirl sft` reads as data.source); --to rl writes {"question": ..., "answer": <final answer>} a line
 (what `dirl rl` reads as data.source, and `dirl eval` as data.sources.<benchmark>). An "id" field
-is kept.
+is kept. DiRL's own rows are recognised: its SFT rows (a chat-templated "prompt" and a "response"
+ending with <|im_end|><|endoftext|>) are written verbatim as {"prompt", "response"}, never templated
+again; its RL rows ({"question", "ground_truth_answer"}) become {"question", "answer"}.
 
 The input is a .jsonl, .json (an array, or an object with a "data"/"rows" array), .csv / .tsv or
 .parquet file, a `datasets` folder (save_to_disk or a downloaded Hub snapshot) or a Hub dataset
@@ -42,7 +44,15 @@ from typing import Any, Iterator, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dirl.data.formats import DataError, _short, iter_hf_dataset, iter_json_array, iter_jsonl, parse_sft_row  # noqa: E402
+from dirl.data.formats import (  # noqa: E402
+    DataError,
+    _short,
+    is_templated_prompt,
+    iter_hf_dataset,
+    iter_json_array,
+    iter_jsonl,
+    parse_sft_row,
+)
 from dirl.rewards.math import extract_answer, gold_answer  # noqa: E402
 
 QUESTION_FIELDS = ("question", "problem", "prompt", "instruction", "input")
@@ -265,6 +275,16 @@ def convert_sft(row: Any, where: str, fields: Fields, system_prompt: str = "") -
     else:
         qkey, q = _question_text(row, where, fields)
         rkey = _response_key(row, fields)
+        if isinstance(q, str) and is_templated_prompt(q) and rkey is not None:
+            # DiRL's own SFT rows: chat-templated prompt text and a response that already ends with
+            # <|im_end|><|endoftext|>; kept verbatim as a {prompt, response} pair (never templated again)
+            if system_prompt:
+                raise DataError(f"{where}: '{qkey}' is already chat-templated text; --system-prompt cannot "
+                                "add a turn to it (put the system turn in the data)")
+            out = {"prompt": q, "response": _text(row[rkey], where, rkey)}
+            out.update(_kept(row))
+            parse_sft_row(out, where)  # a templated prompt with an open response is an error here
+            return out
         if rkey is None:
             if fields.response or not any(k in row for k in ANSWER_FIELDS):
                 raise _missing(where, "response", fields.response, "--response-field", RESPONSE_FIELDS, row)

@@ -155,7 +155,7 @@ def compare(a: list[dict], b: list[dict]) -> dict:
 
 
 def backend(name, model_dir, dec, **kw):
-    from dirl.rollout.backend import get_backend
+    from dirl.rollout.backends import get_backend
 
     if name == "lmdeploy":
         kw.setdefault("cache_max_entry_count", 0.25)
@@ -459,7 +459,7 @@ def section_http(ctx) -> dict:
     from dirl.config import DecodingConfig
     from dirl.model.sdar import load_model
     from dirl.rollout.client import RolloutClient
-    from dirl.rollout.server import start_server
+    from dirl.rollout.launch import start_server
 
     path = ctx["qwen"]
     dec = DecodingConfig(block_size=4, denoising_steps=4, max_new_tokens=ctx["max_new"])

@@ -12,8 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# The local benchmark copies: ../shared next to the checkout, or $DIRL_SHARED_DIR.
+SHARED = Path(os.environ.get("DIRL_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared")
 BENCHMARKS = SHARED / "data" / "benchmarks"
+_SHARED_SKIP = "the ../shared folder is absent"
+_NOTE = pytest.StashKey[tuple]()
 
 
 @pytest.fixture(scope="session")
@@ -38,10 +41,30 @@ def tiny(tiny_dir):
 @pytest.fixture
 def benchmarks_dir() -> Path:
     if not BENCHMARKS.is_dir():
-        pytest.skip(f"local benchmark copies not found at {BENCHMARKS} (the ../shared folder is absent)")
+        pytest.skip(f"local benchmark copies not found at {BENCHMARKS} ({_SHARED_SKIP})")
     return BENCHMARKS
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Names the tests skipped for want of ../shared (printed as the run's last line, below pytest's
+    counts, by pytest_unconfigure), so a green run without the benchmark copies cannot pass for a
+    full one."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if _SHARED_SKIP in str(r.longrepr)]
+    if not skipped:
+        return
+    names = sorted({r.nodeid.split("[")[0] for r in skipped})
+    config.stash[_NOTE] = (terminalreporter, (
+        f"NOTE: {len(skipped)} tests skipped because {BENCHMARKS} is absent (the ../shared folder with "
+        f"the benchmark copies; set DIRL_SHARED_DIR to its path): {', '.join(names)}"))
+
+
+def pytest_unconfigure(config):
+    note = config.stash.get(_NOTE, None)
+    if note is not None:
+        reporter, line = note
+        reporter.write_line(line, yellow=True, bold=True)

@@ -2,7 +2,10 @@
 
     python tests/helpers_dist.py grad  OUT_DIR [key=value ...]   one step's gradient (DDP) / grad norm
     python tests/helpers_dist.py train OUT_DIR [key=value ...]   train_sft, then dump every rank's params
-    python tests/helpers_dist.py save-loop RUN_DIR               save checkpoints forever (to be killed)
+    python tests/helpers_dist.py save-loop RUN_DIR [POINT]       save checkpoints forever (to be killed); with
+                                                                  POINT (write, publish, prune) hold the 4th there
+    python tests/helpers_dist.py sft-hold  - [dirl sft args ...]  dirl sft that prints HELD and blocks for
+                                                                  good after its first checkpoint (to be killed)
 
 Multi-process: ``ACCELERATE_USE_CPU=true python -m torch.distributed.run --nproc_per_node 2
 tests/helpers_dist.py ...`` (gloo). Overrides are those of ``dirl sft``.
@@ -77,12 +80,72 @@ def train(cfg, out: Path) -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def save_loop(run_dir: Path) -> None:
-    """Save checkpoints of a tiny model forever, printing each completed step (killed by the test)."""
+def _hold_inside_saves(point: str, at_step: int, current: list) -> None:
+    """Make save ``at_step`` print ``HELD <point>`` and block for good at one point of its work:
+    ``write`` (between two state files), ``publish`` (before the rename that makes it visible),
+    ``prune`` (an old checkpoint hidden, not yet deleted)."""
+    import threading
+
+    import dirl.train.checkpoint as ck
+
+    def hold():
+        print(f"HELD {point}", flush=True)
+        threading.Event().wait()
+
+    if point == "write":
+        orig_save, calls = ck._torch_save, [0]
+
+        def torch_save(*a, **k):
+            if current[0] == at_step:
+                calls[0] += 1
+                if calls[0] == 2:
+                    hold()
+            return orig_save(*a, **k)
+
+        ck._torch_save = torch_save
+    elif point == "publish":
+        real_os = ck.os
+
+        class _Os:
+            def __getattr__(self, name):
+                return getattr(real_os, name)
+
+            @staticmethod
+            def replace(src, dst):
+                if current[0] == at_step and Path(src).name.endswith(".tmp"):
+                    hold()
+                return real_os.replace(src, dst)
+
+        ck.os = _Os()
+    elif point == "prune":
+        real_shutil = ck.shutil
+
+        class _Shutil:
+            def __getattr__(self, name):
+                return getattr(real_shutil, name)
+
+            @staticmethod
+            def rmtree(path, *a, **k):
+                if current[0] == at_step and Path(path).name.endswith(".old"):
+                    hold()
+                return real_shutil.rmtree(path, *a, **k)
+
+        ck.shutil = _Shutil()
+    else:
+        raise SystemExit(f"unknown hold point {point!r}")
+
+
+def save_loop(run_dir: Path, hold: str = "") -> None:
+    """Save checkpoints of a tiny model forever, printing each completed step (killed by the test).
+    With ``hold``, the fourth save blocks at that point (:func:`_hold_inside_saves`)."""
     from dirl.config import OptimConfig, TinyModelConfig
     from dirl.model.tiny import build_tiny_model
     from dirl.train.checkpoint import save_checkpoint
     from dirl.train.common import build_optimizer, build_scheduler
+
+    current = [0]
+    if hold:
+        _hold_inside_saves(hold, 4, current)
 
     model, tok = build_tiny_model(TinyModelConfig(hidden_size=64, num_hidden_layers=1, intermediate_size=128))
     opt = build_optimizer(model, OptimConfig(lr=1e-3))
@@ -90,6 +153,7 @@ def save_loop(run_dir: Path) -> None:
     step = 0
     while True:
         step += 1
+        current[0] = step
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.001)
@@ -97,11 +161,33 @@ def save_loop(run_dir: Path) -> None:
         print(f"saved {step}", flush=True)
 
 
+def sft_hold(args: list[str]) -> int:
+    """``dirl sft args``, held for good once its first checkpoint is complete: a kill test then
+    kills it at a known point, whatever the machine's speed."""
+    import threading
+
+    import dirl.train.checkpoint as ck
+    from dirl.cli import main as cli_main
+
+    save = ck.save_checkpoint
+
+    def save_then_hold(*a, **k):
+        out = save(*a, **k)
+        print(f"HELD after the checkpoint of step {a[1] if len(a) > 1 else k.get('step')}", flush=True)
+        threading.Event().wait()
+        return out
+
+    ck.save_checkpoint = save_then_hold
+    return cli_main(["sft", *args])
+
+
 def main(argv: list[str]) -> int:
     mode, target, *overrides = argv
     if mode == "save-loop":
-        save_loop(Path(target))
+        save_loop(Path(target), *overrides[:1])
         return 0
+    if mode == "sft-hold":
+        return sft_hold(overrides)
     from dirl.train.sft import load_sft_config
 
     cfg = load_sft_config(None, overrides)

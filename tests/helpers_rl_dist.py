@@ -28,17 +28,30 @@ def digit_fraction(ctx, digit: str = "7") -> float:
     return text.count(digit) / max(1, len(text))
 
 
+def hold_from_step(ctx) -> float:
+    """A reward of 0. With ``$DIRL_TEST_HOLD_STEP`` = N and ``$DIRL_TEST_HOLD_FILE`` set, the first
+    response of step N (request ids are ``s{step}-...``) writes that file and blocks for good, so a
+    test can kill the trainer at a known point of the run, whatever the machine's speed."""
+    hold = os.environ.get("DIRL_TEST_HOLD_STEP")
+    rid = str(ctx.trajectory.get("request_id", ""))
+    if hold and rid.startswith("s") and int(rid[1:].split("-")[0]) >= int(hold):
+        Path(os.environ["DIRL_TEST_HOLD_FILE"]).write_text(rid)
+        import threading
+
+        threading.Event().wait()
+    return 0.0
+
+
 # -- one update step -----------------------------------------------------------------------------------
 
 
 def run_update(model_dir: str, samples_file: str, out_file: str, n_micro: int, strategy: str,
                aggregation: str = "grpo", behaviour: str = "old", layout: str = "packed") -> None:
-    import dataclasses
-
     from dirl.model.sdar import load_model
-    from dirl.train.common import DistConfig, GradientStepper, setup_accelerator, unwrap
+    from dirl.train.common import Dist, DistConfig, GradientStepper, setup_accelerator, unwrap
     from dirl.train.layouts import TrajectoryScorer
-    from dirl.train.rl import BatchSettings, Dist, RLConfig, Sample, plan_micro_batches, update
+    from dirl.train.rl.config import LossConfig
+    from dirl.train.rl.update import BatchSettings, Sample, plan_micro_batches, update
 
     data = json.loads(Path(samples_file).read_text())
     ds_cfg = Path(out_file).with_suffix(".ds.json")
@@ -67,13 +80,11 @@ def run_update(model_dir: str, samples_file: str, out_file: str, n_micro: int, s
         s = Sample(d["traj"], d["advantage"], 0, d["n_scored"])
         s.old = torch.tensor([float("nan") if v is None else v for v in d["old"]])
         samples.append(s)
-    cfg = RLConfig()
-    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, aggregation=aggregation, layout=layout),
-                              train=dataclasses.replace(cfg.train, entropy=False))
+    loss = LossConfig(loss_type=aggregation, layout=layout)
     dist = Dist(acc)
     plan = plan_micro_batches(len(samples), 1, dist.rank, dist.world, n_micro)
     s = BatchSettings(model.block_size, model.mask_token_id, 0, layout, False, 1.0, 4096, acc.device)
-    stats = update(wrapped, stepper, samples, plan[0], s, cfg, dist, behaviour)
+    stats = update(wrapped, stepper, samples, plan[0], s, loss, dist, behaviour)
     after = unwrap(wrapped).model.hf.state_dict()
     if acc.is_main_process:
         delta = {k: (after[k].detach().float().cpu() - before[k].float().cpu()) for k in before}

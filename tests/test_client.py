@@ -15,7 +15,7 @@ import torch
 from dirl.config import DecodingConfig
 from dirl.rollout.backend import ReferenceBackend
 from dirl.rollout.client import RolloutClient, RolloutError
-from dirl.rollout.server import free_port, start_server
+from dirl.rollout.launch import free_port, start_server
 
 DECODING = DecodingConfig(max_new_tokens=16, do_sample=False)
 
@@ -32,20 +32,19 @@ class ThreadServer:
     """The same app served by uvicorn on a thread of this process (a real socket on a free port);
     saves starting a second interpreter on a busy 2-core machine."""
 
-    def __init__(self, backend):
+    def __init__(self, backend, weights_dir=None):
         import uvicorn
 
         from dirl.rollout.server import create_app
 
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        app = create_app(backend, backend.parser())
+        app = create_app(backend, backend.parser(), weights_dir=weights_dir)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "in-thread server did not start"
+        while not self.server.started:  # uvicorn's own start-up flag (a hang fails by the suite's timeout)
+            assert self.thread.is_alive(), "in-thread server did not start"
             time.sleep(0.02)
 
     def alive(self) -> bool:
@@ -64,8 +63,7 @@ def local(tiny_dir):
 
 @pytest.fixture(scope="module")
 def pool(tiny_dir):
-    """Two servers: a ``dirl serve`` subprocess and one on a thread here. The last test of this
-    file kills the subprocess."""
+    """Two servers: a ``dirl serve`` subprocess and one on a thread here."""
     sub = start_server(tiny_dir, decoding=DECODING, device="cpu", threads=1, wait=False)
     torch.set_num_threads(1)
     here = ThreadServer(ReferenceBackend(str(tiny_dir), decoding=DECODING, device="cpu"))
@@ -137,22 +135,19 @@ def test_info_of_every_server(pool):
 def test_a_dead_pool_raises_naming_the_requests():
     dead = f"http://127.0.0.1:{free_port()}"
     client = RolloutClient([dead], retries=2, backoff=0.01, batch_size=1)
-    t0 = time.monotonic()
     with pytest.raises(RolloutError, match=r"request 'lost-\d' failed.*Connect") as e:
         client.generate([{"request_id": "lost-1", "prompt": "a"}, {"request_id": "lost-2", "prompt": "b"}])
     assert e.value.request_ids in (["lost-1"], ["lost-2"])
-    assert time.monotonic() - t0 < 10
 
 
 def test_a_dead_pool_fails_fast_whatever_the_number_of_chunks():
     """Many chunks in flight at once count as one failure per pause, so the call gives up after the
-    server missed `retries + 1` growing pauses (0.5 + 1 + 2 + 4 s here), not after every chunk's."""
+    server missed `retries + 1` growing pauses (0.5 + 1 + 2 + 4 s here), not after every chunk's:
+    the error is the pool-wide one, which only that path raises."""
     dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
     client = RolloutClient(dead, retries=3, backoff=0.5, batch_size=1, max_concurrency=8)
-    t0 = time.monotonic()
     with pytest.raises(RolloutError, match="no rollout server answers \\(2 tried, 4 times each\\)"):
         client.generate([{"request_id": f"r{i}", "prompt": "a"} for i in range(64)])
-    assert time.monotonic() - t0 < 20
 
 
 class RecordingBackend(ReferenceBackend):
@@ -173,7 +168,7 @@ def test_push_weights_streams_one_segment_at_a_time(tiny_dir, local, tmp_path):
     """Two servers: every segment reaches both before the next is written, and only it is on disk."""
     torch.set_num_threads(1)
     backends = [RecordingBackend(str(tiny_dir), decoding=DECODING, device="cpu", watch=tmp_path) for _ in range(2)]
-    servers = [ThreadServer(b) for b in backends]
+    servers = [ThreadServer(b, weights_dir=str(tmp_path)) for b in backends]
     try:
         client = RolloutClient([s.url for s in servers], retries=0)
         probe = [{"request_id": "p", "input_ids": [30, 31, 32]}]
@@ -303,33 +298,60 @@ def test_a_forked_child_makes_its_own_loop_and_connections(pool):
     client.close()
 
 
-def test_a_server_killed_mid_run_is_retried_on_the_other(pool, local):
-    """Runs last: kills the second server while requests are in flight on it."""
-    client = RolloutClient([h.url for h in pool], max_concurrency=2, batch_size=2, retries=4, backoff=0.05)
-    reqs = [{"request_id": f"k{i}", "prompt": f"{i}-{i}=", "max_new_tokens": 40} for i in range(24)]
-    victim = pool[1]
-    box = {}
+def test_g_samples_of_one_prompt_at_t1_are_not_all_identical(pool, local):
+    """G = 8 requests of one prompt built as the RL trainer builds them (distinct per-sample seeds),
+    T = 1, top-k 50, through both real servers: the samples differ (a backend that reused one
+    random stream, or ignored the seeds, would return G copies), and each is its seed's output."""
+    from dirl.data.chat import prompt_ids
+    from dirl.rewards.shaping import RewardConfig
+    from dirl.train.rl.groups import Sampling, build_requests
 
-    def run():
-        try:
-            box["out"] = client.generate(reqs)
-        except BaseException as e:  # noqa: BLE001
-            box["err"] = e
+    G = 8
+    dec = DecodingConfig(max_new_tokens=12, temperature=1.0, top_k=50, top_p=1.0)
+    reqs = build_requests([prompt_ids(local.tokenizer, "What is 3+4?")], G, step=1, rnd=0,
+                          s=Sampling(dec, [], 0, RewardConfig(), 4))
+    assert len({r["seed"] for r in reqs}) == G
+    got = RolloutClient([h.url for h in pool], max_concurrency=2, batch_size=2).generate(reqs)
+    responses = [tuple(g["token_ids"]) for g in got]
+    assert len(set(responses)) > 1, "all G samples are identical"
+    assert len(set(responses)) >= G // 2  # a near-uniform tiny model: most samples differ
+    assert responses == [tuple(t["token_ids"]) for t in expected(local, reqs)]
 
-    t = threading.Thread(target=run)
-    start = stats(victim.url)["http_calls"]
-    t.start()
-    deadline = time.monotonic() + 60
-    while stats(victim.url)["http_calls"] - start < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert t.is_alive(), "the run ended before the kill: make the workload longer"
-    victim.proc.kill()  # in the middle of the run: its in-flight requests fail
-    t.join(120)
-    assert not t.is_alive()
-    assert not victim.alive()
+
+def test_a_server_killed_mid_run_is_retried_on_the_other(pool, local, tiny_dir):
+    """A third server holds every request it gets (tests/helpers_gated_server.py); it is killed once
+    its engine reports requests in flight, so the kill always lands during the run; the pool's
+    servers take its requests over."""
+    from helpers_gated_server import GatedServer
+
+    victim = GatedServer(tiny_dir)
+    try:
+        # the victim is first: its workers take the first chunks
+        client = RolloutClient([victim.url] + [h.url for h in pool], max_concurrency=2, batch_size=2, retries=4,
+                               backoff=0.05)
+        reqs = [{"request_id": f"k{i}", "prompt": f"{i}-{i}=", "max_new_tokens": 40} for i in range(24)]
+        box, ended = {}, threading.Event()
+
+        def run():
+            try:
+                box["out"] = client.generate(reqs)
+            except BaseException as e:  # noqa: BLE001
+                box["err"] = e
+            finally:
+                ended.set()
+
+        t = threading.Thread(target=run)
+        t.start()
+        assert victim.wait_in_flight() > 0
+        assert not ended.is_set()  # the run cannot end while the victim holds requests
+        victim.kill()  # in the middle of the run: its in-flight requests fail
+        t.join()
+        assert not victim.alive()
+    finally:
+        victim.kill()
     if "err" in box:  # acceptable only as a clear error naming requests
         assert isinstance(box["err"], RolloutError) and box["err"].request_ids
-        pytest.fail(f"the surviving server should have taken over: {box['err']}")
+        pytest.fail(f"the surviving servers should have taken over: {box['err']}")
     got = box["out"]
     assert [g["request_id"] for g in got] == [r["request_id"] for r in reqs]
     want = expected(local, reqs)

@@ -116,3 +116,22 @@ def test_cli_make_tiny_model(tmp_path):
 
     m = load_model(tmp_path / "m")
     assert m.config.hidden_size == 64 and m.block_size == 4
+
+
+def test_reading_and_checking_a_config_needs_no_torch(tiny_dir):
+    """``import dirl.config`` and checking a model path (reading its config.json) load no torch."""
+    code = ("import sys; import dirl.config as c; "
+            f"c.check_model(c.ModelConfig(path={str(tiny_dir)!r})); "
+            "print(c.read_checkpoint_config({!r}).block_size, 'torch' in sys.modules)".format(str(tiny_dir)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["4", "False"]
+
+
+def test_a_renamed_key_names_its_new_name():
+    from dirl.eval.run import EvalConfig
+
+    with pytest.raises(ConfigError, match=r"^config key 'server.timeout' was renamed to 'server.timeout_s'$"):
+        load_config(EvalConfig, None, ["server.timeout=5"])
+    with pytest.raises(ConfigError, match="'server.startup_timeout' was renamed to 'server.startup_timeout_s'"):
+        load_config(EvalConfig, None, ["server.startup_timeout=5"])

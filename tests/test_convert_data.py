@@ -181,7 +181,8 @@ def test_rl_from_chat_rows(tmp_path):
 
 
 def test_rl_reader_of_the_trainer(tmp_path):
-    from dirl.train.rl import RLDataConfig, load_problems
+    from dirl.train.rl.config import RLDataConfig
+    from dirl.train.rl.prompts import load_problems
 
     src = write_jsonl(tmp_path / "p.jsonl", [{"problem": "1+1?", "solution": "\\boxed{2}", "id": 9}])
     out = tmp_path / "rl.jsonl"
@@ -290,3 +291,51 @@ def test_parquet_and_datasets_folder(tmp_path):
     c = cd.convert(str(folder), tmp_path / "sft.jsonl", "sft", skip_bad=True)
     assert (c.read, c.written, c.skipped) == (2, 1, 1)
     assert read_sft_examples(str(tmp_path / "sft.jsonl"))[0].response == "b"
+
+
+# --------------------------------------------------------------------------------------------
+# DiRL's own rows
+# --------------------------------------------------------------------------------------------
+
+
+def test_dirl_sft_rows_are_kept_verbatim(tmp_path):
+    rows = [{"id": 1, "prompt": "<|im_start|>user\nWhat is 1+2?<|im_end|>\n<|im_start|>assistant\n",
+             "response": "1+2=3. \\boxed{3}<|im_end|><|endoftext|>"}]
+    src = write_jsonl(tmp_path / "dirl_sft.jsonl", rows)
+    out = tmp_path / "sft.jsonl"
+    r = run(src, "--to", "sft", "--out", out)
+    assert r.returncode == 0, r.stderr
+    got = read_jsonl(out)
+    assert got == [{"prompt": rows[0]["prompt"], "response": rows[0]["response"], "id": 1}]
+    ex = read_sft_examples(str(out))
+    assert ex[0].templated and ex[0].prompt_text == rows[0]["prompt"] and ex[0].response == rows[0]["response"]
+
+
+def test_dirl_sft_row_with_an_open_response_names_its_line(tmp_path):
+    rows = [{"prompt": "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", "response": "a<|im_end|>"},
+            {"prompt": "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", "response": "a"}]
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    r = run(src, "--to", "sft", "--out", tmp_path / "o.jsonl")
+    assert r.returncode == 2
+    assert f"{src}:2: " in r.stderr and "does not end with <|im_end|>" in r.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+    r = run(write_jsonl(tmp_path / "e.jsonl", rows[:1]), "--to", "sft", "--out", tmp_path / "o.jsonl",
+            "--system-prompt", "x")
+    assert r.returncode == 2 and "already chat-templated" in r.stderr
+
+
+def test_dirl_rl_rows(tmp_path):
+    rows = [{"question": "What is 1/2 + 1/4?", "ground_truth_answer": "\\frac{3}{4}"},
+            {"question": "2+2?", "ground_truth_answer": "4"}]
+    src = write_jsonl(tmp_path / "dirl_rl.jsonl", rows)
+    out = tmp_path / "rl.jsonl"
+    r = run(src, "--to", "rl", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert read_jsonl(out) == [{"question": "What is 1/2 + 1/4?", "answer": "\\frac{3}{4}"},
+                               {"question": "2+2?", "answer": "4"}]
+    # the trainer reads DiRL's RL rows as they are, too
+    from dirl.train.rl.config import RLDataConfig
+    from dirl.train.rl.prompts import load_problems
+
+    got = load_problems(RLDataConfig(source=str(src)))
+    assert [(p["question"], p["answer"]) for p in got] == [(r["question"], r["ground_truth_answer"]) for r in rows]

@@ -114,6 +114,37 @@ def test_confidence_is_taken_before_top_k_top_p_filtering():
         assert lp.exp().item() < 1.0 and abs(lp.item() - math.log(0.5)) > 1e-3
 
 
+def _one_step(logits, T, strategy, threshold=0.9, steps=4):
+    """denoise_step on hand-made logits ``[1, 4, V]`` for a greedy request at temperature T."""
+    from dirl.rollout.decoding import SamplingSettings, Sequence, denoise_step
+
+    settings = SamplingSettings(max_new_tokens=8, temperature=T, top_k=0, top_p=1.0, do_sample=False)
+    seq = Sequence("h", [1, 2, 3, 4], settings, 4, mask_token_id=0)
+    logits = torch.tensor([logits], dtype=torch.float32)
+    keep_, tok, lp, _ = denoise_step(logits, torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.bool),
+                                     [seq], strategy, threshold, steps)
+    return keep_[0].tolist(), lp[0]
+
+
+def test_the_keep_rule_ranks_confidence_at_the_sampling_temperature():
+    """SPEC 4.3: confidence = softmax(logits / T)[token]. At T = 0.5 positions 0 and 1 are over
+    tau = 0.9 (0.97 and 0.95), at T = 1 neither is (0.8 and 0.75): a rule at T = 1 keeps one."""
+    V = 3
+    a = [math.log(0.8), math.log(0.1), math.log(0.1)]
+    b = [math.log(0.75), math.log(0.125), math.log(0.125)]
+    low = [0.0] * V
+    got, lp = _one_step([a, b, low, low], 0.5, "low_confidence_dynamic")
+    assert got == [True, True, False, False]
+    assert lp[0].exp().item() == pytest.approx(0.64 / 0.66, abs=1e-6)
+    assert _one_step([a, b, low, low], 1.0, "low_confidence_dynamic")[0] == [True, False, False, False]
+    # static ranking flips with T: a flat row with a clear leader (A) against two close leaders (B)
+    A = [1.0] + [0.0] * 9
+    Bq = [5.0, 4.5] + [0.0] * 8
+    flat = [0.0] * 10
+    assert _one_step([flat, A, Bq, flat], 0.1, "low_confidence_static")[0] == [False, True, False, False]
+    assert _one_step([flat, A, Bq, flat], 1.0, "low_confidence_static")[0] == [False, False, True, False]
+
+
 def test_inverse_cdf_matches_the_filtered_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
     grid = (torch.arange(1000, dtype=torch.float32) + 0.5) / 1000

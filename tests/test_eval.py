@@ -21,15 +21,9 @@ from dirl.data.benchmarks import (
 )
 from dirl.eval.metrics import average_metrics, benchmark_metrics, default_pass_ks, pass_at_k
 from dirl.eval.report import markdown_table, write_report
-from dirl.eval.run import (
-    EvalConfig,
-    _open_for_append,
-    newest_default_checkpoint,
-    read_responses,
-    request_seed,
-    resolve_model_dir,
-    run_eval,
-)
+from dirl.eval.run import EvalConfig, _open_for_append, read_responses, run_eval
+from dirl.rollout.requests import request_seed
+from dirl.train.checkpoint import newest_checkpoint, resolve_model_dir, write_tiny_model
 
 # --------------------------------------------------------------------------------------------
 # Metrics
@@ -199,38 +193,27 @@ def test_eval_config_errors():
         load_config(EvalConfig, None, ["model.path=/does/not/exist"])
 
 
-def test_local_server_threads_and_backend_options(tmp_path, tiny_dir, monkeypatch):
+def test_local_server_threads_and_backend_options(tmp_path, tiny_dir):
     """A local server gets 1 torch thread on CPU unless told otherwise, torch's choice on CUDA, and
     the config's backend options."""
-    import dirl.rollout.server as server_mod
-    from dirl.eval.run import _Servers, server_threads
+    from dirl.rollout.launch import ModelFacts, server_start_args, server_threads
 
     assert server_threads(None, "cpu") == 1 and server_threads(None, "cuda:1") is None
     assert server_threads(0, "cpu") is None and server_threads(4, "cpu") == 4 and server_threads(2, "cuda") == 2
-    seen = []
-
-    class Handle:
-        url = "http://127.0.0.1:1"
-
-        def stop(self):
-            pass
-
-    monkeypatch.setattr(server_mod, "start_server", lambda *a, **k: seen.append(k) or Handle())
     for extra, threads, options in (([], 1, None), (["server.threads=3"], 3, None), (["server.threads=0"], None, None),
                                     (["server.backend_options.max_batch_size=8"], 1, {"max_batch_size": 8})):
         cfg = _tiny_eval_cfg(tiny_dir, tmp_path, *extra)
-        with _Servers(cfg, tiny_dir) as urls:
-            assert urls == [Handle.url]
-        assert (seen[-1]["device"], seen[-1]["threads"], seen[-1]["backend_options"]) == ("cpu", threads, options)
+        args = server_start_args(cfg.server, tiny_dir, ModelFacts(None, None, cfg.decoding, cfg.model.dtype))
+        assert (args["device"], args["threads"], args["backend_options"]) == ("cpu", threads, options)
     with pytest.raises(ConfigError, match="server.threads"):
         _tiny_eval_cfg(tiny_dir, tmp_path, "server.threads=-1")
 
 
 def test_request_seeds_distinct_and_stable():
-    seeds = [request_seed(0, "math500", 7, j) for j in range(16)]
+    seeds = [request_seed(0, "math500:7", j) for j in range(16)]
     assert len(set(seeds)) == 16
-    assert seeds[:4] == [request_seed(0, "math500", 7, j) for j in range(4)]
-    assert request_seed(1, "math500", 7, 0) != seeds[0]
+    assert seeds[:4] == [request_seed(0, "math500:7", j) for j in range(4)]
+    assert request_seed(1, "math500:7", 0) != seeds[0]
 
 
 def test_responses_file_survives_a_torn_line(tmp_path):
@@ -248,12 +231,31 @@ def test_model_resolution(tmp_path, tiny_dir):
     run = tmp_path / "runs" / "sft-x"
     ck = run / "checkpoints" / "step_00000010"
     shutil.copytree(tiny_dir, ck / "model")
-    assert newest_default_checkpoint(tmp_path / "runs") is None  # not COMPLETE yet
+    assert newest_checkpoint(tmp_path / "runs") is None  # not COMPLETE yet
     (ck / "COMPLETE").write_text("")
-    assert newest_default_checkpoint(tmp_path / "runs") == ck / "model"
+    assert newest_checkpoint(tmp_path / "runs") == ck / "model"
     assert resolve_model_dir(run) == ck / "model"
     assert resolve_model_dir(ck) == ck / "model"
     assert resolve_model_dir(tiny_dir) == tiny_dir
+
+
+def test_default_model_is_never_an_untrained_folder_of_another_command(tmp_path, tiny_dir):
+    """Eval's default model: the newest complete training checkpoint, never an RL run's untrained
+    initial_model (even when it is the newest folder), nor eval's own tiny-model."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    write_tiny_model(runs / "rl-x" / "initial_model")
+    shutil.copytree(tiny_dir, runs / "rl-y" / "initial_model")  # an unmarked copy: still not a checkpoint
+    write_tiny_model(runs / "eval" / "tiny-untrained-abc" / "tiny-model")
+    assert newest_checkpoint(runs) is None
+    ck = runs / "sft-a" / "checkpoints" / "step_00000004"
+    shutil.copytree(tiny_dir, ck / "model")
+    (ck / "trainer_state.json").write_text('{"step": 4, "kind": "sft"}')
+    (ck / "COMPLETE").write_text("")
+    write_tiny_model(runs / "rl-z" / "initial_model")  # newer than the checkpoint
+    assert newest_checkpoint(runs) == ck / "model"
+    assert newest_checkpoint(runs, kinds=("sft",)) == ck / "model" and newest_checkpoint(runs, kinds=("rl",)) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +300,7 @@ def test_end_to_end_tiny_eval(tmp_path, tiny_dir, monkeypatch):
     def no_server(*a, **k):
         raise AssertionError("a finished evaluation must not start a server")
 
-    monkeypatch.setattr(run_mod, "_Servers", no_server)
+    monkeypatch.setattr(run_mod, "open_servers", no_server)
     res2 = run_eval(_tiny_eval_cfg(tiny_dir, out))
     assert len(read_responses(out / "responses.jsonl")) == 12
     assert res2["benchmarks"] == res["benchmarks"]
@@ -311,7 +313,7 @@ def test_end_to_end_tiny_eval(tmp_path, tiny_dir, monkeypatch):
 def test_resume_and_external_server(tmp_path, tiny_dir):
     """An interrupted evaluation (half the responses on disk, a torn line) resumes against a server
     given by URL and ends with exactly the missing responses; more samples extend it."""
-    from dirl.rollout.server import start_server
+    from dirl.rollout.launch import start_server
 
     out = tmp_path / "eval"
     with start_server(tiny_dir, device="cpu") as srv:

@@ -1,10 +1,11 @@
 """Grading on the real benchmark sets (local copies in ../shared/data/benchmarks).
 
-For every problem of the five sets a response ending in ``\\boxed{gold}`` must grade correct; the
-worked MATH500 / AIME2024 solutions must grade correct (>= 99%, exceptions in docs/GRADING.md);
-a clearly wrong answer (integer gold + 1, else another problem's different gold) must grade wrong
-(>= 99%). The correct-answer checks run twice: through the default grader and (marked slow) through
-math-verify alone (no string fast path), so that the gold strings themselves are known to parse.
+Each check asserts exactly the figures of docs/GRADING.md ("Measured on the five test sets"): for
+every problem of the five sets a response ending in ``\\boxed{gold}`` grades correct; every worked
+MATH500 / AIME2024 solution grades correct; no clearly wrong answer (integer gold + 1, else another
+problem's different gold) grades correct. The checks run through the default grader and (marked
+slow) through math-verify alone (``string_fallback=False``: no string path at all), which accepts
+every worked solution but the two AIME2024 exceptions named in the doc.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def default_grader():
 
 @pytest.fixture(scope="module")
 def mv_grader():
-    g = Grader(timeout=10.0, fast_path=False)
+    g = Grader(timeout=10.0, string_fallback=False)
     yield g
     g.close()
 
@@ -59,13 +60,17 @@ def test_boxed_gold_is_correct(benchmarks_dir, grader, name):
 
 
 @pytest.mark.parametrize("name", MATH_BENCHMARKS)
-def test_wrong_answer_is_wrong(benchmarks_dir, default_grader, name):
-    grader = default_grader
+def test_wrong_answer_is_wrong(benchmarks_dir, grader, name):
     ps = _problems(benchmarks_dir, name)
     golds = [p["answer"] for p in ps]
     verdicts = grader.grade_many((f"\\boxed{{{_wrong(i, golds)}}}", g) for i, g in enumerate(golds))
     wrongly_right = [(golds[i], _wrong(i, golds)) for i, v in enumerate(verdicts) if v]
-    assert len(wrongly_right) <= 0.01 * len(ps), wrongly_right[:10]
+    assert not wrongly_right, f"{len(wrongly_right)} false positives: {wrongly_right[:10]}"
+
+
+# math-verify alone misses two AIME2024 worked solutions (docs/GRADING.md): `\boxed{104.}` and
+# `\textbf{(073)}`; the string fallback of the default grader recovers both
+MV_ALONE_MISSES = {"math500": [], "aime2024": ["104", "073"]}
 
 
 @pytest.mark.parametrize("name", ["math500", "aime2024"])
@@ -76,4 +81,11 @@ def test_worked_solution_is_correct(benchmarks_dir, grader, name):
     rows = [json.loads(line) for line in (benchmarks_dir / file).read_text().splitlines() if line.strip()]
     verdicts = grader.grade_many((r["solution"], r["answer"]) for r in rows)
     failed = [r["answer"] for r, v in zip(rows, verdicts) if not v]
-    assert len(failed) <= 0.01 * len(rows), failed
+    assert failed == ([] if grader.string_fallback else MV_ALONE_MISSES[name])
+
+
+def test_math_verify_alone_has_no_string_path(mv_grader, default_grader):
+    """Answers only the normalised-string comparison accepts: math-verify alone says no."""
+    for pred, gold in (("104.", "104"), ("\\textbf{(073)}", "073")):
+        assert default_grader.compare_answers([(pred, gold)]) == [True]
+        assert mv_grader.compare_answers([(pred, gold)]) == [False]

@@ -27,7 +27,6 @@ from dirl.config import ConfigError, DecodingConfig
 from dirl.rollout import lmdeploy_backend as lb
 from dirl.rollout import lmdeploy_patch as lp
 from dirl.rollout.backend import GenerateRequest, RequestError, StateError
-from dirl.rollout.decoding import tokens_to_keep
 
 M, U, C = lp.MASKED, lp.UNMASKED, lp.CACHED
 RUNNING, STOPPED = "RUNNING", "STOPPED"
@@ -170,6 +169,32 @@ class FakeExtraOutputs:
     dllm_mask: torch.Tensor
 
 
+def lmdeploy_unmask(conf: np.ndarray, masked: np.ndarray, strategy: str, threshold: float, steps: int) -> np.ndarray:
+    """LMDeploy's ``UnmaskingProcessor`` rule for one block, re-stated here (not dirl's code):
+    scores of unmasked positions count as -inf; ``low_confidence_dynamic`` unmasks every score >=
+    threshold plus the argmax; ``low_confidence_static`` the top ``max(1, B // steps)`` scores;
+    ``sequential`` the first that many masked positions."""
+    B = len(conf)
+    n = max(1, B // steps)
+    keep = np.zeros(B, dtype=bool)
+    idx = [i for i in range(B) if masked[i]]
+    if not idx:
+        return keep
+    if strategy == "sequential":
+        keep[idx[:n]] = True
+        return keep
+    scores = np.where(masked, conf.astype(np.float64), -np.inf)
+    if strategy == "low_confidence_dynamic":
+        keep |= masked & (scores >= threshold)
+        keep[int(np.argmax(scores))] = True
+    elif strategy == "low_confidence_static":
+        for i in np.argsort(-scores, kind="stable")[: min(n, len(idx))]:  # never an unmasked one
+            keep[int(i)] = True
+    else:
+        raise ValueError(strategy)
+    return keep
+
+
 class FakeDLLMEngine:
     """Decodes FakeSeqs with the unmasking rules of LMDeploy's ``UnmaskingProcessor`` and hands
     every forward to the (patched) ``update_running``, as the engine process does."""
@@ -202,7 +227,7 @@ class FakeDLLMEngine:
             sampled = logits.argmax(-1)
             conf = logp.gather(1, sampled[:, None]).squeeze(1).exp()
             masked = torch.as_tensor(mask == M)
-            keep = tokens_to_keep(conf[None], masked[None], self.strategy, self.threshold, self.steps)[0].numpy()
+            keep = lmdeploy_unmask(conf.numpy(), masked.numpy(), self.strategy, self.threshold, self.steps)
             new_tok = np.where(mask != M, tok, sampled.numpy())
             new_mask = mask.copy()
             new_mask[keep] = U
@@ -428,6 +453,15 @@ def test_generation_kwargs_sampling_and_greedy():
         lb.generation_kwargs(_req(temperature=2.5))
 
 
+def test_generation_kwargs_min_new_tokens_and_banned_ids():
+    """DiRL's eval settings map onto LMDeploy's own GenerationConfig fields."""
+    kw = lb.generation_kwargs(_req(max_new_tokens=256, min_new_tokens=128, banned_token_ids=[3, 7]))
+    assert set(kw) <= GENERATION_CONFIG_FIELDS
+    assert kw["min_new_tokens"] == 128 and kw["bad_token_ids"] == [3, 7] and kw["stop_token_ids"] == [2]
+    plain = lb.generation_kwargs(_req())
+    assert "min_new_tokens" not in plain and "bad_token_ids" not in plain
+
+
 def _out(status: str, ids):
     return SimpleNamespace(status=SimpleNamespace(name=status), token_ids=list(ids))
 
@@ -546,29 +580,30 @@ def test_flatten_bucket_refuses_mixed_dtypes():
         lb.flatten_bucket([("a", torch.zeros(2)), ("b", torch.zeros(2, dtype=torch.int64))])
 
 
-def _ipc_body(handle_obj, tensors, dtype="bfloat16"):
-    handle = base64.b64encode(pickle.dumps(handle_obj)).decode("ascii")
-    return {"transport": "ipc", "buckets": [{"dtype": dtype, "handle": handle, "tensors": tensors}], "finished": True}
-
-
-def test_ipc_payload_passes_the_handle_through_unopened():
-    from multiprocessing.reduction import ForkingPickler
-
+def test_ipc_bucket_json_builds_torchs_rebuild_call_from_checked_fields():
+    """The JSON handle becomes torch's own ``rebuild_cuda_tensor`` call without being opened; the
+    function and classes come from this process, never from the request."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-    tensors = [{"name": "a", "shape": [2, 3], "offset": 0, "numel": 6},
-               {"name": "b", "shape": [4], "offset": 6, "numel": 4}]
-    handle = (rebuild_cuda_tensor, (torch.Tensor, (10,), (1,), 0, torch.UntypedStorage, torch.bfloat16, 0, b"h"))
-    (s,) = lb.lmdeploy_requests_from_ipc(_ipc_body(handle, tensors))  # the stand-in handle is never opened
-    data = ForkingPickler.loads(base64.b64decode(s))
-    assert data["flattened_tensor"] == handle and data["require_clone"] is True
-    meta = data["metadata"]
-    assert [(m.name, tuple(m.shape), m.start_idx, m.end_idx, m.dtype) for m in meta] == [
+    from dirl.rollout import weights as W
+
+    handle = {"storage_handle": base64.b64encode(b"h" * 65).decode(), "storage_size_bytes": 20,
+              "storage_offset_bytes": 0, "tensor_offset": 0, "ref_counter_handle": base64.b64encode(
+                  b"/torch_12_34_0").decode(), "ref_counter_offset": 0, "event_handle": None,
+              "event_sync_required": False}
+    tensors = [{"name": "a", "shape": [2, 3], "dtype": "bfloat16", "start_idx": 0, "end_idx": 6, "numel": 6},
+               {"name": "b", "shape": [4], "dtype": "bfloat16", "start_idx": 6, "end_idx": 10, "numel": 4}]
+    (b,) = W.check_ipc_buckets([{"dtype": "bfloat16", "handle": handle, "tensors": tensors}])
+    func, args = b.rebuild_call(3)
+    assert func is rebuild_cuda_tensor and args[0] is torch.Tensor and args[4] is torch.storage.TypedStorage
+    assert args[1] == torch.Size([10]) and args[5] is torch.bfloat16 and args[6] == 3 and args[7] == b"h" * 65
+    assert [(m.name, tuple(m.shape), m.start_idx, m.end_idx, m.dtype) for m in b.entries] == [
         ("a", (2, 3), 0, 6, torch.bfloat16), ("b", (4,), 6, 10, torch.bfloat16)]
-    with pytest.raises(RequestError, match="only torch"):
-        lb.lmdeploy_requests_from_ipc(_ipc_body((os.getcwd, ()), tensors))
-    with pytest.raises(RequestError, match="malformed"):
-        lb.lmdeploy_requests_from_ipc(_ipc_body(handle, [{"name": "a"}]))
+    with pytest.raises(W.PayloadError, match="pickled handles are not accepted"):
+        W.check_ipc_buckets([{"dtype": "bfloat16", "handle": base64.b64encode(pickle.dumps((os.getcwd, ()))).decode(),
+                              "tensors": tensors}])
+    with pytest.raises(W.PayloadError, match="missing field 'shape'"):
+        W.check_ipc_buckets([{"dtype": "bfloat16", "handle": handle, "tensors": [{"name": "a"}]}])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -645,6 +680,9 @@ def fake_backend(monkeypatch):
     b._gate = lb._Gate()
     b._sessions = iter(range(1, 10_000))
     b.asleep = {"weights": False, "kv_cache": False}
+    b._specs = {n: (tuple(t.shape), t.dtype) for n, t in _state_dict()}
+    b._update_started = False
+    b._weights_partial = False
     b._loop = lb._LoopThread()
     yield b
     b._loop.stop()
@@ -697,6 +735,40 @@ def test_backend_state_machine_and_weight_loading(fake_backend):
     assert b.generate([_req()])[0]["request_id"] == "r0"
 
 
+def test_backend_generate_each_fails_a_request_alone(fake_backend):
+    reqs = [_req(request_id="a", stop_token_ids=[2]), _req(request_id="hot", temperature=5.0),
+            _req(request_id="b", stop_token_ids=[2])]
+    out = fake_backend.generate_each(reqs)
+    assert isinstance(out[1], RequestError) and "temperature" in str(out[1])
+    assert [out[0]["request_id"], out[2]["request_id"]] == ["a", "b"]
+    with pytest.raises(RequestError):
+        fake_backend.generate(reqs)
+
+
+def test_backend_checks_each_segment_and_refuses_to_serve_a_mix(fake_backend):
+    from dirl.rollout.weights import PayloadError
+
+    b, eng = fake_backend, fake_backend.engine
+    pairs = _state_dict()
+    nan = [(pairs[0][0], torch.full_like(pairs[0][1], float("nan")))]
+    b.sleep(1)
+    with pytest.raises(PayloadError, match="NaN"):
+        b.update_weights(nan, finished=True)  # refused before LMDeploy saw any of it
+    assert eng.loaded == []
+    with pytest.raises(PayloadError, match="unknown parameter"):
+        b.update_weights([("model.nope", torch.zeros(1))], finished=True)
+    b.update_weights(pairs[:3], finished=False)
+    with pytest.raises(PayloadError, match="shape"):
+        b.update_weights([(pairs[3][0], torch.zeros(7, 7))], finished=True)
+    b.wakeup()
+    with pytest.raises(StateError, match="refused after part of it had loaded"):
+        b.generate([_req()])
+    b.sleep(1)
+    b.update_weights(pairs, finished=True)  # a complete update clears it
+    b.wakeup()
+    assert b.generate([_req()])[0]["request_id"] == "r0"
+
+
 def test_backend_empty_finishing_update(fake_backend):
     b, eng = fake_backend, fake_backend.engine
     b.sleep()
@@ -725,7 +797,7 @@ def test_check_environment_messages():
 @pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("lmdeploy") is not None,
                     reason="this machine has CUDA and lmdeploy")
 def test_get_backend_lmdeploy_fails_with_one_line(tiny_dir):
-    from dirl.rollout.backend import get_backend
+    from dirl.rollout.backends import get_backend
 
     with pytest.raises(ConfigError) as e:
         get_backend("lmdeploy", str(tiny_dir), device="cuda")
@@ -759,7 +831,7 @@ _gpu_ready = torch.cuda.is_available() and importlib.util.find_spec("lmdeploy") 
 @pytest.mark.skipif(not _gpu_ready, reason="needs a CUDA GPU and lmdeploy==0.18.0 (pip install 'dirl[gpu]')")
 def test_gpu_lmdeploy_trajectories_and_first_block_parity(tmp_path):
     from dirl.model.tiny import build_tiny_model
-    from dirl.rollout.backend import get_backend
+    from dirl.rollout.backends import get_backend
 
     model, tok = build_tiny_model()
     with torch.no_grad():  # a sharper random model: fewer bf16 near-ties between the two engines

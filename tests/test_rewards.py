@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
-import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
@@ -126,23 +126,34 @@ def test_process_pool_gives_serial_results():
             assert list(ex.map(_grade_in_child, pairs)) == serial, method
 
 
-def test_pathological_input_is_bounded():
-    with Grader(workers=1, timeout=1.5) as g:
-        t = time.monotonic()
+def test_pathological_input_is_bounded(caplog):
+    """A comparison past its deadline counts wrong, its worker is killed and replaced (behaviour,
+    not a wall-clock bound: the deadline path must be the one taken)."""
+    with Grader(workers=1, timeout=1.5) as g, caplog.at_level(logging.WARNING, logger="dirl.rewards.math"):
+        assert g.is_correct("\\boxed{\\sqrt{4}}", "2") is True  # a worker is up
+        first = g._workers[0].proc.pid
         assert g.is_correct(PATHOLOGICAL, "5") is False
-        assert time.monotonic() - t < 10.0
+        assert any("timed out" in r.getMessage() for r in caplog.records)
+        assert g._workers[0].proc is None  # the stuck worker was killed
         # the pool recovers: the next comparison uses a fresh worker and is right
         assert g.is_correct("\\boxed{\\frac{2}{4}}", "0.5") is True
+        assert g._workers[0].proc.pid != first
         # a batch holding one pathological item: the rest still grade
         out = g.grade_many([("\\boxed{\\sqrt{4}}", "2"), (PATHOLOGICAL, "5"), ("\\boxed{2^{10}}", "1024")])
         assert out == [True, False, True]
 
 
-def test_runaway_answer_is_cheap():
-    t = time.monotonic()
-    assert is_correct("\\boxed{" + "1+" * 3000 + "1}", "3001") is False
-    assert is_correct("\\boxed{" + "x" * 3000 + "}", "x" * 3000) is True  # string equality still counts
-    assert time.monotonic() - t < 2.0
+def test_runaway_answer_is_cheap(monkeypatch):
+    """An answer over MAX_ANSWER_CHARS never reaches math-verify (checked by making it fail)."""
+    import dirl.rewards.math as rm
+
+    def no_math_verify(*a, **k):
+        raise AssertionError("a runaway answer went to math-verify")
+
+    monkeypatch.setattr(rm, "math_verify_equal", no_math_verify)
+    with Grader(workers=0) as g:
+        assert g.is_correct("\\boxed{" + "1+" * 3000 + "1}", "3001") is False
+        assert g.is_correct("\\boxed{" + "x" * 3000 + "}", "x" * 3000) is True  # string equality still counts
 
 
 def test_pathological_from_threads():
@@ -153,12 +164,10 @@ def test_pathological_from_threads():
             res[i] = g.is_correct(PATHOLOGICAL if i % 2 else "\\boxed{\\sqrt{9}}", "3")
 
         ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-        t = time.monotonic()
         for th in ts:
             th.start()
         for th in ts:
-            th.join(30)
-        assert time.monotonic() - t < 20.0
+            th.join()  # a hang fails through the suite's per-test timeout
         assert res == {0: True, 1: False, 2: True, 3: False}
 
 

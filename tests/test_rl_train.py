@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,15 +18,12 @@ import pytest
 import torch
 
 from dirl.config import ConfigError, DecodingConfig
-from dirl.train.rl import (
-    Group,
-    PromptSampler,
-    collect_groups,
-    load_rl_config,
-    make_samples,
-    micro_batches_per_rank,
-    plan_micro_batches,
-)
+from dirl.train.common import Dist
+from dirl.train.rl.config import load_rl_config
+from dirl.train.rl.groups import Group, Sampling, collect_groups, rollout_and_score
+from dirl.train.rl.prompts import PromptSampler, load_problems
+from dirl.train.rl.recipe import train_rl
+from dirl.train.rl.update import make_samples, micro_batches_per_rank, plan_micro_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -113,7 +111,7 @@ def test_advantages_of_groups():
 
 
 def test_micro_batch_plan_covers_everything_once_with_equal_counts():
-    n_micro = micro_batches_per_rank(capacity=64, mini_batches=2, world=3, micro_batch_size=4)
+    n_micro = micro_batches_per_rank(capacity=64, num_mini_batches=2, world=3, micro_batch_size=4)
     assert n_micro == 3
     seen = []
     for rank in range(3):
@@ -128,9 +126,9 @@ def test_micro_batch_plan_covers_everything_once_with_equal_counts():
 
 @pytest.mark.parametrize("override, key", [
     ("rollout.decoding.temperature=0", "rollout.decoding.temperature"),
-    ("train.samples_per_prompt=1", "train.samples_per_prompt"),
+    ("train.num_generations=1", "train.num_generations"),
     ("rollout.decoding.block_size=8", "rollout.decoding.block_size"),
-    ("loss.aggregation=sum", "loss.aggregation"),
+    ("loss.loss_type=sum", "loss.loss_type"),
     ("train.oversample=0.5", "train.oversample"),
     ("custom_rewards.x=nomodule:f", "custom_rewards.x"),
 ])
@@ -140,13 +138,53 @@ def test_bad_rl_configs_are_one_line_errors(override, key):
     assert key in str(e.value) and "\n" not in str(e.value)
 
 
+def test_rl_defaults_are_the_spec_values():
+    """SPEC section 6: eps_low 0.2, eps_high 0.28 (not DiRL's 0.2 + 0.08 written as 0.2), beta 0 (no
+    reference model), grpo aggregation, gradient clipping 1.0, weight decay 0, one update per
+    rollout batch; post-EOS tokens take no loss; SPEC section 4/6 decoding: 4 steps, dynamic tau 0.9,
+    T 1.0, top-p 1.0. The paper configs say the same."""
+    cfg = load_rl_config(None, [])
+    lo = cfg.loss
+    assert (lo.clip_eps_low, lo.clip_eps_high, lo.kl_beta, lo.aggregation) == (0.2, 0.28, 0.0, "grpo")
+    assert lo.score_after_eos is False and lo.layout == "packed" and lo.behaviour_logprobs == "recompute"
+    assert (cfg.optim.max_grad_norm, cfg.optim.weight_decay) == (1.0, 0.0)
+    assert (cfg.train.mini_batches, cfg.train.num_iterations) == (1, 1)
+    d = cfg.rollout.decoding
+    assert (d.denoising_steps, d.unmasking_strategy, d.confidence_threshold, d.temperature, d.top_p) == (
+        4, "low_confidence_dynamic", 0.9, 1.0, 1.0)
+    for name in ("rl_sdar8b.yaml", "rl_sdar8b_dapo.yaml"):
+        c = load_rl_config(str(ROOT / "configs" / name), ["model.path=''", "rollout.urls=[http://10.0.0.1:8000]"])
+        assert (c.loss.clip_eps_low, c.loss.clip_eps_high) == (0.2, 0.28), name
+        assert c.rollout.decoding.block_size == 4 and c.rollout.decoding.denoising_steps == 4, name
+
+
 def test_paper_configs_load():
     for name in ("rl_sdar8b.yaml", "rl_sdar8b_dapo.yaml"):
-        cfg = load_rl_config(str(ROOT / "configs" / name), ["model.path=''", "rollout.urls=[http://10.0.0.1:8000]"])
+        cfg = load_rl_config(str(ROOT / "configs" / name), ["model.path=''", "server.urls=[http://10.0.0.1:8000]"])
         assert cfg.train.prompts_per_step == 128 and cfg.optim.lr == 1e-6
         assert cfg.rollout.decoding.top_k == 50 and cfg.rollout.decoding.confidence_threshold == 0.9
-    dapo = load_rl_config(str(ROOT / "configs" / "rl_sdar8b_dapo.yaml"), ["model.path=''", "rollout.urls=[http://x:1]"])
-    assert dapo.train.dynamic_sampling and dapo.loss.aggregation == "dapo"
+    dapo = load_rl_config(str(ROOT / "configs" / "rl_sdar8b_dapo.yaml"), ["model.path=''", "server.urls=[http://x:1]"])
+    assert dapo.train.dynamic_sampling and dapo.loss.loss_type == "dapo"
+
+
+@pytest.mark.parametrize("old, new", [
+    ("train.samples_per_prompt=4", "train.num_generations"),
+    ("train.mini_batches=2", "train.num_mini_batches"),
+    ("loss.aggregation=dapo", "loss.loss_type"),
+    ("loss.clip_eps_low=0.2", "loss.epsilon"),
+    ("loss.clip_eps_high=0.28", "loss.epsilon_high"),
+    ("loss.kl_beta=0.1", "loss.beta"),
+    ("rollout.urls=[http://x:1]", "server.urls"),
+    ("rollout.timeout_s=5", "server.timeout_s"),
+    ("eval.samples=2", "eval.num_samples"),
+    ("eval.problems=20", "eval.num_problems"),
+    ("data.num_samples=20", "data.limit"),
+])
+def test_old_rl_key_names_name_the_new_ones(old, new):
+    with pytest.raises(ConfigError) as e:
+        load_rl_config(None, [old])
+    msg = str(e.value)
+    assert f"'{old.split('=')[0]}' was renamed to '{new}'" in msg and "\n" not in msg
 
 
 # -- gradient invariance -----------------------------------------------------------------------------------------
@@ -257,8 +295,8 @@ def test_gradient_is_the_same_with_two_processes_deepspeed_zero1(tiny_dir, updat
 def _small_run(tmp_path, tiny_dir, steps, extra=()):
     return [
         f"model.path={tiny_dir}", f"output_dir={tmp_path}", "run_name=run", "runs_dir=/nonexistent",
-        f"train.steps={steps}", "train.prompts_per_step=4", "train.samples_per_prompt=8",
-        "train.micro_batch_size=32", "rollout.decoding.max_new_tokens=8", "rollout.max_batch_size=64",
+        f"train.steps={steps}", "train.prompts_per_step=4", "train.num_generations=8",
+        "train.micro_batch_size=32", "rollout.decoding.max_new_tokens=8", "server.max_batch_size=64",
         "eval.enabled=false", "logging.progress_bar=false", "logging.tensorboard=false",
         "rollout.decoding.unmasking_strategy=low_confidence_static", "rollout.decoding.denoising_steps=2",
         *extra,
@@ -268,8 +306,6 @@ def _small_run(tmp_path, tiny_dir, steps, extra=()):
 @pytest.mark.slow
 def test_rl_raises_a_toy_reward_through_the_server(tiny_dir, tmp_path):
     """Reward = fraction of '7' in the response; the tiny random model starts near 1/100."""
-    from dirl.train.rl import train_rl
-
     cfg = load_rl_config(None, _small_run(tmp_path, tiny_dir, 8, [
         "custom_rewards.sevens=helpers_rl_dist:digit_fraction", "rewards.weights={sevens: 1.0}",
         "optim.lr=3e-3", "train.save_every=0"]))
@@ -287,11 +323,9 @@ def test_rl_raises_a_toy_reward_through_the_server(tiny_dir, tmp_path):
 def test_kl_several_updates_dapo_and_rounds_run_end_to_end(tiny_dir, tmp_path):
     """The other branches of the step: a frozen reference model (beta > 0), old log-probs from a
     pre-pass (two mini-batches), DAPO aggregation and filter with refill, the rounds layout."""
-    from dirl.train.rl import train_rl
-
     cfg = load_rl_config(None, _small_run(tmp_path, tiny_dir, 2, [
         "custom_rewards.sevens=helpers_rl_dist:digit_fraction", "rewards.weights={sevens: 1.0}",
-        "loss.kl_beta=0.1", "train.mini_batches=2", "loss.aggregation=dapo", "loss.layout=rounds",
+        "loss.beta=0.1", "train.num_mini_batches=2", "loss.loss_type=dapo", "loss.layout=rounds",
         "train.dynamic_sampling=true", "train.max_sampling_rounds=2", "optim.lr=1e-3", "train.save_every=0",
         "train.micro_batch_size=8"]))
     train_rl(cfg)
@@ -303,7 +337,7 @@ def test_kl_several_updates_dapo_and_rounds_run_end_to_end(tiny_dir, tmp_path):
     # with the filter off, both mini-batches update, KL is measured against the reference
     cfg = load_rl_config(None, _small_run(tmp_path, tiny_dir, 2, [
         "custom_rewards.sevens=helpers_rl_dist:digit_fraction", "rewards.weights={sevens: 1.0}",
-        "loss.kl_beta=0.1", "train.mini_batches=2", "loss.aggregation=dapo", "loss.layout=rounds",
+        "loss.beta=0.1", "train.num_mini_batches=2", "loss.loss_type=dapo", "loss.layout=rounds",
         "optim.lr=1e-3", "train.save_every=0", "train.micro_batch_size=8", "run_name=run2"]))
     train_rl(cfg)
     rows = [json.loads(ln) for ln in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
@@ -313,26 +347,30 @@ def test_kl_several_updates_dapo_and_rounds_run_end_to_end(tiny_dir, tmp_path):
 
 
 def test_kill_and_resume_continues_from_the_saved_cursor(tiny_dir, tmp_path):
+    """The first run holds at step 3's rewards (helpers_rl_dist.hold_from_step), after step 2's
+    checkpoint, and is killed there: an event, so a fast machine cannot finish the run first."""
     args = [sys.executable, "-m", "dirl.cli", "rl", *_small_run(tmp_path, tiny_dir, 4, [
-        "train.save_every=2", "train.prompts_per_step=2", "train.samples_per_prompt=2", "optim.lr=1e-3"])]
+        "train.save_every=2", "train.prompts_per_step=2", "train.num_generations=2", "optim.lr=1e-3",
+        "custom_rewards.hold=helpers_rl_dist:hold_from_step", "rewards.weights={accuracy: 1.0, hold: 1.0}"])]
     run = tmp_path / "run"
-    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    held = tmp_path / "held"
+    env = {**_env(), "DIRL_TEST_HOLD_STEP": "3", "DIRL_TEST_HOLD_FILE": str(held)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 240
-        while not (run / "checkpoints" / "step_00000002" / "COMPLETE").is_file():
+        while not held.is_file():  # waits for the event; a hang fails by the suite's per-test timeout
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.time() < deadline, "no checkpoint in time"
-            time.sleep(0.2)
+            time.sleep(0.1)
+        assert held.read_text().startswith("s3-")
+        assert (run / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+        assert not (run / "checkpoints" / "step_00000004").exists()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its rollout server
         proc.wait()
-    r = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(args, env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at step 2" in r.stdout
     rows = [json.loads(ln) for ln in (run / "samples.jsonl").read_text().splitlines()]
     # the same prompts, in the same order, as an uninterrupted run: the seeded order from cursor 0
-    from dirl.train.rl import load_problems
-
     cfg = load_rl_config(None, _small_run(tmp_path, tiny_dir, 4))
     problems = load_problems(cfg.data)
     expected = [problems[i]["id"] for i in PromptSampler(len(problems), seed=cfg.data.seed).draw(8)]
@@ -350,45 +388,61 @@ def test_kill_and_resume_continues_from_the_saved_cursor(tiny_dir, tmp_path):
 def _rollout_setup(tiny_dir):
     from dirl.data.chat import prompt_ids
     from dirl.model.sdar import load_tokenizer
-    from dirl.train.rl import Dist
 
     tok = load_tokenizer(tiny_dir)
     cfg = load_rl_config(None, [f"model.path={tiny_dir}", "rollout.decoding.max_new_tokens=32"])
+    sampling = Sampling(cfg.rollout.decoding, [2], cfg.train.seed, cfg.rewards, 4)
     probs = [{"id": str(i), "answer": str(100 + i)} for i in range(12)]
     prompts = [prompt_ids(tok, f"What is {i}+100?") for i in range(12)]
-    return cfg, probs, prompts, Dist(None)
+    return sampling, probs, prompts, Dist(None)
 
 
-def _kill_later(handle, delay):
+def _rollout_in_thread(fn):
+    """Runs ``fn()`` on a thread; ``box`` gets its result or exception, ``ended`` is set after."""
+    box, ended = {}, threading.Event()
+
     def go():
-        time.sleep(delay)
-        os.kill(handle.pid, signal.SIGKILL)
+        try:
+            box["out"] = fn()
+        except BaseException as e:  # noqa: BLE001 - checked by the test
+            box["err"] = e
+        finally:
+            ended.set()
 
     th = threading.Thread(target=go)
     th.start()
-    return th
+    return th, box, ended
 
 
 @pytest.mark.slow
 def test_a_dying_server_is_retried_on_the_pool_and_rewards_stay_with_their_prompts(tiny_dir):
-    from dirl.rollout.client import RolloutClient
-    from dirl.rollout.server import start_server
-    from dirl.train.rl import rollout_and_score
+    """The first server holds its requests (tests/helpers_gated_server.py) and is killed once it
+    reports them in its engine; the second takes them over."""
+    from helpers_gated_server import GatedServer
 
-    cfg, probs, prompts, dist = _rollout_setup(tiny_dir)
+    from dirl.rollout.client import RolloutClient
+    from dirl.rollout.launch import start_server
+
+    sampling, probs, prompts, dist = _rollout_setup(tiny_dir)
     dec = DecodingConfig(max_new_tokens=32)
-    a = start_server(tiny_dir, decoding=dec, device="cpu", max_batch_size=8)
-    b = start_server(tiny_dir, decoding=dec, device="cpu", max_batch_size=8)
+    b = start_server(tiny_dir, decoding=dec, device="cpu", max_batch_size=8, wait=False)
+    a = GatedServer(tiny_dir)
     try:
+        b.wait_ready()
+        # a is first: its workers take the first chunks
         client = RolloutClient([a.url, b.url], retries=4, batch_size=4, max_concurrency=2, backoff=0.2)
-        th = _kill_later(a, 1.0)
-        groups = rollout_and_score(client, probs, prompts, 4, step=0, rnd=0, cfg=cfg, block_size=4,
-                                   stop_ids=[2], dist=dist)
+        th, box, ended = _rollout_in_thread(lambda: rollout_and_score(
+            client, probs, prompts, 4, step=0, rnd=0, s=sampling, dist=dist))
+        held = a.wait_in_flight()
+        assert held > 0 and not ended.is_set()  # the rollout cannot finish while a holds requests
+        a.kill()
         th.join()
         assert not a.alive()
     finally:
-        a.stop()
+        a.kill()
         b.stop()
+    assert "err" not in box, box.get("err")
+    groups = box["out"]
     assert [g.problem["id"] for g in groups] == [p["id"] for p in probs]
     for g, ids in zip(groups, prompts):
         assert len(g.trajectories) == 4 and len(g.rewards) == 4
@@ -396,19 +450,25 @@ def test_a_dying_server_is_retried_on_the_pool_and_rewards_stay_with_their_promp
 
 
 def test_a_dying_only_server_fails_the_step_with_a_clear_error(tiny_dir):
-    from dirl.rollout.client import RolloutClient, RolloutError
-    from dirl.rollout.server import start_server
-    from dirl.train.rl import rollout_and_score
+    """The only server is killed while its engine holds the step's requests (an event, not a
+    delay): the step fails with an error naming them."""
+    from helpers_gated_server import GatedServer
 
-    cfg, probs, prompts, dist = _rollout_setup(tiny_dir)
-    a = start_server(tiny_dir, decoding=DecodingConfig(max_new_tokens=32), device="cpu", max_batch_size=4)
+    from dirl.rollout.client import RolloutClient, RolloutError
+    sampling, probs, prompts, dist = _rollout_setup(tiny_dir)
+    a = GatedServer(tiny_dir)
     try:
         client = RolloutClient([a.url], retries=2, batch_size=48, max_concurrency=1, backoff=0.1)
-        th = _kill_later(a, 0.8)
-        # either the chunk's own retries run out first or the client sees the only server gone
-        with pytest.raises(RolloutError, match=r"failed( after 3 attempts|: no rollout server answers \(1 tried, 3 times each\))") as e:
-            rollout_and_score(client, probs, prompts, 4, step=0, rnd=0, cfg=cfg, block_size=4, stop_ids=[2], dist=dist)
+        th, box, ended = _rollout_in_thread(lambda: rollout_and_score(
+            client, probs, prompts, 4, step=0, rnd=0, s=sampling, dist=dist))
+        assert a.wait_in_flight() == 48 and not ended.is_set()
+        a.kill()
         th.join()
-        assert e.value.request_ids and all(r.startswith("s0-r0-p") for r in e.value.request_ids)
     finally:
-        a.stop()
+        a.kill()
+    e = box.get("err")
+    assert isinstance(e, RolloutError), box
+    # either the chunk's own retries run out first or the client sees the only server gone
+    assert re.search(
+        r"failed( after 3 attempts|: no rollout server answers \(1 tried, 3 times each\))", str(e)), str(e)
+    assert e.request_ids and all(r.startswith("s0-r0-p") for r in e.request_ids)

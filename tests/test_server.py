@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,9 +14,10 @@ import pytest
 import torch
 
 from dirl.config import ConfigError, DecodingConfig
-from dirl.rollout.backend import ReferenceBackend, get_backend
+from dirl.rollout.backend import ReferenceBackend
+from dirl.rollout.backends import get_backend
 from dirl.rollout.client import RolloutClient, RolloutError
-from dirl.rollout.server import start_server
+from dirl.rollout.launch import start_server
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -31,10 +33,16 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir):
+def weights_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("weights")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, weights_dir):
     # a backend option (not the default 64) must reach the backend: /info reports it
     with start_server(tiny_dir, decoding=DECODING, api_key=KEY, device="cpu", threads=1,
-                      backend_options={"max_batch_size": 16}) as handle:
+                      backend_options={"max_batch_size": 16},
+                      env={"DIRL_SERVER_WEIGHTS_DIR": str(weights_dir)}) as handle:
         yield handle
     assert not handle.alive()
 
@@ -52,7 +60,8 @@ def in_process(local, reqs):
 
 def post(server, path, body=None, content=None, headers=AUTH):
     if content is not None:
-        return httpx.post(server.url + path, content=content, headers=headers, timeout=60)
+        return httpx.post(server.url + path, content=content, timeout=60,
+                          headers={"Content-Type": "application/json", **headers})
     return httpx.post(server.url + path, json=body, headers=headers, timeout=60)
 
 
@@ -100,15 +109,43 @@ def test_generate_equals_in_process(server, local):
         local, [{**REQS[3], "do_sample": False}])[0]["token_ids"]
 
 
-def test_concurrent_requests_share_engine_batches(server, local):
+def test_concurrent_requests_share_engine_batches(tiny_dir, local):
+    """HTTP calls that arrive while a batch runs join it (the engine's ``more()``) and each gets its
+    own results. Event-driven: the backend holds its first batch until the eleven other calls have
+    reached it through ``more()``, so the outcome does not depend on the machine's speed."""
+    import threading
+
+    from helpers_gated_server import serve_in_thread
+
+    class Collecting(ReferenceBackend):
+        entered = threading.Event()
+
+        def generate_continuous(self, requests, more, on_result):
+            if self.entered.is_set():
+                return super().generate_continuous(requests, more, on_result)
+            self.entered.set()
+            held = list(requests)
+            while len(held) < 12:  # wait for the other calls to be queued (a hang fails by timeout)
+                new = more()
+                held += new
+                if not new:
+                    time.sleep(0.005)
+            return super().generate_continuous(held, more, on_result)
+
+    backend = Collecting(str(tiny_dir), decoding=DECODING, device="cpu")
+    url, stop = serve_in_thread(backend)
     reqs = [{"request_id": f"c{i}", "prompt": f"{i}+{i}=", "max_new_tokens": 8} for i in range(12)]
-    before = httpx.get(server.url + "/info", headers=AUTH).json()["stats"]
-    with ThreadPoolExecutor(12) as pool:
-        got = list(pool.map(lambda r: post(server, "/generate", r).json(), reqs))
-    after = httpx.get(server.url + "/info", headers=AUTH).json()["stats"]
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            futs = [pool.submit(httpx.post, url + "/generate", json=reqs[0], timeout=None)]
+            Collecting.entered.wait()
+            futs += [pool.submit(httpx.post, url + "/generate", json=r, timeout=None) for r in reqs[1:]]
+            got = [f.result().json() for f in futs]
+        stats = httpx.get(url + "/info").json()["stats"]
+    finally:
+        stop()
     assert_same(got, in_process(local, reqs))
-    assert after["http_calls"] - before["http_calls"] == 12
-    assert after["engine_calls"] - before["engine_calls"] < 12  # several HTTP calls per engine batch
+    assert stats["http_calls"] == 12 and stats["engine_calls"] == 1  # one engine batch for all twelve
 
 
 BAD = [
@@ -166,7 +203,7 @@ def test_sleep_state_machine_and_weight_updates(server, local, tiny_dir, tmp_pat
     sd = {k: v.clone() for k, v in local.model.hf.state_dict().items()}
     for payload, reason in [
         ({"transport": "carrier-pigeon"}, "'transport' must be one of"),
-        ({"transport": "file", "path": str(tmp_path / "none.safetensors")}, "does not exist"),
+        ({"transport": "file", "path": str(tmp_path / "none.safetensors")}, "no such weights file"),
         ({"transport": "inline", "data": "!!"}, "base64"),
         ({"transport": "inline", "data": "", "finished": "yes"}, "'finished'"),
         ({"transport": "inline", "data": "", "color": 1}, "unknown field 'color'"),

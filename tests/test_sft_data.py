@@ -169,6 +169,40 @@ def test_packing_rows_docs_positions_and_labels():
     assert sorted(seen) == kept  # every kept sample exactly once
 
 
+def test_the_block_pads_of_the_last_block_are_labelled_targets_in_packed_rows(tok):
+    """SPEC section 3: the pad tokens that complete a sample's last block are labelled targets
+    (they take loss and can be masked), unlike the row's tail padding."""
+    from dirl.train.noise import sample_noise
+
+    B = 4
+    exs = [SFTExample(prompt=[{"role": "user", "content": "q" * (i % 3)}], response="r" * (1 + i)) for i in range(8)]
+    samples = tokenize_examples(tok, exs, B)
+    pad = tok.pad_token_id
+    data = PackedSFTData(samples, row_len=64, pad_id=pad)
+    checked = 0
+    for r in range(len(data)):
+        row = data.row(r)
+        ids, doc, lab = row["input_ids"], row["doc"], row["labels"]
+        at = 0
+        for s in data.row_samples(r):
+            n = int(data.offsets[s + 1] - data.offsets[s])
+            sample_ids = ids[at:at + n].tolist()
+            k = 0  # block pads: the trailing pad tokens of the sample
+            while k < n and sample_ids[n - 1 - k] == pad:
+                k += 1
+            assert k < B
+            assert lab[at + int(data.n_prompt[s]):at + n].all()  # every response token, pads included
+            assert not lab[at:at + int(data.n_prompt[s])].any()
+            checked += k
+            at += n
+    assert checked > 0
+    # with eps = 1 (p = 1) the noise masks every labelled token, block pads included
+    batch = data.rows(range(len(data)))
+    masked, p = sample_noise(batch["labels"], batch["doc"], seed=0, first_global_row=0, eps=1.0)  # p = 1
+    assert torch.equal(masked, batch["labels"])
+    assert bool((masked & (batch["input_ids"] == pad)).any())
+
+
 def test_best_fit_packing_is_tight_and_deterministic():
     lengths = [40, 44] * 30
     rows, dropped = pack_lengths(lengths, 128)
@@ -207,3 +241,90 @@ def test_step_slices_cover_the_global_batch():
         assert got == list(range(24, 32))
     with pytest.raises(ValueError):
         rank_row_slice(0, 6, 0, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# DiRL's own (already templated) SFT rows
+# --------------------------------------------------------------------------------------------
+
+DIRL_ROWS = [  # exactly the shape of DiRL's SFT data (Light-OpenR1Math-SFT)
+    {"prompt": "<|im_start|>user\nWhat is 1+2?<|im_end|>\n<|im_start|>assistant\n",
+     "response": "1+2=3. \\boxed{3}<|im_end|><|endoftext|>"},
+    {"prompt": "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n7*6?<|im_end|>\n<|im_start|>assistant\n",
+     "response": "42<|im_end|><|endoftext|>"},
+]
+
+
+def _expected_ids(tok, text: str) -> list[int]:
+    """Token ids of ``text`` for the tiny character-level tokenizer, spelled out from its vocabulary:
+    special and whole-word tokens by longest match, every other character on its own."""
+    vocab = tok.get_vocab()
+    words = sorted((t for t in vocab if len(t) > 1), key=len, reverse=True)
+    out, i = [], 0
+    while i < len(text):
+        w = next((w for w in words if text.startswith(w, i)), None)
+        if w is None:
+            w = text[i]
+        out.append(vocab[w])
+        i += len(w)
+    return out
+
+
+def test_the_tiny_tokenizer_has_dirls_special_tokens(tok):
+    vocab = tok.get_vocab()
+    for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        assert t in vocab
+        assert tok.convert_ids_to_tokens(vocab[t]) == t
+
+
+def test_dirl_rows_tokenise_to_exactly_their_own_text(tok, tmp_path):
+    f = tmp_path / "dirl_sft.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in DIRL_ROWS))
+    examples = read_sft_examples(str(f))
+    assert all(e.templated for e in examples)
+    samples = tokenize_examples(tok, examples, block_size=4)
+    pad = tok.convert_tokens_to_ids("<|endoftext|>")
+    for row, s in zip(DIRL_ROWS, samples):
+        p_ids = _expected_ids(tok, row["prompt"])
+        r_ids = _expected_ids(tok, row["response"])
+        n_pad = (-(len(p_ids) + len(r_ids))) % 4
+        assert s.input_ids == p_ids + r_ids + [pad] * n_pad
+        assert s.n_prompt == len(p_ids)  # the boundary is where the row puts it
+        assert tok.decode(s.input_ids[: s.n_prompt]) == row["prompt"]
+        assert tok.decode(s.input_ids[s.n_prompt:len(s.input_ids) - n_pad]) == row["response"]
+        text = tok.decode(s.input_ids)
+        assert text.count("<|im_start|>") == row["prompt"].count("<|im_start|>")  # never templated twice
+        assert text.count("<|im_end|>") == row["prompt"].count("<|im_end|>") + 1  # no second end of turn
+
+
+def test_a_plain_pair_still_gets_the_template_and_end_of_turn(tok):
+    ex = parse_sft_row({"prompt": "What is 1+2?", "response": "3"}, "x:1")
+    assert not ex.templated
+    s = tokenize_examples(tok, [ex], block_size=4)[0]
+    want = "<|im_start|>user\nWhat is 1+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(s.input_ids[: s.n_prompt]) == want
+    assert tok.decode(s.input_ids[s.n_prompt:]).startswith("3<|im_end|>\n")
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "response": "hello"},
+     "'prompt' is chat-templated text (DiRL's format) but 'response' does not end with <|im_end|>"),
+    ({"prompt": "hi", "response": "hello<|im_end|><|endoftext|>"},
+     "'response' ends with <|endoftext|> but 'prompt' is plain text"),
+    ({"prompt": "hi", "response": "hello<|im_end|>"},
+     "'response' ends with <|im_end|> but 'prompt' is plain text"),
+    ({"prompt": "<|im_start|>user\nhi<|im_end|>\n", "response": "hello<|im_end|>"},
+     "does not end with the assistant header"),
+    ({"messages": [{"role": "user", "content": "<|im_start|>user\nhi<|im_end|>\n"},
+                   {"role": "assistant", "content": "hello"}]},
+     "messages[0].content holds the chat-template token <|im_start|>"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello<|endoftext|>"}]},
+     "already ends its turn"),
+])
+def test_a_row_mixing_the_two_styles_names_file_and_line(tmp_path, row, message):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text(json.dumps(DIRL_ROWS[0]) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError) as e:
+        read_sft_examples(str(f))
+    assert str(e.value).startswith(f"{f}:2: ")
+    assert message in str(e.value)

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -107,20 +106,27 @@ def test_sigkill_then_resume_continues_like_an_uninterrupted_run(tmp_path):
     assert sorted(ref_losses) == list(range(1, steps + 1))
 
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "dirl.cli", "sft", *common, "run_name=killed"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while latest_checkpoint(run) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    args = [*common, "run_name=killed"]
+    # the first run holds after its first checkpoint (tests/helpers_dist.py sft-hold) and is killed
+    # there: an event, so a fast machine cannot finish the run before the kill
+    proc = subprocess.Popen([sys.executable, str(HERE / "helpers_dist.py"), "sft-hold", "-", *args], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = []
+    for line in proc.stdout:  # a hang fails by the suite's per-test timeout
+        log.append(line)
+        if line.startswith("HELD"):
+            break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert log and log[-1].startswith("HELD"), "".join(log)[-3000:]
     assert proc.returncode == -signal.SIGKILL
     first = latest_checkpoint(run)
-    assert first is not None and not (run / "summary.json").exists(), "the run finished before the kill"
+    assert first is not None and not (run / "summary.json").exists()
     killed_at = int(json.loads((first / "trainer_state.json").read_text())["step"])
-    assert killed_at < steps
+    assert killed_at == 3 and log[-1].strip().endswith("step 3")
 
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "dirl.cli", "sft", *args]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     resumed_from = int(re.search(r"resumed from .* at step (\d+)", r.stdout).group(1))
     assert resumed_from >= killed_at
@@ -143,29 +149,40 @@ def test_sigkill_during_saves_never_leaves_a_complete_looking_broken_checkpoint(
     from dirl.model.tiny import build_tiny_model
     from dirl.train.common import build_optimizer, build_scheduler
 
-    run = tmp_path / "loop"
-    for delay in (0.05, 0.23):
-        proc = subprocess.Popen([sys.executable, str(HERE / "helpers_dist.py"), "save-loop", str(run)], env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        n = 0
-        while n < 3:
-            line = proc.stdout.readline()
-            assert line, "save loop died"
-            n += line.startswith("saved")
-        time.sleep(delay)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        cks = list_checkpoints(run)
-        assert cks
-        for step, ck in cks:
-            model, _ = build_tiny_model(TinyModelConfig(hidden_size=64, num_hidden_layers=1, intermediate_size=128))
-            opt = build_optimizer(model, OptimConfig(lr=1e-3))
-            sched = build_scheduler(opt, OptimConfig(lr=1e-3), 1000)
-            st = load_checkpoint(ck, model=model, optimizer=opt, scheduler=sched)
-            assert st["step"] == step and st["extra"]["cursor"] == step
-        # anything else in the folder is a hidden temporary that latest_checkpoint ignores
-        others = [p.name for p in (run / "checkpoints").iterdir() if not is_complete(p)]
-        assert all(n.startswith(".") for n in others), others
+    # killed inside the 4th save (events from tests/helpers_dist.py, not delays): between two state
+    # files, just before the rename that publishes it, and while an old checkpoint is being pruned
+    points = ("write", "publish", "prune")
+    procs = {point: subprocess.Popen(
+        [sys.executable, str(HERE / "helpers_dist.py"), "save-loop", str(tmp_path / point), point],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for point in points}
+    try:
+        for point, proc in procs.items():
+            run = tmp_path / point
+            lines = []
+            for line in proc.stdout:
+                if line.startswith(("saved", "HELD")):  # (deepspeed may log a line first)
+                    lines.append(line.strip())
+                if line.startswith("HELD"):
+                    break
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            assert lines == ["saved 1", "saved 2", "saved 3", f"HELD {point}"], lines
+            assert [s for s, _ in list_checkpoints(run)] == ([2, 3, 4] if point == "prune" else [1, 2, 3])
+            cks = list_checkpoints(run)
+            assert cks
+            for step, ck in cks:
+                model, _ = build_tiny_model(TinyModelConfig(hidden_size=64, num_hidden_layers=1, intermediate_size=128))
+                opt = build_optimizer(model, OptimConfig(lr=1e-3))
+                sched = build_scheduler(opt, OptimConfig(lr=1e-3), 1000)
+                st = load_checkpoint(ck, model=model, optimizer=opt, scheduler=sched)
+                assert st["step"] == step and st["extra"]["cursor"] == step
+            # anything else in the folder is a hidden temporary that latest_checkpoint ignores
+            others = [p.name for p in (run / "checkpoints").iterdir() if not is_complete(p)]
+            assert all(n.startswith(".") for n in others), others
+    finally:
+        for proc in procs.values():  # the held loops never exit by themselves
+            proc.kill()
+            proc.wait()
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,16 @@ An SFT row is one of two shapes:
   earlier user/assistant turns) is the prompt and takes no loss.
 * pair: ``{"prompt": ..., "response": ...}``. ``prompt`` is the user turn (a string) or a list of
   messages; ``response`` is the assistant's text.
+* templated pair (DiRL's own SFT rows): ``prompt`` is chat-templated text,
+  ``"<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n"``, and ``response`` already ends with
+  the end-of-turn / end-of-text tokens (``"...<|im_end|><|endoftext|>"``). Both are used verbatim:
+  the prompt is never templated again and the response gets no second ``<|im_end|>``.
+
+The style of a row is set by its prompt: a prompt holding ``<|im_start|>`` is templated text, and its
+response must then end with ``<|im_end|>`` (optionally ``\n``) or ``<|endoftext|>``; a plain prompt
+(a string or messages) takes a plain response, closed by the trainer. A row that mixes the two (a
+templated prompt with an open response, a plain prompt with a closed response, chat-template tokens
+inside a message) is a :class:`DataError`: tokenising it either way would corrupt the sample.
 
 Rows come from JSON Lines (one object a line), JSON (an array of objects, or an object whose
 ``"data"``/``"rows"`` key holds that array), a Hugging Face ``datasets`` name (local folder or Hub),
@@ -23,6 +33,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 ROLES = ("system", "user", "assistant", "tool")
+TURN_START = "<|im_start|>"
+END_OF_TURN = "<|im_end|>"
+END_OF_TEXT = "<|endoftext|>"
+CLOSINGS = (END_OF_TURN, END_OF_TURN + "\n", END_OF_TEXT)  # how a closed (templated) response ends
 
 
 class DataError(ValueError):
@@ -37,6 +51,13 @@ class SFTExample:
     response: str
     where: str = ""  # file:line or dataset row, for error messages
     meta: dict = field(default_factory=dict)
+    # set for a templated row (DiRL's format): the prompt text used verbatim (``prompt`` is then
+    # empty), and ``response`` is used verbatim too (it already ends with <|im_end|> / <|endoftext|>)
+    prompt_text: Optional[str] = None
+
+    @property
+    def templated(self) -> bool:
+        return self.prompt_text is not None
 
 
 @dataclass
@@ -60,8 +81,31 @@ def _check_messages(msgs: Any, where: str, key: str) -> list[dict]:
             raise DataError(f"{where}: {key}[{i}].role must be one of {', '.join(ROLES)}, got {_short(role)}")
         if not isinstance(content, str):
             raise DataError(f"{where}: {key}[{i}].content must be a string, got {_short(content)}")
+        tok = next((t for t in (TURN_START, END_OF_TURN) if t in content), None)
+        if tok is not None:
+            raise DataError(f"{where}: {key}[{i}].content holds the chat-template token {tok}: it would be "
+                            "templated twice (give already templated text as a {prompt, response} pair, "
+                            "used verbatim)")
         out.append({"role": role, "content": content})
     return out
+
+
+def is_templated_prompt(text: str) -> bool:
+    """Whether a prompt string is already chat-templated text (it holds ``<|im_start|>``)."""
+    return TURN_START in text
+
+
+def is_closed_response(text: str) -> bool:
+    """Whether a response already ends its turn (``<|im_end|>``, ``<|im_end|>\\n`` or ``<|endoftext|>``)."""
+    return text.endswith(CLOSINGS)
+
+
+def _check_templated_prompt(prompt: str, where: str, key: str) -> None:
+    last = prompt.rfind(TURN_START)
+    tail = prompt[last + len(TURN_START):]
+    if not tail.startswith("assistant\n") or END_OF_TURN in tail:
+        raise DataError(f"{where}: '{key}' is chat-templated text but does not end with the assistant header "
+                        f"{TURN_START}assistant\\n (its last turn is {_short(prompt[last:], 40)})")
 
 
 def _short(v: Any, n: int = 60) -> str:
@@ -82,6 +126,11 @@ def parse_sft_row(row: Any, where: str, names: FieldNames | None = None) -> SFTE
                             f"got role {msgs[-1]['role']!r}")
         if len(msgs) < 2:
             raise DataError(f"{where}: '{names.messages}' needs a prompt turn before the assistant's response")
+        if is_closed_response(msgs[-1]["content"]):
+            raise DataError(f"{where}: the assistant's response in '{names.messages}' already ends its turn "
+                            f"({_short(msgs[-1]['content'][-24:])}); chat messages get the template and "
+                            f"{END_OF_TURN} here, so give plain text (or the whole row as templated "
+                            "{prompt, response} text, used verbatim)")
         return SFTExample(prompt=msgs[:-1], response=msgs[-1]["content"], where=where, meta=meta)
     if names.prompt in row or names.response in row:
         if names.prompt not in row:
@@ -89,12 +138,27 @@ def parse_sft_row(row: Any, where: str, names: FieldNames | None = None) -> SFTE
         if names.response not in row:
             raise DataError(f"{where}: missing field '{names.response}'")
         prompt, response = row[names.prompt], row[names.response]
+        if not isinstance(response, str):
+            raise DataError(f"{where}: '{names.response}' must be a string, got {_short(response)}")
+        closed = is_closed_response(response)
+        if isinstance(prompt, str) and is_templated_prompt(prompt):
+            _check_templated_prompt(prompt, where, names.prompt)
+            if not closed:
+                raise DataError(f"{where}: '{names.prompt}' is chat-templated text (DiRL's format) but "
+                                f"'{names.response}' does not end with {END_OF_TURN} or {END_OF_TEXT}; a row "
+                                "is either templated text in both fields or plain text in both")
+            return SFTExample(prompt=[], response=response, where=where, meta=meta, prompt_text=prompt)
         if isinstance(prompt, str):
             prompt_msgs = [{"role": "user", "content": prompt}]
         else:
             prompt_msgs = _check_messages(prompt, where, names.prompt)
-        if not isinstance(response, str):
-            raise DataError(f"{where}: '{names.response}' must be a string, got {_short(response)}")
+        if closed:
+            end = END_OF_TEXT if response.endswith(END_OF_TEXT) else END_OF_TURN
+            raise DataError(f"{where}: '{names.response}' ends with {end} but '{names.prompt}' is plain text, "
+                            f"which gets the chat template (and the response its {END_OF_TURN}); a row is "
+                            "either templated text in both fields (used verbatim) or plain text in both")
+        if TURN_START in response:
+            raise DataError(f"{where}: '{names.response}' holds the chat-template token {TURN_START}")
         return SFTExample(prompt=prompt_msgs, response=response, where=where, meta=meta)
     keys = ", ".join(sorted(map(str, row))) or "none"
     raise DataError(f"{where}: expected '{names.messages}' or '{names.prompt}'/'{names.response}' fields, "
@@ -109,8 +173,9 @@ def parse_sft_row(row: Any, where: str, names: FieldNames | None = None) -> SFTE
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     """``(file:line, object)`` for every non-blank line; invalid JSON is a :class:`DataError`."""
     p = Path(path)
-    with p.open("r", encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
+    with p.open("rb") as f:
+        for i, raw in enumerate(f, start=1):
+            line = decode_line(raw, f"{p}:{i}")
             if not line.strip():
                 continue
             try:
@@ -129,10 +194,68 @@ def iter_json_objects(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]
         yield where, int(where.rsplit(":", 1)[1]), obj
 
 
+def read_jsonl_log(path: str | os.PathLike) -> list[dict]:
+    """The records of a log a run appends to (``metrics.jsonl``, ``samples.jsonl``,
+    ``responses.jsonl``), as resume reads them: a torn last line (no newline: the process was killed
+    or the disk filled while writing it) is dropped, and so is any line that is not a complete JSON
+    object (bytes a crash left in the middle). A missing file has no records."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    with p.open("rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # the torn last line
+            try:
+                rec = json.loads(raw)
+            except ValueError:  # invalid JSON or UTF-8
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
+
+
+def truncate_jsonl_log(path: str | os.PathLike, last_step: int) -> None:
+    """Keep the records of a log whose ``step`` is at most ``last_step`` (a resumed run redoes the
+    steps after its checkpoint), torn or broken lines dropped; rewritten atomically."""
+    p = Path(path)
+    if not p.exists():
+        return
+    kept = [r for r in read_jsonl_log(p) if _step_of(r) <= last_step]
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, p)
+
+
+def _step_of(rec: dict) -> float:
+    s = rec.get("step", 0)
+    return s if isinstance(s, (int, float)) and not isinstance(s, bool) else float("inf")
+
+
+def decode_line(raw: bytes, where: str) -> str:
+    """UTF-8 text of one line; bytes that are not UTF-8 are a :class:`DataError` naming the line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """A whole text file; bytes that are not UTF-8 are a :class:`DataError` naming file and line."""
+    p = Path(path)
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{p}:{line}: not UTF-8 (byte 0x{data[e.start]:02x})") from None
+
+
 def iter_json_array(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     """``(file:line, object)`` for each element of a JSON array (the line where the element starts)."""
     p = Path(path)
-    text = p.read_text(encoding="utf-8")
+    text = read_utf8(p)
     dec = json.JSONDecoder()
 
     def line_of(idx: int) -> int:

@@ -2,6 +2,9 @@
 
 One sample = ``prompt ⊕ response``: the prompt is the chat-templated conversation up to and including
 the assistant header (no loss), the response is the assistant's text followed by ``<|im_end|>\\n``.
+A templated row (DiRL's format, :mod:`dirl.data.formats`) is tokenised exactly as written: its
+prompt text as the prompt, its response text (already ending with ``<|im_end|>`` / ``<|endoftext|>``)
+as the response.
 Blocks are aligned to position 0 of the sample (SPEC section 2), so the sample is padded at the end
 with the pad token until its length is a multiple of the block size; those pad tokens belong to the
 response and **are** targets (the model learns to fill its last block).
@@ -61,8 +64,10 @@ def tokenize_examples(
     out: list[TokenizedSample] = []
     for s in range(0, len(examples), batch):
         chunk = examples[s:s + batch]
-        prompts = [render_prompt(tokenizer, ex.prompt) for ex in chunk]
-        responses = [ex.response + eot for ex in chunk]
+        # a templated row (DiRL's format) is used verbatim: its prompt is already chat-templated
+        # text and its response already ends with <|im_end|> / <|endoftext|>
+        prompts = [ex.prompt_text if ex.templated else render_prompt(tokenizer, ex.prompt) for ex in chunk]
+        responses = [ex.response if ex.templated else ex.response + eot for ex in chunk]
         p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
         for p, r in zip(p_ids, r_ids):

@@ -34,9 +34,11 @@ import logging
 import os
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional, Sequence
 
 from dirl.config import (
     ConfigError,
@@ -46,13 +48,22 @@ from dirl.config import (
     check_decoding,
     check_positive,
     load_config,
+    read_checkpoint_config,
+    run_config_command,
     save_config,
     to_dict,
 )
+from dirl.data.benchmarks import canonical_name, load_benchmark
+from dirl.data.formats import read_jsonl_log
+from dirl.eval.metrics import average_metrics, benchmark_metrics
+from dirl.eval.report import markdown_table, write_report
+from dirl.rewards import Grader, accuracy_verdicts, extract_answer, tokens_per_step
+from dirl.rollout.launch import ModelFacts, ServerConfig, check_server_config, open_servers, stop_on_signals
+from dirl.rollout.requests import request_seed, sampling_request
+from dirl.train.checkpoint import newest_checkpoint, resolve_model_dir, write_tiny_model
+from dirl.train.common import progress_bar
 
-logger = logging.getLogger("dirl.eval")
 
-UNTRAINED_MARKER = "UNTRAINED"  # written next to a freshly made tiny model: never picked as "newest"
 RESPONSES = "responses.jsonl"
 STATE = "eval_state.json"
 
@@ -77,32 +88,11 @@ class EvalDataConfig:
 
 
 @dataclass
-class EvalServerConfig:
-    urls: list[str] = field(default_factory=list)  # empty: start a local server for the run
-    backend: Literal["reference", "lmdeploy"] = "reference"
-    host: str = "127.0.0.1"
-    port: Optional[int] = None  # None: a free port
-    device: str = "auto"  # auto: cuda when available, else cpu
-    api_key: str = ""
-    max_batch_size: int = 64  # sequences a local reference server decodes together
-    # torch CPU threads of a local server. None: 1 on a CPU device (tiny forwards run fastest on one
-    # thread), torch's own choice on CUDA; 0: torch's own choice everywhere
-    threads: Optional[int] = None
-    # the backend's own options (dirl serve --backend-option), e.g. {cache_max_entry_count: 0.3} for lmdeploy
-    backend_options: dict[str, Any] = field(default_factory=dict)
-    startup_timeout: float = 600.0  # seconds for a local server to load the model
-    max_concurrency: int = 8  # HTTP calls in flight per server
-    request_batch_size: int = 16  # requests per HTTP call
-    retries: int = 3
-    timeout: float = 3600.0  # seconds per HTTP call
-
-
-@dataclass
 class EvalConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=48))
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    server: EvalServerConfig = field(default_factory=EvalServerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     num_samples: int = 1  # k samples per problem
     seed: int = 0  # base of the per-request seeds
     pass_k: list[int] = field(default_factory=list)  # empty: 1, 2, 4, ..., k
@@ -116,6 +106,15 @@ class EvalConfig:
     grading_timeout: float = 5.0  # seconds before a comparison counts as wrong
     grading_workers: Optional[int] = None  # grading subprocesses (None: automatic)
     progress_bar: bool = True
+    # DiRL's eval-script settings (configs/eval_dirl_compat.yaml; docs/GRADING.md). Ours by default:
+    # no minimum length, nothing banned, a truncated response is wrong.
+    min_new_tokens: int = 0  # stop tokens cannot end a response before this many tokens
+    banned_tokens: list[str] = field(default_factory=list)  # token texts never generated, e.g. "<|endoftext|>"
+    truncated_is_wrong: bool = True  # False: grade a truncated (finish_reason "length") response like any other
+    # empty: the user turn goes to the server as chat messages (the model's own chat template); else
+    # the prompt text sent as it is, "{prompt}" replaced by the user turn (DiRL's script writes its
+    # template by hand)
+    prompt_text_template: str = ""
 
     def validate(self) -> None:
         check_decoding(self.decoding)
@@ -125,11 +124,18 @@ class EvalConfig:
         check_positive("grading_timeout", self.grading_timeout)
         check_positive("data.limit", self.data.limit, allow_zero=True)
         check_positive("data.synthetic_size", self.data.synthetic_size)
-        check_positive("server.max_concurrency", self.server.max_concurrency)
-        check_positive("server.request_batch_size", self.server.request_batch_size)
-        check_positive("server.max_batch_size", self.server.max_batch_size)
-        check_positive("server.threads", self.server.threads, allow_zero=True)
-        check_positive("server.timeout", self.server.timeout)
+        check_server_config(self.server)
+        check_positive("min_new_tokens", self.min_new_tokens, allow_zero=True)
+        if self.min_new_tokens > self.decoding.max_new_tokens:
+            raise ConfigError(f"config key 'min_new_tokens': {self.min_new_tokens} is over "
+                              f"decoding.max_new_tokens={self.decoding.max_new_tokens}")
+        if not all(isinstance(t, str) and t for t in self.banned_tokens):
+            raise ConfigError(f"config key 'banned_tokens': must be a list of token texts, got {self.banned_tokens!r}")
+        if self.prompt_text_template and "{prompt}" not in self.prompt_text_template:
+            raise ConfigError("config key 'prompt_text_template': must contain {prompt} (where the user turn goes)")
+        if self.banned_tokens and self.server.urls and not self.model.path:
+            raise ConfigError("config key 'banned_tokens': needs model.path (its tokenizer turns the token texts "
+                              "into ids) when the servers are given by URL")
         if self.grading_workers is not None:
             check_positive("grading_workers", self.grading_workers, allow_zero=True)
         for j in self.pass_k:
@@ -137,8 +143,6 @@ class EvalConfig:
                 raise ConfigError(f"config key 'pass_k': {j} is not in [1, num_samples={self.num_samples}]")
         if not self.data.benchmarks:
             raise ConfigError("config key 'data.benchmarks': name at least one benchmark")
-        from dirl.data.benchmarks import canonical_name
-
         names = []
         for b in self.data.benchmarks:
             try:
@@ -156,8 +160,6 @@ class EvalConfig:
             raise ConfigError(f"config key 'data.data_dir': folder '{self.data.data_dir}' does not exist")
         if self.model.path:
             model_dir = resolve_model_dir(self.model.path)
-            from dirl.model.sdar import read_checkpoint_config
-
             read_checkpoint_config(model_dir, key="model.path")
             check_block_sizes(ModelConfig(path=str(model_dir), block_size=self.model.block_size), self.decoding)
         elif not self.server.urls:
@@ -167,55 +169,6 @@ class EvalConfig:
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
-
-
-def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """A checkpoint folder (with ``config.json``), or the model of a training checkpoint
-    (``step_N/model``), or of a run folder's newest complete checkpoint."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ConfigError(f"config key 'model.path': '{p}' does not exist")
-    if (p / "config.json").is_file():
-        return p
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    ckroot = p / "checkpoints"
-    if ckroot.is_dir():
-        done = sorted(d for d in ckroot.iterdir() if d.is_dir() and (d / "COMPLETE").is_file() and (d / "model" / "config.json").is_file())
-        if done:
-            return done[-1] / "model"
-    raise ConfigError(f"config key 'model.path': '{p}' is neither a model folder nor a run folder with a complete checkpoint")
-
-
-def _is_tiny_checkpoint(d: Path) -> bool:
-    try:
-        raw = json.loads((d / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if raw.get("model_type") not in ("sdar", "qwen3") or int(raw.get("vocab_size", 1 << 30)) > 4096:
-        return False
-    if (d / UNTRAINED_MARKER).exists():
-        return False
-    if d.name == "model" and d.parent.name.startswith("step_") and not (d.parent / "COMPLETE").is_file():
-        return False
-    return any((d / w).is_file() for w in ("model.safetensors", "pytorch_model.bin"))
-
-
-def newest_default_checkpoint(runs_dir: str | os.PathLike = "runs", max_depth: int = 6) -> Optional[Path]:
-    """The most recently written embedded-default (tiny-vocabulary) checkpoint under ``runs_dir``."""
-    root = Path(runs_dir)
-    if not root.is_dir():
-        return None
-    best: tuple[float, Optional[Path]] = (-1.0, None)
-    base = len(root.parts)
-    for dirpath, dirnames, filenames in os.walk(root):
-        d = Path(dirpath)
-        dirnames[:] = [n for n in dirnames if not n.startswith(".") and len(d.parts) - base < max_depth]
-        if "config.json" in filenames and _is_tiny_checkpoint(d):
-            t = (d / "config.json").stat().st_mtime
-            if t > best[0]:
-                best = (t, d)
-    return best[1]
 
 
 def _label(model_dir: Path) -> str:
@@ -238,8 +191,34 @@ def _model_identity(model_dir: Path) -> dict:
 
 def _fingerprint(cfg: EvalConfig, model_id: dict) -> dict:
     dec = to_dict(cfg.decoding)
-    return {"model": model_id, "decoding": dec, "seed": cfg.seed,
-            "backend": cfg.server.backend if not cfg.server.urls else "external"}
+    fp = {"model": model_id, "decoding": dec, "seed": cfg.seed,
+          "backend": cfg.server.backend if not cfg.server.urls else "external"}
+    # DiRL-compatible settings, only when set: run folders made without them keep their fingerprint
+    if cfg.min_new_tokens:
+        fp["min_new_tokens"] = cfg.min_new_tokens
+    if cfg.banned_tokens:
+        fp["banned_tokens"] = list(cfg.banned_tokens)
+    if not cfg.truncated_is_wrong:
+        fp["truncated_is_wrong"] = False
+    if cfg.prompt_text_template:
+        fp["prompt_text_template"] = cfg.prompt_text_template
+    return fp
+
+
+def banned_token_ids(tokens: list[str], model_dir: Optional[Path]) -> list[int]:
+    """Ids of ``banned_tokens`` in the model's tokenizer: each text must be one vocabulary entry."""
+    if not tokens:
+        return []
+    from dirl.model.sdar import load_tokenizer
+
+    if model_dir is None:
+        raise ConfigError("config key 'banned_tokens': needs model.path (its tokenizer turns the token texts into ids)")
+    vocab = load_tokenizer(model_dir).get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        raise ConfigError(f"config key 'banned_tokens': {missing[0]!r} is not a token of the model's tokenizer "
+                          f"({model_dir})")
+    return sorted({int(vocab[t]) for t in tokens})
 
 
 def _hash(obj: Any) -> str:
@@ -281,18 +260,7 @@ def _check_state(out: Path, fp: dict, resume: bool) -> dict:
 
 def read_responses(path: Path) -> list[dict]:
     """The records of ``responses.jsonl`` (a torn last line, from a killed run, is dropped)."""
-    if not path.is_file():
-        return []
-    out = []
-    with path.open("r", encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
+    return read_jsonl_log(path)
 
 
 def _open_for_append(path: Path):
@@ -310,119 +278,47 @@ def _open_for_append(path: Path):
     return path.open("a", encoding="utf-8")
 
 
-def request_seed(base_seed: int, benchmark: str, index: int, sample: int) -> int:
-    """The seed of sample ``sample`` of problem ``index``: stable across runs and independent of the
-    sample count (so raising ``num_samples`` later only adds samples); the samples of one problem
-    have distinct seeds."""
-    off = int(hashlib.sha256(f"{base_seed}:{benchmark}:{index}".encode()).hexdigest()[:8], 16)
-    return (off + sample) % (2**31 - 1)
-
-
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:  # pragma: no cover
-        return "cpu"
-
-
-def server_threads(threads: Optional[int], device: str) -> Optional[int]:
-    """``server.threads`` resolved for a device: unset is 1 on CPU, torch's choice (None) elsewhere."""
-    if threads is None:
-        return 1 if str(device).startswith("cpu") else None
-    return threads or None
+def _model_facts(cfg: EvalConfig, model_dir: Optional[Path]) -> ModelFacts:
+    """What the servers must agree with: the model's block size and mask id (from its config.json;
+    unknown for servers given by URL without model.path), the decoding settings and the dtype."""
+    bs, mask = cfg.model.block_size, cfg.model.mask_token_id
+    if model_dir is not None:
+        ck = read_checkpoint_config(model_dir)
+        bs = bs if bs is not None else ck.block_size
+        mask = mask if mask is not None else ck.mask_token_id
+    return ModelFacts(bs, mask, cfg.decoding, cfg.model.dtype)
 
 
-class _Servers:
-    """The rollout servers of a run: given URLs, or a local one started (and stopped) here."""
-
-    def __init__(self, cfg: EvalConfig, model_dir: Optional[Path], log_path: Optional[Path] = None):
-        self.cfg, self.model_dir, self.log_path, self.handle = cfg, model_dir, log_path, None
-
-    def __enter__(self) -> list[str]:
-        sc = self.cfg.server
-        if sc.urls:
-            return list(sc.urls)
-        from dirl.rollout.server import start_server
-
-        assert self.model_dir is not None
-        device = _device(sc.device)
-        self.handle = start_server(
-            str(self.model_dir),
-            backend=sc.backend,
-            host=sc.host,
-            port=sc.port,
-            decoding=self.cfg.decoding,
-            api_key=sc.api_key or None,
-            device=device,
-            dtype=self.cfg.model.dtype,
-            max_batch_size=sc.max_batch_size,
-            threads=server_threads(sc.threads, device),
-            startup_timeout=sc.startup_timeout,
-            log_path=self.log_path,
-            backend_options=dict(sc.backend_options) or None,
-        )
-        return [self.handle.url]
-
-    def __exit__(self, *exc) -> None:
-        if self.handle is not None:
-            self.handle.stop()
-            self.handle = None
-
-
-def _make_client(cfg: EvalConfig, urls: list[str]):
-    from dirl.rollout.client import RolloutClient
-
-    sc = cfg.server
-    return RolloutClient(urls, api_key=sc.api_key or None, max_concurrency=sc.max_concurrency, retries=sc.retries,
-                         timeout=sc.timeout, batch_size=sc.request_batch_size)
-
-
-def _check_server_info(cfg: EvalConfig, info: Any) -> dict:
-    """The engine-wide settings the server reports; a block size that disagrees is an error."""
-    infos = info if isinstance(info, list) else [info]
-    first = infos[0] if infos and isinstance(infos[0], dict) else {}
-    for i in infos:
-        if not isinstance(i, dict):
-            continue
-        bs = i.get("block_size")
-        if cfg.decoding.block_size is not None and bs is not None and bs != cfg.decoding.block_size:
-            raise ConfigError(f"config key 'decoding.block_size': {cfg.decoding.block_size} disagrees with the "
-                              f"server's block size {bs} ({i.get('model', '')})")
-        for key in ("denoising_steps", "unmasking_strategy", "confidence_threshold"):
-            if key in i and i[key] != getattr(cfg.decoding, key):
-                logger.warning("the server decodes with %s=%r, not the config's %r (engine-wide setting)",
-                               key, i[key], getattr(cfg.decoding, key))
+def _server_summary(info: dict) -> dict:
+    """The engine-wide settings a server reports, for the report."""
     keep = ("engine", "version", "backend", "block_size", "denoising_steps", "unmasking_strategy",
             "confidence_threshold", "dtype", "device")
-    return {k: first[k] for k in keep if k in first}
+    return {k: info[k] for k in keep if k in info}
 
 
-def _build_request(cfg: EvalConfig, problem: dict, sample: int) -> dict:
-    d = cfg.decoding
-    return {
-        "request_id": f"{problem['benchmark']}/{problem['id']}/{sample}",
-        "messages": [{"role": "user", "content": problem["prompt"]}],
-        "max_new_tokens": d.max_new_tokens,
-        "temperature": d.temperature,
-        "top_k": d.top_k,
-        "top_p": d.top_p,
-        "do_sample": d.do_sample,
-        "seed": request_seed(cfg.seed, problem["benchmark"], problem["index"], sample),
-    }
+def _build_request(cfg: EvalConfig, problem: dict, sample: int, banned_ids: Sequence[int] = ()) -> dict:
+    """Sample ``sample`` of a problem; its seed does not depend on the sample count, so raising
+    ``num_samples`` later only adds samples. With ``prompt_text_template`` the prompt is sent as
+    text (DiRL's hand-written prompt); ``min_new_tokens`` / ``banned_ids`` only when set."""
+    req = sampling_request(f"{problem['benchmark']}/{problem['id']}/{sample}", cfg.decoding,
+                           request_seed(cfg.seed, f"{problem['benchmark']}:{problem['index']}", sample),
+                           messages=[{"role": "user", "content": problem["prompt"]}])
+    if cfg.prompt_text_template:
+        del req["messages"]
+        req["prompt"] = cfg.prompt_text_template.replace("{prompt}", problem["prompt"])
+    if cfg.min_new_tokens:
+        req["min_new_tokens"] = cfg.min_new_tokens
+    if banned_ids:
+        req["banned_token_ids"] = list(banned_ids)
+    return req
 
 
 def _record(cfg: EvalConfig, problem: dict, sample: int, req: dict, traj: dict, correct: bool) -> dict:
-    from dirl.rewards import extract_answer, tokens_per_step
-
     n = int(traj.get("response_length", len(traj.get("token_ids") or [])))
     steps = traj.get("step_map")
     text = traj.get("text") or ""
@@ -452,25 +348,24 @@ def _record(cfg: EvalConfig, problem: dict, sample: int, req: dict, traj: dict, 
 
 
 def _grade(cfg: EvalConfig, grader, items: list[tuple[dict, dict]]) -> list[bool]:
-    """Accuracy verdicts (SPEC section 7) for (problem, trajectory) pairs."""
-    from dirl.rewards import accuracy_verdicts
+    """Accuracy verdicts (SPEC section 7) for (problem, trajectory) pairs; with
+    ``truncated_is_wrong=False`` (DiRL's script) a truncated response is graded like any other."""
 
+    if not cfg.truncated_is_wrong:
+        return grader.grade_many([(t.get("text") or "", p["answer"]) for p, t in items], timeout=cfg.grading_timeout)
     return accuracy_verdicts([t for _, t in items], [p["answer"] for p, _ in items], grader=grader,
                              timeout=cfg.grading_timeout)
 
 
 def _rollouts(cfg: EvalConfig, client, grader, todo: list[tuple[dict, list[int]]], resp_path: Path,
-              records: list[dict], bar) -> None:
+              records: list[dict], bar, banned_ids: Sequence[int] = ()) -> None:
     """Generate, grade and append to ``responses.jsonl``, batch by batch; the next batches are
     already being decoded while one is graded and written."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
     def requests_of(batch):
         reqs, owners = [], []
         for p, samples in batch:
             for j in samples:
-                reqs.append(_build_request(cfg, p, j))
+                reqs.append(_build_request(cfg, p, j, banned_ids))
                 owners.append((p, j))
         return reqs, owners
 
@@ -512,31 +407,8 @@ def _rollouts(cfg: EvalConfig, client, grader, todo: list[tuple[dict, list[int]]
         ex.shutdown(wait=False, cancel_futures=True)
 
 
-def _progress(total: int, initial: int, enabled: bool, desc: str):
-    if enabled:
-        try:
-            from tqdm import tqdm
-
-            return tqdm(total=total, initial=initial, desc=desc, unit="problem", dynamic_ncols=True,
-                        disable=None)
-        except ImportError:  # pragma: no cover
-            pass
-
-    class _Null:
-        def update(self, n: int = 1) -> None: ...
-        def set_postfix_str(self, s: str) -> None: ...
-        def close(self) -> None: ...
-
-    return _Null()
-
-
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate as configured; returns ``{"benchmarks": {...}, "average": {...}, "output_dir": ...}``."""
-    from dirl.data.benchmarks import canonical_name, load_benchmark
-    from dirl.eval.metrics import average_metrics, benchmark_metrics
-    from dirl.eval.report import markdown_table, write_report
-    from dirl.rewards import Grader
-
     t0 = time.time()
     # 1. model and run folder
     model_dir: Optional[Path] = None
@@ -548,7 +420,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     elif cfg.server.urls:
         model_id = {"servers": sorted(cfg.server.urls)}
     else:
-        found = newest_default_checkpoint(cfg.runs_dir)
+        found = newest_checkpoint(cfg.runs_dir)  # a trained checkpoint of any command, never an untrained model
         if found is not None:
             model_dir = found
             model_id = _model_identity(found)
@@ -588,10 +460,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if model_dir is None and not cfg.server.urls:
         model_dir = out / "tiny-model"
         if todo and not (model_dir / "config.json").is_file():
-            from dirl.model.tiny import make_tiny_model
-
-            make_tiny_model(model_dir, cfg.model.tiny)
-            (model_dir / UNTRAINED_MARKER).write_text("a randomly initialised embedded-default model\n")
+            write_tiny_model(model_dir, cfg.model.tiny)
             print(f"dirl eval: no trained embedded-default checkpoint under '{cfg.runs_dir}'; "
                   f"evaluating a freshly made (untrained) tiny model", flush=True)
 
@@ -602,7 +471,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             pairs = [(r["text"], r["gold"]) for r in records]
             verdicts = grader.grade_many(pairs)
             for r, v in zip(records, verdicts):
-                r["correct"] = bool(v) and r.get("finish_reason") != "length"
+                r["correct"] = bool(v) and (not cfg.truncated_is_wrong or r.get("finish_reason") != "length")
             tmp = resp_path.with_suffix(".tmp")
             with tmp.open("w", encoding="utf-8") as f:
                 for r in records:
@@ -611,15 +480,16 @@ def run_eval(cfg: EvalConfig) -> dict:
 
         # 3. rollouts
         if todo:
-            with _Servers(cfg, model_dir, out / "server.log") as urls:
-                client = _make_client(cfg, urls)
-                server_info = _check_server_info(cfg, client.info())
+            banned_ids = banned_token_ids(cfg.banned_tokens, model_dir)
+            facts = _model_facts(cfg, model_dir)
+            with open_servers(cfg.server, model_dir, facts, log_path=out / "server.log") as servers:
+                server_info = _server_summary(servers.infos[0])
                 state["server"] = server_info
                 _write_state(out, state)
-                bar = _progress(total, total - len(todo), cfg.progress_bar, "eval")
+                bar = progress_bar(total, initial=total - len(todo), desc="eval", enabled=cfg.progress_bar, unit="problem")
                 t_gen = time.time()
                 try:
-                    _rollouts(cfg, client, grader, todo, resp_path, records, bar)
+                    _rollouts(cfg, servers.client, grader, todo, resp_path, records, bar, banned_ids)
                 finally:
                     bar.close()
                     gen_s = time.time() - t_gen
@@ -643,7 +513,11 @@ def run_eval(cfg: EvalConfig) -> dict:
         "samples per problem": k,
         "decoding": (f"T {d.temperature}, top-k {d.top_k}, top-p {d.top_p}, max {d.max_new_tokens} tokens, "
                      f"{d.denoising_steps} steps, {d.unmasking_strategy}"
-                     + (f" (τ {d.confidence_threshold})" if d.unmasking_strategy == "low_confidence_dynamic" else "")),
+                     + (f" (τ {d.confidence_threshold})" if d.unmasking_strategy == "low_confidence_dynamic" else "")
+                     + (f", at least {cfg.min_new_tokens} new tokens" if cfg.min_new_tokens else "")
+                     + (f", banned {', '.join(cfg.banned_tokens)}" if cfg.banned_tokens else "")),
+        "grading": None if cfg.truncated_is_wrong else "truncated responses graded like any other (DiRL's eval script)",
+        "prompt text": json.dumps(cfg.prompt_text_template) if cfg.prompt_text_template else None,
         "server": server_info or None,
         "seed": cfg.seed,
         "rollout + grading time (s, all runs)": state.get("rollout_seconds"),
@@ -661,14 +535,13 @@ def load_eval_config(path: Optional[str] = None, overrides: Optional[list[str]] 
 
 
 def cli_main(argv: list[str]) -> int:
-    from dirl.cli import run_config_command
-
     path, overrides = run_config_command(
         argv, "dirl eval",
         "Evaluate a model on math benchmarks (avg@k accuracy, pass@k, tokens per step, length, truncation). "
         "With no config: the newest embedded-default checkpoint under runs/ (or a fresh tiny model) on the "
         "synthetic task, on CPU.")
     cfg = load_eval_config(path, overrides)
+    stop_on_signals()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     run_eval(cfg)
     return 0

@@ -17,60 +17,19 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from dirl.config import ConfigError
+from dirl.config import SDAR_MODEL_TYPE, WEIGHT_FILES, ConfigError, read_checkpoint_config
 from dirl.model.attention import SDPA_IMPL, Backend, TokenMeta, build_mask, register_attention, resolve_backend
 
-SDAR_MODEL_TYPE = "sdar"
 SDAR_ARCHITECTURE = "SDARForCausalLM"
 QWEN_MASK_TOKEN = "<|MASK|>"
-QWEN_MASK_TOKEN_ID = 151669
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # Keys of an SDAR config.json that a Qwen3Config must not receive.
 _NON_QWEN_KEYS = ("model_type", "architectures", "auto_map", "transformers_version")
-
-
-@dataclass
-class CheckpointInfo:
-    path: Path
-    model_type: str
-    block_size: Optional[int]
-    mask_token_id: Optional[int]
-    raw: dict
-
-
-def read_checkpoint_config(path: str | os.PathLike, key: str = "model.path") -> CheckpointInfo:
-    """Read and check ``config.json`` of a checkpoint folder; one-line :class:`ConfigError` on problems."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"config key '{key}': model folder '{p}' does not exist")
-    if not p.is_dir():
-        raise ConfigError(f"config key '{key}': '{p}' is not a folder (expected a checkpoint folder with config.json)")
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise ConfigError(f"config key '{key}': '{p}' has no config.json, so it is not a model checkpoint")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config key '{key}': '{cfg_file}' is not valid JSON (line {e.lineno}: {e.msg})") from None
-    mt = raw.get("model_type")
-    if mt not in (SDAR_MODEL_TYPE, "qwen3"):
-        raise ConfigError(
-            f"config key '{key}': '{cfg_file}' has model_type {mt!r}; expected 'sdar' or 'qwen3'"
-        )
-    if not any((p / w).is_file() for w in WEIGHT_FILES):
-        raise ConfigError(f"config key '{key}': '{p}' has no weights (model.safetensors or pytorch_model.bin)")
-    bs = raw.get("block_size")
-    mid = raw.get("mask_token_id")
-    if bs is not None and (not isinstance(bs, int) or bs <= 0):
-        raise ConfigError(f"config key '{key}': '{cfg_file}' has an invalid block_size {bs!r}")
-    return CheckpointInfo(path=p, model_type=mt, block_size=bs, mask_token_id=mid, raw=raw)
 
 
 def qwen3_config_from_dict(raw: dict):
@@ -290,14 +249,33 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     backend = resolve_backend(attn_backend, device)
     hf_cfg = qwen3_config_from_dict(info.raw)
-    with quiet_transformers():  # "a model of type sdar ... Qwen3" is the point, not a problem
-        hf = Qwen3ForCausalLM.from_pretrained(
-            info.path, config=hf_cfg, dtype=torch_dtype, attn_implementation=_hf_attn(backend)
-        )
+    try:
+        with quiet_transformers():  # "a model of type sdar ... Qwen3" is the point, not a problem
+            hf = Qwen3ForCausalLM.from_pretrained(
+                info.path, config=hf_cfg, dtype=torch_dtype, attn_implementation=_hf_attn(backend)
+            )
+    except Exception as e:  # noqa: BLE001 - a checkpoint that does not load is bad input: say which and why
+        raise checkpoint_load_error(info.path, e, key) from e
     hf.to(device)
     model = SDARModel(hf, bs, mid, attn_backend=attn_backend, source=info.path)
     model._active_backend = backend
     return model
+
+
+def checkpoint_load_error(path: Path, e: Exception, key: str = "model.path") -> Exception:
+    """A one-line :class:`ConfigError` for weights that do not load: a truncated or foreign
+    safetensors file, or a config.json whose shapes disagree with the weights. Other errors as they are."""
+    text = " ".join(str(e).split())
+    name = type(e).__name__
+    weights = next((path / w for w in WEIGHT_FILES if (path / w).is_file()), path)
+    if name == "SafetensorError" or "deserializ" in text.lower() or "header" in text.lower():
+        return ConfigError(f"config key '{key}': '{weights}' is truncated or not a safetensors file ({text[:160]})")
+    if "size mismatch" in text or "ignore_mismatched_sizes" in text or "mismatch" in text.lower():
+        return ConfigError(f"config key '{key}': '{path / 'config.json'}' disagrees with the weights in '{weights}' "
+                           "(tensor shapes differ from what config.json describes)")
+    if isinstance(e, OSError):
+        return ConfigError(f"config key '{key}': '{weights}' cannot be read ({text[:160]})")
+    return e
 
 
 def _mask_id_from_tokenizer(path: Path) -> Optional[int]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from dirl.config import TinyModelConfig
+from dirl.model.sdar import SDARModel
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -63,8 +64,6 @@ def build_tokenizer():
 def build_tiny_model(cfg: TinyModelConfig | None = None, tokenizer=None):
     """A randomly initialised SDAR model (an :class:`~dirl.model.sdar.SDARModel`) and its tokenizer."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from dirl.model.sdar import SDARModel
 
     cfg = cfg or TinyModelConfig()
     tokenizer = tokenizer or build_tokenizer()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from dirl.config import TinyModelConfig, load_config
+from dirl.model.tiny import build_tiny_model, count_parameters
+from dirl.train.checkpoint import mark_untrained
 
 
 def cli_main(argv: list[str]) -> int:
@@ -19,10 +21,9 @@ def cli_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     cfg = load_config(TinyModelConfig, args.config, args.overrides)
 
-    from dirl.model.tiny import build_tiny_model, count_parameters
-
     model, tok = build_tiny_model(cfg)
     out = model.save_pretrained(args.out, tokenizer=tok)
+    mark_untrained(out)
     print(f"tiny SDAR model: {count_parameters(model):,} parameters, vocab {len(tok)}, "
           f"block_size {model.block_size}, mask_token_id {model.mask_token_id} -> {out}")
     return 0

@@ -235,14 +235,6 @@ def math_verify_equal(pred: str, gold: str) -> bool:
         return False
 
 
-def answers_equal_unbounded(pred: Optional[str], gold: str) -> bool:
-    """The full verdict (cheap path, math-verify, string fallback) computed in this process."""
-    cheap = _cheap_decision(pred, gold)
-    if cheap is not None:
-        return cheap
-    return math_verify_equal(pred, gold)  # the string fallback was settled by _cheap_decision
-
-
 def _quiet_math_verify() -> None:
     for name in ("math_verify", "math_verify.grader", "math_verify.parser", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -450,6 +442,7 @@ class Grader:
         start_timeout: float = _START_TIMEOUT,
         cache_size: int = 200_000,
         fast_path: bool = True,
+        string_fallback: bool = True,
     ):
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
@@ -461,6 +454,8 @@ class Grader:
         self.cache_size = int(cache_size)
         # False: every pair with an answer goes to math-verify (the string fallback still applies)
         self.fast_path = bool(fast_path)
+        # False: math-verify alone decides (no cheap path, no normalised-string fallback)
+        self.string_fallback = bool(string_fallback)
         self._setup()
 
     def _setup(self) -> None:
@@ -525,7 +520,10 @@ class Grader:
         todo: dict[tuple[str, str], list[int]] = {}
         for i, (pred, gt) in enumerate(pairs):
             gold = gold_answer(gt)
-            cheap = _cheap_decision(pred, gold) if self.fast_path else (False if pred is None or not pred.strip() else None)
+            if self.fast_path and self.string_fallback:
+                cheap = _cheap_decision(pred, gold)
+            else:
+                cheap = False if pred is None or not pred.strip() else None
             if cheap is not None:
                 out[i] = cheap
                 continue
@@ -555,7 +553,7 @@ class Grader:
                 for j, res in enumerate(results):
                     for k, v in zip(range(j, len(keys), n), res):
                         verdicts[k] = v
-            if not self.fast_path:  # the normalised-string fallback
+            if not self.fast_path and self.string_fallback:  # the normalised-string fallback
                 verdicts = [v or _cheap_decision(p, g) is True for (p, g), v in zip(keys, verdicts)]
             for key, v in zip(keys, verdicts):
                 self._cache_put(key, bool(v))

@@ -2,8 +2,9 @@
 
 * :class:`Engine` (``engine.py``): the reference decoder with a KV cache of committed blocks;
   :func:`naive_generate` (``naive.py``): the no-cache oracle; the shared rules in ``decoding.py``.
-* :func:`get_backend`, :class:`GenerateRequest`, :class:`RequestParser` (``backend.py``).
-* :func:`start_server` / :class:`ServerHandle` (``server.py``): ``dirl serve`` in a subprocess.
+* :class:`GenerateRequest`, :class:`RequestParser` (``backend.py``); :func:`get_backend` (``backends.py``).
+* ``server.py``: ``dirl serve``; :class:`ServerConfig`, :func:`open_servers`, :func:`start_server`
+  (``launch.py``): the servers of a run, started in subprocesses that die with their parent.
 * :class:`RolloutClient` (``client.py``): generate over a pool of servers, push weights in place.
 
 Names are imported on first use, so ``import dirl.rollout`` stays light.
@@ -21,9 +22,11 @@ _LAZY = {
     "RequestError": "dirl.rollout.backend",
     "ReferenceBackend": "dirl.rollout.backend",
     "RolloutBackend": "dirl.rollout.backend",
-    "get_backend": "dirl.rollout.backend",
-    "start_server": "dirl.rollout.server",
-    "ServerHandle": "dirl.rollout.server",
+    "get_backend": "dirl.rollout.backends",
+    "start_server": "dirl.rollout.launch",
+    "ServerHandle": "dirl.rollout.launch",
+    "ServerConfig": "dirl.rollout.launch",
+    "open_servers": "dirl.rollout.launch",
     "RolloutClient": "dirl.rollout.client",
     "RolloutError": "dirl.rollout.client",
 }

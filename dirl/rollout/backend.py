@@ -8,6 +8,7 @@ over-long prompts) and raises :class:`RequestError` with a one-line reason.
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, runtime_checkable
@@ -19,7 +20,7 @@ from dirl.config import ConfigError, DecodingConfig, check_decoding
 ENGINE_NAME = "dirl-reference"
 CONFIDENCE_RULE = "softmax(logits / T)[sampled token], before top-k/top-p filtering"
 REQUEST_FIELDS = ("request_id", "input_ids", "prompt", "messages", "max_new_tokens", "temperature", "top_k",
-                  "top_p", "do_sample", "stop_token_ids", "seed")
+                  "top_p", "do_sample", "stop_token_ids", "seed", "min_new_tokens", "banned_token_ids")
 
 
 class RequestError(ValueError):
@@ -43,6 +44,10 @@ class GenerateRequest:
     do_sample: bool
     stop_token_ids: list[int] = field(default_factory=list)
     seed: Optional[int] = None
+    # stop tokens cannot be generated in a block that starts before this many response tokens
+    # (LMDeploy's rule, docs/CONTRACTS.md); 0: off
+    min_new_tokens: int = 0
+    banned_token_ids: list[int] = field(default_factory=list)  # never generated (logits -inf)
 
 
 def describe_backend(backend: Any, *, block_size: int, mask_token_id: int, vocab_size: int, dtype: str,
@@ -103,16 +108,42 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+MIN_TEMPERATURE = 1e-3  # besides 0 (greedy): below it logits / T overflow to inf in float32
+MAX_TEMPERATURE = 100.0
+MAX_SEED = (1 << 63) - 1
+MAX_STOP_IDS = 256
+MAX_REQUEST_ID_CHARS = 256
+MAX_MESSAGES = 1024
+DEFAULT_MAX_PROMPT_CHARS = 1 << 20  # without a context limit; with one: 8 characters per token of it
+CHARS_PER_CONTEXT_TOKEN = 8
+
+
+def _is_finite_num(v: Any) -> bool:
+    return _is_num(v) and math.isfinite(v)
+
+
 class RequestParser:
-    """Turns request dicts into :class:`GenerateRequest` (defaults from a :class:`DecodingConfig`)."""
+    """Turns request dicts into :class:`GenerateRequest` (defaults from a :class:`DecodingConfig`).
+
+    Every field is checked for type and range before any work (docs/CONTRACTS.md): temperature 0
+    (greedy) or in [1e-3, 100]; top_k in [-1, vocab_size] (<= 0: off); top_p in (0, 1];
+    max_new_tokens in [1, max_context] (or 2**20 without a context limit); token ids and stop ids
+    inside the vocabulary; seed in [0, 2**63 - 1]; a text prompt (or the messages' text together)
+    at most ``max_prompt_chars`` characters, checked before it is tokenised."""
 
     def __init__(self, defaults: DecodingConfig, block_size: int, vocab_size: int, max_context: Optional[int],
-                 tokenizer: Any = None, stop_token_ids: Optional[list[int]] = None):
+                 tokenizer: Any = None, stop_token_ids: Optional[list[int]] = None,
+                 max_prompt_chars: Optional[int] = None):
         self.defaults = defaults
         self.block_size = int(block_size)
         self.vocab_size = int(vocab_size)
         self.max_context = max_context
         self.tokenizer = tokenizer
+        if max_prompt_chars is None:
+            max_prompt_chars = (CHARS_PER_CONTEXT_TOKEN * int(max_context) if max_context
+                                else DEFAULT_MAX_PROMPT_CHARS)
+        self.max_prompt_chars = int(max_prompt_chars)
+        self.max_new_tokens = int(max_context) if max_context else 1 << 20
         if stop_token_ids is None:
             stop_token_ids = []
             if tokenizer is not None:
@@ -120,6 +151,12 @@ class RequestParser:
 
                 stop_token_ids = chat_stop_ids(tokenizer)
         self.stop_token_ids = list(stop_token_ids)
+
+    def limits(self) -> dict:
+        """The bounds this parser holds requests to (reported by ``/info``)."""
+        return {"max_prompt_chars": self.max_prompt_chars, "max_new_tokens": self.max_new_tokens,
+                "temperature": [0, MIN_TEMPERATURE, MAX_TEMPERATURE], "top_k": [-1, self.vocab_size],
+                "seed": [0, MAX_SEED], "max_stop_token_ids": MAX_STOP_IDS}
 
     def parse_many(self, objs: list[Any]) -> list[GenerateRequest]:
         reqs = [self.parse(o, where=f"requests[{i}]") for i, o in enumerate(objs)]
@@ -135,15 +172,16 @@ class RequestParser:
             raise RequestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         unknown = sorted(set(obj) - set(REQUEST_FIELDS))
         if unknown:
-            raise RequestError(f"{where}: unknown field {unknown[0]!r} (valid fields: {', '.join(REQUEST_FIELDS)})")
+            raise RequestError(f"{where}: unknown field {str(unknown[0])[:64]!r} "
+                               f"(valid fields: {', '.join(REQUEST_FIELDS)})")
         rid = obj.get("request_id")
         if rid is None:
             rid = uuid.uuid4().hex
-        elif not isinstance(rid, str) or not rid:
-            raise RequestError(f"{where}: 'request_id' must be a non-empty string, got {rid!r}")
+        elif not isinstance(rid, str) or not 0 < len(rid) <= MAX_REQUEST_ID_CHARS:
+            raise RequestError(f"{where}: 'request_id' must be a non-empty string of at most "
+                               f"{MAX_REQUEST_ID_CHARS} characters, got {_short(rid)}")
         else:
             where = f"request {rid!r}"
-        ids = self._prompt(obj, where)
         d = self.defaults
 
         def get(name: str, check, kind: str, default):
@@ -151,20 +189,34 @@ class RequestParser:
             if v is None:
                 return default
             if not check(v):
-                raise RequestError(f"{where}: '{name}' must be {kind}, got {v!r}")
+                raise RequestError(f"{where}: '{name}' must be {kind}, got {_short(v)}")
             return v
 
-        max_new = get("max_new_tokens", lambda v: _is_int(v) and v >= 1, "an integer >= 1", d.max_new_tokens)
-        temperature = float(get("temperature", lambda v: _is_num(v) and v >= 0, "a number >= 0", d.temperature))
-        top_k = get("top_k", _is_int, "an integer (<= 0: off)", d.top_k)
-        top_p = float(get("top_p", lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]", d.top_p))
+        # the cheap fields first: a request with a bad number is refused before its prompt is tokenised
+        max_new = get("max_new_tokens", lambda v: _is_int(v) and 1 <= v <= self.max_new_tokens,
+                      f"an integer >= 1 and <= {self.max_new_tokens}", d.max_new_tokens)
+        temperature = float(get(
+            "temperature", lambda v: _is_finite_num(v) and (v == 0 or MIN_TEMPERATURE <= v <= MAX_TEMPERATURE),
+            f"0 (greedy) or a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]", d.temperature))
+        top_k = get("top_k", lambda v: _is_int(v) and -1 <= v <= self.vocab_size,
+                    f"an integer in [-1, {self.vocab_size}] (<= 0: off)", d.top_k)
+        top_p = float(get("top_p", lambda v: _is_finite_num(v) and 0 < v <= 1, "a number in (0, 1]", d.top_p))
         do_sample = get("do_sample", lambda v: isinstance(v, bool), "true or false", d.do_sample)
-        stop = get("stop_token_ids", lambda v: isinstance(v, list) and all(_is_int(t) for t in v),
-                   "a list of integers", self.stop_token_ids)
-        seed = get("seed", _is_int, "an integer", None)
+        stop = get("stop_token_ids", lambda v: isinstance(v, list) and len(v) <= MAX_STOP_IDS and all(
+            _is_int(t) and 0 <= t < self.vocab_size for t in v),
+            f"a list of at most {MAX_STOP_IDS} token ids in [0, {self.vocab_size})", self.stop_token_ids)
+        seed = get("seed", lambda v: _is_int(v) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]", None)
+        min_new = get("min_new_tokens", lambda v: _is_int(v) and v >= 0, "an integer >= 0", 0)
+        if min_new > max_new:
+            raise RequestError(f"{where}: 'min_new_tokens' ({min_new}) is over 'max_new_tokens' ({max_new})")
+        banned = get("banned_token_ids", lambda v: isinstance(v, list) and len(v) <= MAX_STOP_IDS and all(
+            _is_int(t) and 0 <= t < self.vocab_size for t in v),
+            f"a list of at most {MAX_STOP_IDS} token ids in [0, {self.vocab_size})", [])
+        ids = self._prompt(obj, where)
         return GenerateRequest(request_id=rid, input_ids=ids, max_new_tokens=int(max_new), temperature=temperature,
                                top_k=int(top_k), top_p=top_p, do_sample=bool(do_sample),
-                               stop_token_ids=[int(t) for t in stop], seed=seed)
+                               stop_token_ids=[int(t) for t in stop], seed=seed, min_new_tokens=int(min_new),
+                               banned_token_ids=sorted(set(int(t) for t in banned)))
 
     def _prompt(self, obj: dict, where: str) -> list[int]:
         given = [k for k in ("input_ids", "prompt", "messages") if obj.get(k) is not None]
@@ -174,12 +226,18 @@ class RequestParser:
             )
         kind = given[0]
         v = obj[kind]
+        too_long = (f"{where}: the prompt is over the server's limit of {self.max_prompt_chars} characters "
+                    "(dirl serve --max-prompt-chars)")
         if kind == "input_ids":
-            if not isinstance(v, list) or not all(_is_int(t) for t in v):
+            limit = self.max_context if self.max_context is not None else self.max_prompt_chars
+            if not isinstance(v, list) or len(v) > limit or not all(_is_int(t) for t in v):
+                if isinstance(v, list) and len(v) > limit:
+                    raise RequestError(f"{where}: prompt of {len(v)} tokens is over the context limit of {limit}")
                 raise RequestError(f"{where}: 'input_ids' must be a list of integers")
             bad = [t for t in v if not 0 <= t < self.vocab_size]
             if bad:
-                raise RequestError(f"{where}: token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+                raise RequestError(f"{where}: token id {_short(bad[0])} is outside the vocabulary "
+                                   f"(size {self.vocab_size})")
             ids = list(v)
         else:
             if self.tokenizer is None:
@@ -187,23 +245,31 @@ class RequestParser:
             if kind == "prompt":
                 if not isinstance(v, str):
                     raise RequestError(f"{where}: 'prompt' must be a string")
+                if len(v) > self.max_prompt_chars:
+                    raise RequestError(too_long)
                 from dirl.data.chat import encode
 
-                ids = encode(self.tokenizer, v) if v else []
+                try:
+                    ids = encode(self.tokenizer, v) if v else []
+                except Exception as e:  # noqa: BLE001 - text the tokenizer cannot take is the request's
+                    raise RequestError(f"{where}: the tokenizer cannot encode the prompt ({type(e).__name__})") from None
             else:
-                if not isinstance(v, list) or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in v
+                if not isinstance(v, list) or len(v) > MAX_MESSAGES or not all(
+                    isinstance(m, dict) and set(m) <= {"role", "content"} and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str) for m in v
                 ):
-                    raise RequestError(f"{where}: 'messages' must be a list of {{role, content}} string objects")
+                    raise RequestError(f"{where}: 'messages' must be a list of at most {MAX_MESSAGES} "
+                                       "{role, content} string objects")
                 if not v:
                     raise RequestError(f"{where}: 'messages' is empty")
+                if sum(len(m["role"]) + len(m["content"]) for m in v) > self.max_prompt_chars:
+                    raise RequestError(too_long)
                 from dirl.data.chat import prompt_ids
 
                 try:
                     ids = prompt_ids(self.tokenizer, v)
                 except Exception as e:  # noqa: BLE001 - template errors are the request's fault
-                    raise RequestError(f"{where}: cannot apply the chat template: {e}") from None
+                    raise RequestError(f"{where}: cannot apply the chat template: {str(e)[:200]}") from None
         if not ids:
             raise RequestError(f"{where}: empty prompt")
         if self.max_context is not None:
@@ -214,6 +280,12 @@ class RequestParser:
                     f"(with its first block it needs {need})"
                 )
         return ids
+
+
+def _short(v: Any) -> str:
+    """A value for an error message, cut short (a request may send megabytes)."""
+    s = repr(v)
+    return s if len(s) <= 64 else s[:61] + "..."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,6 +358,9 @@ class ReferenceBackend:
         self.asleep = {"weights": False, "kv_cache": False}
         # state_dict, not named_parameters: a tied lm_head.weight keeps its own name there
         self._params = {normalize_weight_name(n): p for n, p in model.hf.state_dict(keep_vars=True).items()}
+        self._specs = {n: (tuple(p.shape), p.dtype) for n, p in self._params.items()}
+        self._staged: dict[str, torch.Tensor] = {}  # segments of an update not yet finished
+        self._update_refused = False
 
     def parser(self) -> RequestParser:
         return RequestParser(self.decoding, self.model.block_size, self.model.config.vocab_size,
@@ -317,6 +392,7 @@ class ReferenceBackend:
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
         self.engine.free_cache()
+        self._reset_update()  # a new update starts after a sleep
         self.asleep["kv_cache"] = True
         if level == 2 and not self.asleep["weights"]:
             if self.device.type == "cuda":
@@ -329,6 +405,8 @@ class ReferenceBackend:
         bad = [t for t in tags if t not in ("weights", "kv_cache")]
         if bad:
             raise ValueError(f"unknown wakeup tag {bad[0]!r} (expected 'weights' or 'kv_cache')")
+        if "kv_cache" in tags:
+            self._reset_update()  # an update not finished by now is dropped: the old weights serve
         if "weights" in tags and self.asleep["weights"]:
             self.model.to(self.device)
             self.asleep["weights"] = False
@@ -338,48 +416,37 @@ class ReferenceBackend:
             self.asleep["kv_cache"] = False
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], finished: bool) -> None:
+        """Stage one segment; the segment with ``finished`` applies every staged tensor at once.
+
+        Each segment is checked against the model first (:func:`dirl.rollout.weights.check_update`:
+        names, shapes, dtypes, finite values). A refused segment drops what was staged and refuses the
+        rest of that update, so the weights in use are never a mix: the old ones keep serving after
+        ``wakeup`` (which also drops an update left unfinished)."""
+        from dirl.rollout.weights import PayloadError, check_update
+
         if not self.asleep["kv_cache"]:
             raise StateError("update_weights needs the KV cache asleep: call sleep first")
-        pairs = []
-        for name, t in named_tensors:
-            key = normalize_weight_name(name)
-            p = self._params.get(key)
-            if p is None:
-                raise ValueError(f"unknown parameter {name!r}")
-            if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"parameter {name!r}: shape {tuple(t.shape)} does not match {tuple(p.shape)}")
-            pairs.append((key, p, t))
-        with torch.no_grad():
-            for _, p, t in pairs:
-                p.copy_(t.to(device=p.device, dtype=p.dtype))
-
-
-def _check_option_types(backend: str, options: dict, types: dict) -> None:
-    """Options of known type (``{name: (type, ...)}``) must have it (``None`` leaves the default)."""
-    for k, v in options.items():
-        want = types.get(k)
-        if want is None or v is None:
-            continue
-        if (isinstance(v, bool) and bool not in want) or not isinstance(v, tuple(want)):
-            names = " or ".join(t.__name__ for t in want)
-            raise ConfigError(f"backend {backend!r}: option {k!r} must be {names}, got {v!r}")
-
-
-def get_backend(name: str, model_dir: str, decoding: Optional[DecodingConfig] = None, device: str = "cpu",
-                **kwargs) -> RolloutBackend:
-    """Build a backend by name: ``reference`` (this module) or ``lmdeploy`` (imported lazily).
-
-    ``kwargs`` are the backend's own options (``dtype``, ``max_batch_size`` for both; LMDeploy also
-    ``cache_max_entry_count``, ``max_context``, ``eager_mode``, ``weight_segment_bytes``); an unknown
-    option or one of the wrong type is a :class:`ConfigError` naming it."""
-    if name == "reference":
-        return ReferenceBackend(model_dir, decoding=decoding, device=device, **kwargs)
-    if name == "lmdeploy":
+        if self._update_refused:
+            raise StateError("an earlier segment of this update was refused and nothing was applied; "
+                             "wake up (the old weights serve) or sleep again, then send the whole update")
         try:
-            from dirl.rollout import lmdeploy_backend
-        except ModuleNotFoundError as e:
-            raise ConfigError(f"backend 'lmdeploy' is not available: {e}") from None
-        _check_option_types(name, kwargs, getattr(lmdeploy_backend, "OPTION_TYPES", {}))
-        build = getattr(lmdeploy_backend, "LMDeployBackend", None) or getattr(lmdeploy_backend, "build_backend")
-        return build(model_dir, decoding=decoding, device=device, **kwargs)
-    raise ConfigError(f"unknown rollout backend {name!r} (expected reference or lmdeploy)")
+            names = check_update(named_tensors, self._specs, seen=set(self._staged))
+        except PayloadError:
+            # the rest of a multi-segment update is refused too (a refused update that was one
+            # finished segment is simply over)
+            self._update_refused = bool(self._staged) or not finished
+            self._staged.clear()
+            raise
+        for key, (_, t) in zip(names, named_tensors):
+            p = self._params[key]
+            # a copy: an ipc segment's views point into the trainer's memory, freed once we answer
+            self._staged[key] = t.detach().to(device=p.device, dtype=p.dtype, copy=True)
+        if finished:
+            staged, self._staged = self._staged, {}
+            with torch.no_grad():
+                for key, t in staged.items():
+                    self._params[key].copy_(t)
+
+    def _reset_update(self) -> None:
+        self._staged = {}
+        self._update_refused = False

@@ -20,15 +20,19 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+import yaml
+
 from dirl.config import ConfigError, DecodingConfig, check_decoding
+from dirl.data.formats import DataError, iter_json_objects
+from dirl.rollout.backend import REQUEST_FIELDS, ReferenceBackend, RequestError
 
 _EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-_SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample", "stop_token_ids", "seed")
+_SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample", "stop_token_ids", "seed",
+                    "min_new_tokens", "banned_token_ids")
 
 
 def default_device() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -45,8 +49,6 @@ def parse_backend_options(items: Optional[list[str]]) -> dict[str, Any]:
     """``KEY=VALUE`` strings (``dirl serve --backend-option``) as a dict; each value parsed like a
     YAML scalar (``true`` is a bool, ``0.3`` a float, ``null`` None, ``'7'`` the string 7). A
     malformed item is a :class:`ConfigError`; a later item for the same key wins."""
-    import yaml
-
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
@@ -83,8 +85,6 @@ def backend_options_to_argv(options: Optional[dict[str, Any]]) -> list[str]:
 
 def apply_threads(threads: Optional[int]) -> None:
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
 
 
@@ -127,9 +127,6 @@ def decoding_to_argv(dec: DecodingConfig) -> list[str]:
 
 def read_prompts(path: str | os.PathLike, parser, seed: Optional[int] = None) -> tuple[list, list[dict]]:
     """Parse a prompts JSONL file into requests; a bad row is a :class:`ConfigError` naming file:line."""
-    from dirl.data.formats import DataError, iter_json_objects
-    from dirl.rollout.backend import REQUEST_FIELDS, RequestError
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"input file '{p}' does not exist")
@@ -172,8 +169,6 @@ def cli_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     decoding = decoding_from_args(args)
     apply_threads(args.threads)
-
-    from dirl.rollout.backend import ReferenceBackend
 
     backend = ReferenceBackend(args.model, decoding=decoding, device=args.device or default_device(),
                                dtype=args.dtype, max_batch_size=args.max_batch_size)

@@ -398,12 +398,14 @@ class RolloutClient:
     # -- weights -------------------------------------------------------------------------------
     def choose_transport(self, pairs: list, infos: Optional[list[dict]] = None) -> str:
         """``ipc`` when the tensors are on CUDA and every server is local and on CUDA; ``file`` when
-        every server is local; ``inline`` otherwise."""
+        every server is local and reads weight files from one folder (``dirl serve --weights-dir``);
+        ``inline`` otherwise."""
         local = all(urlparse(u).hostname in _LOCAL_HOSTS for u in self.urls)
         on_cuda = bool(pairs) and all(t.device.type == "cuda" for _, t in pairs)
         if local and on_cuda and infos and all(str(i.get("device", "")).startswith("cuda") for i in infos):
             return "ipc"
-        return "file" if local else "inline"
+        dirs = {i.get("weights_dir") for i in infos or [{}]}
+        return "file" if local and len(dirs) == 1 and None not in dirs else "inline"
 
     async def apush_weights(self, weights: Any, transport: str = "auto", segment_bytes: Optional[int] = None,
                             sleep_level: int = 1, tmp_dir: Optional[str] = None) -> dict:
@@ -414,10 +416,19 @@ class RolloutClient:
         from dirl.rollout import weights as W
 
         pairs = W.named_tensors(weights)
+        infos = await self.ainfo() if transport in ("auto", "file") else None
         if transport == "auto":
-            transport = self.choose_transport(pairs, await self.ainfo() if any(
-                t.device.type == "cuda" for _, t in pairs) else None)
+            transport = self.choose_transport(pairs, infos)
         W.check_transport(pairs, transport)  # before any server sleeps
+        if transport == "file":
+            dirs = {i.get("weights_dir") for i in infos}
+            if None in dirs:
+                raise W.PayloadError("the file transport needs servers started with --weights-dir DIR; "
+                                     "use 'inline' or 'ipc'")
+            if tmp_dir is None:
+                if len(dirs) != 1:
+                    raise W.PayloadError("the servers read weight files from different folders; give tmp_dir")
+                tmp_dir = next(iter(dirs))
         groups = W.segments(pairs, segment_bytes or W.default_segment_bytes(transport))
 
         client = self._http()
@@ -440,7 +451,7 @@ class RolloutClient:
         # one segment at a time: built, sent to every server, freed (file removed, CUDA buckets
         # released) before the next is built
         stream = W.iter_payloads(groups, transport, tmp_dir=tmp_dir,
-                                 bucket_bytes=segment_bytes or W.DEFAULT_BUCKET_BYTES)
+                                 bucket_bytes=segment_bytes or W.DEFAULT_SEGMENT_BYTES)
         try:
             for i, payload in enumerate(stream):
                 await everywhere(f"update_weights segment {i + 1}/{len(groups)}", "/update_weights", payload)

@@ -19,6 +19,10 @@ Decisions where the spec is silent:
   decreasing probability (ties: lower token id first). A seeded request therefore never depends on
   the other requests of its batch.
 * Ties in confidence go to the leftmost position.
+* ``banned_token_ids`` and ``min_new_tokens`` (evaluation settings, e.g. DiRL's eval script) set
+  logits to -inf before anything else (:func:`suppress_tokens`): banned ids everywhere, stop ids at
+  every position of a block that starts while fewer than ``min_new_tokens`` response tokens are
+  finished. So no stop token can end a response inside its first ``min_new_tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from typing import Any, Optional
 import torch
 
 STRATEGIES = ("low_confidence_dynamic", "low_confidence_static", "sequential")
-FINISH_REASONS = ("stop", "length")
 
 
 def is_greedy(do_sample: bool, temperature: float, top_k: int) -> bool:
@@ -154,6 +157,8 @@ class SamplingSettings:
     do_sample: bool
     stop_token_ids: list[int] = field(default_factory=list)
     seed: Optional[int] = None
+    min_new_tokens: int = 0
+    banned_token_ids: list[int] = field(default_factory=list)
 
     @property
     def greedy(self) -> bool:
@@ -191,6 +196,8 @@ class Sequence:
         self.finish_reason: Optional[str] = None
         self.response_length: Optional[int] = None
         self.stop_ids = set(int(t) for t in settings.stop_token_ids)
+        self.banned_ids = sorted(set(int(t) for t in settings.banned_token_ids))
+        self.min_new_tokens = int(settings.min_new_tokens)
         self.greedy = settings.greedy
         self.temperature = effective_temperature(settings.temperature)
         self.generator: Optional[torch.Generator] = None
@@ -226,6 +233,14 @@ class Sequence:
         if self.generator is None:
             return torch.zeros(self.B)
         return torch.rand(self.B, generator=self.generator)
+
+    def suppressed_ids(self) -> list[int]:
+        """Token ids whose logits are -inf at every position of the current block: the banned ids,
+        and the stop ids while fewer than ``min_new_tokens`` response tokens lie in finished blocks
+        (LMDeploy's rule: the minimum is checked per block, against the tokens generated before it)."""
+        if len(self.token_ids) < self.min_new_tokens:
+            return sorted(set(self.banned_ids) | self.stop_ids)
+        return self.banned_ids
 
     def next_step(self) -> int:
         """Count a forward that keeps at least one token; returns the step it records."""
@@ -287,6 +302,20 @@ def sampling_params(seqs: list[Sequence], device) -> tuple[torch.Tensor, ...]:
     )
 
 
+def suppress_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """``logits [N, B, V]`` with each row's :meth:`Sequence.suppressed_ids` set to -inf (a copy when
+    anything changes). Sampling, the confidence and the recorded log-probability then all come from
+    the constrained distribution, as in LMDeploy (its bad-word / min-new-token processing runs
+    before sampling and unmasking)."""
+    rows = [(i, ids) for i, s in enumerate(seqs) if (ids := s.suppressed_ids())]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i, ids in rows:
+        logits[i, :, torch.tensor(ids, dtype=torch.long, device=logits.device)] = float("-inf")
+    return logits
+
+
 def denoise_step(
     logits: torch.Tensor,
     block_ids: torch.Tensor,
@@ -308,6 +337,7 @@ def denoise_step(
     N, B, V = logits.shape
     device = logits.device
     temps, top_k, top_p, greedy = params if params is not None else sampling_params(seqs, device)
+    logits = suppress_tokens(logits, seqs)
     r, c = masked.nonzero(as_tuple=True)
     if all(s.generator is None for s in seqs):
         uniforms = torch.zeros(r.shape[0], device=device)

@@ -264,6 +264,8 @@ class Engine:
         settings = SamplingSettings(
             max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
             do_sample=req.do_sample, stop_token_ids=list(req.stop_token_ids), seed=req.seed,
+            min_new_tokens=int(getattr(req, "min_new_tokens", 0)),
+            banned_token_ids=list(getattr(req, "banned_token_ids", [])),
         )
         return Sequence(req.request_id, req.input_ids, settings, self.block_size, self.mask_token_id,
                         max_context=self.max_context)

@@ -20,8 +20,9 @@ What it does:
   ``sleep`` / ``update_params(load_format='flattened_bucket')`` / ``wakeup``. Tensors are flattened
   into same-dtype buckets of at most ``weight_segment_bytes`` (:func:`iter_buckets`); a bucket whose
   memory already lives in the trainer (the ``ipc`` transport of :mod:`dirl.rollout.weights`) is
-  handed to LMDeploy as the trainer's CUDA IPC handle, never opened here
-  (:func:`lmdeploy_requests_from_ipc`).
+  opened from its checked JSON handle (:func:`dirl.rollout.weights.decode_ipc_handle`: no pickle
+  from the request), checked against the checkpoint like any segment, and handed to LMDeploy
+  without a copy.
 
 The engine runs in this process (LMDeploy's single-GPU ``uni`` executor) on an asyncio loop of its
 own thread; the backend's methods are synchronous and safe to call from any thread.
@@ -33,17 +34,34 @@ import asyncio
 import base64
 import io
 import itertools
-import pickle
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
 from dirl.config import ConfigError, DecodingConfig, check_decoding
-from dirl.rollout.backend import GenerateRequest, RequestError, RequestParser, StateError, describe_backend
+from dirl.rollout.backend import (
+    GenerateRequest,
+    RequestError,
+    RequestParser,
+    StateError,
+    describe_backend,
+    normalize_weight_name,
+)
 from dirl.rollout.decoding import effective_temperature, is_greedy
+from dirl.rollout.weights import (
+    DEFAULT_SEGMENT_BYTES,
+    BucketEntry,
+    PayloadError,
+    check_ipc_buckets,
+    check_update,
+    checkpoint_tensor_specs,
+    flatten_bucket,
+    iter_buckets,
+    plan_buckets,
+    rebuild_bucket,
+)
 from dirl.rollout.lmdeploy_patch import (
     REGISTRY,
     TARGET_VERSION,
@@ -57,7 +75,6 @@ from dirl.rollout.lmdeploy_patch import (
 
 ENGINE_NAME = "lmdeploy"
 CONFIDENCE_RULE = "softmax(logits / T)[sampled token], before top-k/top-p filtering (LMDeploy's rule)"
-DEFAULT_SEGMENT_BYTES = 1 << 30
 LMDEPLOY_MAX_TEMPERATURE = 2.0  # GenerationConfig refuses more
 TAGS = ("weights", "kv_cache")
 
@@ -153,6 +170,13 @@ def generation_kwargs(req: GenerateRequest) -> dict:
         stop_token_ids=[int(t) for t in req.stop_token_ids] or None,
         skip_special_tokens=False,
     )
+    # LMDeploy's own fields for the same rules as the reference engine: while fewer than
+    # min_new_tokens tokens are finished, the stop ids join the bad words of the whole block
+    # (its num_ignore_eos, counted per finished block); bad_token_ids get logits -inf everywhere
+    if getattr(req, "min_new_tokens", 0):
+        kw["min_new_tokens"] = int(req.min_new_tokens)
+    if getattr(req, "banned_token_ids", None):
+        kw["bad_token_ids"] = [int(t) for t in req.banned_token_ids]
     if req.seed is not None:
         kw["random_seed"] = int(req.seed) & ((1 << 64) - 1)
     return kw
@@ -216,81 +240,6 @@ def build_trajectory(req: GenerateRequest, record: StepRecord, block_size: int,
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class BucketEntry:
-    """Where one tensor lies in a flat bucket; the attributes LMDeploy 0.18.0 reads from its
-    ``FlattenedTensorMetadata`` (``lmdeploy/utils.py``), so it can rebuild our buckets."""
-
-    name: str
-    shape: torch.Size
-    dtype: torch.dtype
-    start_idx: int
-    end_idx: int
-    numel: int
-
-
-def plan_buckets(pairs: Sequence[tuple[str, torch.Tensor]], segment_bytes: int = DEFAULT_SEGMENT_BYTES,
-                 dtype: Optional[torch.dtype] = None) -> list[list[int]]:
-    """Indices of ``pairs`` grouped into buckets: one dtype per bucket (after casting floating
-    tensors to ``dtype`` when given), at most ``segment_bytes`` each (a larger single tensor is a
-    bucket of its own), in the order tensors appear within each dtype."""
-    if segment_bytes <= 0:
-        raise ValueError(f"segment_bytes must be positive, got {segment_bytes!r}")
-    open_bucket: dict[torch.dtype, tuple[list[int], int]] = {}
-    plan: list[list[int]] = []
-    for i, (_, t) in enumerate(pairs):
-        d = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-        nbytes = t.numel() * torch.empty((), dtype=d).element_size()
-        idx, size = open_bucket.get(d, ([], 0))
-        if idx and size + nbytes > segment_bytes:
-            plan.append(idx)
-            idx, size = [], 0
-        open_bucket[d] = (idx + [i], size + nbytes)
-    plan += [idx for idx, _ in open_bucket.values() if idx]
-    return plan
-
-
-def flatten_bucket(pairs: Sequence[tuple[str, torch.Tensor]], device: Optional[torch.device | str] = None,
-                   dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, list[BucketEntry]]:
-    """One contiguous 1-D tensor holding ``pairs`` (all of one dtype once cast) and their entries."""
-    if not pairs:
-        raise ValueError("an empty bucket")
-    cast = [(n, t.to(dtype) if (dtype is not None and t.is_floating_point()) else t) for n, t in pairs]
-    kinds = {t.dtype for _, t in cast}
-    if len(kinds) != 1:
-        raise ValueError(f"a bucket holds one dtype, got {sorted(str(k) for k in kinds)}")
-    bucket_dtype = cast[0][1].dtype
-    total = sum(t.numel() for _, t in cast)
-    flat = torch.empty(total, dtype=bucket_dtype, device=device if device is not None else cast[0][1].device)
-    entries, off = [], 0
-    for name, t in cast:
-        n = t.numel()
-        flat[off:off + n].copy_(t.reshape(-1))
-        entries.append(BucketEntry(name=name, shape=torch.Size(t.shape), dtype=bucket_dtype, start_idx=off,
-                                   end_idx=off + n, numel=n))
-        off += n
-    return flat, entries
-
-
-def iter_buckets(pairs: Sequence[tuple[str, torch.Tensor]], segment_bytes: int = DEFAULT_SEGMENT_BYTES,
-                 device: Optional[torch.device | str] = None,
-                 dtype: Optional[torch.dtype] = None) -> Iterator[tuple[torch.Tensor, list[BucketEntry]]]:
-    """:func:`flatten_bucket` over :func:`plan_buckets`, one bucket alive at a time."""
-    for idx in plan_buckets(pairs, segment_bytes, dtype):
-        yield flatten_bucket([pairs[i] for i in idx], device=device, dtype=dtype)
-
-
-def rebuild_bucket(flat: torch.Tensor, entries: Sequence[Any]) -> list[tuple[str, torch.Tensor]]:
-    """The named tensors of a bucket (views of ``flat``), as LMDeploy rebuilds them."""
-    out = []
-    for e in entries:
-        t = flat[e.start_idx:e.end_idx].reshape(e.shape)
-        if t.dtype != e.dtype:
-            t = t.to(e.dtype)
-        out.append((e.name, t))
-    return out
-
-
 def _dumps(obj: Any) -> str:
     """LMDeploy's wire form of ``serialized_named_tensors``: base64 of a ForkingPickler pickle."""
     from multiprocessing.reduction import ForkingPickler
@@ -324,41 +273,6 @@ def local_bucket_request(flat: torch.Tensor, entries: list[BucketEntry]) -> str:
         _LOCAL_TENSORS[key] = flat
     return _dumps({"metadata": list(entries), "flattened_tensor": (_take_local_tensor, (key, 0, 0, 0, 0, 0, 0)),
                    "require_clone": False})
-
-
-class _TorchOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if module == "torch" or module.startswith("torch."):
-            return super().find_class(module, name)
-        raise RequestError(f"ipc handle refers to {module}.{name}; only torch objects are allowed")
-
-
-_DTYPES = {str(d).replace("torch.", ""): d for d in (
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8,
-    torch.uint8, torch.bool)}
-
-
-def lmdeploy_requests_from_ipc(body: dict) -> list[str]:
-    """``serialized_named_tensors`` strings, one per bucket, for an ``ipc`` payload of
-    :mod:`dirl.rollout.weights` (``{"buckets": [{dtype, handle, tensors: [{name, shape, offset,
-    numel}]}]}``). The trainer's IPC handle is passed through unopened: LMDeploy opens it, copies the
-    bucket and loads it. Only torch's own rebuild functions are accepted in a handle."""
-    out = []
-    for k, b in enumerate(body.get("buckets") or []):
-        try:
-            dtype = _DTYPES[b["dtype"]]
-            handle = _TorchOnlyUnpickler(io.BytesIO(base64.b64decode(b["handle"]))).load()
-            entries = [BucketEntry(name=str(e["name"]), shape=torch.Size(e["shape"]), dtype=dtype,
-                                   start_idx=int(e["offset"]), end_idx=int(e["offset"]) + int(e["numel"]),
-                                   numel=int(e["numel"])) for e in b["tensors"]]
-        except RequestError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a malformed payload is the caller's
-            raise RequestError(f"ipc bucket {k}: malformed ({type(e).__name__}: {e})") from None
-        if not (isinstance(handle, tuple) and len(handle) == 2 and callable(handle[0])):
-            raise RequestError(f"ipc bucket {k}: the handle is not a (rebuild function, args) pair")
-        out.append(_dumps({"metadata": entries, "flattened_tensor": handle, "require_clone": True}))
-    return out
 
 
 def decode_flattened_request(serialized: str, device: Optional[int] = None) -> list[tuple[str, torch.Tensor]]:
@@ -548,6 +462,9 @@ class LMDeployBackend:
         self._gate = _Gate()
         self._sessions = itertools.count(1)
         self.asleep = {"weights": False, "kv_cache": False}
+        self._specs = checkpoint_tensor_specs(model_dir)
+        self._update_started = False  # a segment of an unfinished update has loaded
+        self._weights_partial = False  # ... and a later one was refused
         dev = torch.device(device) if str(device).startswith("cuda") else torch.device("cuda")
         # the current CUDA device is per thread: the engine's thread gets this one
         self.device = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
@@ -580,16 +497,32 @@ class LMDeployBackend:
                                 max_batch_size=self.max_batch_size, engine=ENGINE_NAME, confidence=CONFIDENCE_RULE)
 
     def generate(self, requests: list[GenerateRequest]) -> list[dict]:
+        results = self.generate_each(requests)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+        return results
+
+    def generate_each(self, requests: list[GenerateRequest]) -> list:
+        """Like :meth:`generate`, but a request that fails has its exception in its place (the server
+        answers it alone and serves the rest of the batch)."""
         with self._gate.shared():
             if any(self.asleep.values()):
                 raise StateError(f"the backend is asleep ({', '.join(k for k, v in self.asleep.items() if v)}); "
                                  "call wakeup first")
-            for r in requests:
-                generation_kwargs(r)  # refuse what LMDeploy cannot do before anything is sent
-            results = self._loop.run(self._generate_all(list(requests)))
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise errors[0]
+            if self._weights_partial:
+                raise StateError("a weight update was refused after part of it had loaded; push a complete "
+                                 "update before generating")
+            ok, results = [], [None] * len(requests)
+            for i, r in enumerate(requests):
+                try:
+                    generation_kwargs(r)  # refuse what LMDeploy cannot do before anything is sent
+                    ok.append(i)
+                except RequestError as e:
+                    results[i] = e
+            got = self._loop.run(self._generate_all([requests[i] for i in ok])) if ok else []
+            for i, res in zip(ok, got):
+                results[i] = res
         return results
 
     def sleep(self, level: int = 1) -> None:
@@ -598,6 +531,7 @@ class LMDeployBackend:
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
         with self._gate.exclusive():
+            self._update_started = False  # a new update starts after a sleep
             if self.asleep["kv_cache"]:
                 return
             self._loop.run(self.engine.sleep(1))
@@ -623,23 +557,52 @@ class LMDeployBackend:
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], finished: bool) -> None:
         """Load named tensors (any device) through LMDeploy's ``flattened_bucket`` path, cast to the
-        engine's dtype, ``weight_segment_bytes`` at a time."""
+        engine's dtype, ``weight_segment_bytes`` at a time, once the segment passed
+        :meth:`_check_segment`."""
         torch_dtype = getattr(torch, self.dtype)
         with self._gate.exclusive():
             self._before_update()
             pairs = [(str(n), t.detach()) for n, t in named_tensors]
+            self._check_segment(pairs)
             serialized = (local_bucket_request(flat, entries) for flat, entries in
                           iter_buckets(pairs, self.segment_bytes, device=self.device, dtype=torch_dtype))
             self._load(serialized, finished)
 
     def update_weights_ipc(self, payload: dict, finished: bool) -> None:
-        """Load an ``ipc`` payload of :mod:`dirl.rollout.weights`: the trainer's CUDA IPC handles go
-        to LMDeploy unopened (the trainer must be another process on this GPU and keep its buckets
-        alive until this returns)."""
-        requests = lmdeploy_requests_from_ipc(payload)
+        """Load an ``ipc`` payload of :mod:`dirl.rollout.weights`: its checked handles are opened here
+        (the trainer must be another process on this GPU and keep its buckets alive until this
+        returns), the tensors checked like any segment, then handed to LMDeploy without a copy."""
+        buckets = payload.get("ipc_buckets")
+        if buckets is None:
+            buckets = check_ipc_buckets(payload.get("buckets"))
         with self._gate.exclusive():
             self._before_update()
-            self._load(requests, finished)
+            opened = []
+            for k, b in enumerate(buckets):
+                func, args = b.rebuild_call(self.device.index or 0)
+                try:
+                    opened.append((func(*args), b.entries))
+                except Exception as e:  # noqa: BLE001 - a handle that does not open is the sender's
+                    raise PayloadError(f"ipc bucket {k}: the CUDA IPC handle does not open "
+                                       f"({type(e).__name__}: {e})") from None
+            self._check_segment([p for flat, entries in opened for p in rebuild_bucket(flat, entries)])
+            self._load((local_bucket_request(flat, entries) for flat, entries in opened), finished)
+
+    def _check_segment(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
+        """Names and shapes against the checkpoint's safetensors headers, dtypes of the right kind,
+        finite values. LMDeploy loads each segment as it arrives (there is no room for a second copy
+        of the weights on the GPU): when a later segment is refused after earlier ones loaded,
+        ``/generate`` answers 409 until a complete update has loaded."""
+        specs = self._specs
+        if specs is None:  # a checkpoint without safetensors headers: names are LMDeploy's to check
+            specs = {normalize_weight_name(n): (tuple(t.shape), t.dtype) for n, t in pairs}
+        try:
+            check_update(pairs, specs)
+        except PayloadError:
+            if self._update_started:
+                self._weights_partial = True
+            raise
+        self._update_started = True
 
     def _before_update(self) -> None:
         if not self.asleep["kv_cache"]:
@@ -660,6 +623,9 @@ class LMDeployBackend:
             self._update_params(_dumps({"metadata": []}), True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the trainer may reuse its buffers once this returns
+        if finished:
+            self._update_started = False
+            self._weights_partial = False
 
     def _update_params(self, serialized: str, finished: bool) -> None:
         from types import SimpleNamespace
@@ -711,5 +677,5 @@ def build_backend(model_dir: str, **kwargs) -> LMDeployBackend:
 __all__ = [
     "LMDeployBackend", "build_backend", "check_environment", "options_from_env", "engine_kwargs", "generation_kwargs", "lmdeploy_dtype",
     "collect_outputs", "build_trajectory", "BucketEntry", "plan_buckets", "flatten_bucket", "iter_buckets",
-    "rebuild_bucket", "local_bucket_request", "lmdeploy_requests_from_ipc", "decode_flattened_request",
+    "rebuild_bucket", "local_bucket_request", "decode_flattened_request",
 ]

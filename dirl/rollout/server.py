@@ -1,22 +1,26 @@
-"""The rollout server: ``dirl serve --model DIR --backend reference|lmdeploy [--host --port --api-key]
-[--backend-option KEY=VALUE ...]``.
+"""The rollout server: ``dirl serve --model DIR --backend reference|lmdeploy [--host --port]
+[--api-key-file FILE | --api-key KEY | $DIRL_SERVER_API_KEY] [--insecure] [--weights-dir DIR]
+[--max-body-bytes N] [--max-prompt-chars N] [--backend-option KEY=VALUE ...]``.
 
-HTTP contract (docs/CONTRACTS.md):
+HTTP contract (docs/CONTRACTS.md; what is refused and why: docs/SECURITY.md):
 
 * ``GET /health`` (never needs the API key), ``GET /info`` (its ``asleep`` is what the backend itself
-  reports: LMDeploy's sleep level 1 also offloads the weights);
+  reports: LMDeploy's sleep level 1 also offloads the weights; ``limits`` the request bounds);
 * ``POST /generate``: one request object, or ``{"requests": [...]}`` → ``{"results": [...]}``;
 * ``POST /sleep`` ``{"level": 1|2}``, ``POST /wakeup`` ``{"tags": [...]}``, ``POST /update_weights``
   (a segment, see :mod:`dirl.rollout.weights`), with the state machine of SPEC section 8: weights can
   only be updated while the KV cache is asleep, and nothing is generated while anything is asleep
   (HTTP 409 otherwise).
 
-Malformed requests get a 4xx with ``{"error": reason}``; the server keeps serving. Generation runs on
-one worker thread; requests that arrive while it is busy (or within a few milliseconds of each
-other) are decoded together in one engine batch.
+It listens on 127.0.0.1 unless told otherwise, and refuses a non-loopback bind without a key unless
+``--insecure``. POST bodies must be ``application/json`` (415), at most ``--max-body-bytes`` (413,
+counted as they arrive), strict JSON nested at most 32 deep; every field is range-checked before any
+work. Malformed requests get a 4xx with ``{"error": reason}``; the server keeps serving. Requests are
+parsed and tokenised on threads of their own; generation runs on one worker thread, and requests
+that arrive while it is busy (or within a few milliseconds of each other) are decoded together in
+one engine batch, where a request that fails fails alone.
 
-:func:`start_server` launches ``python -m dirl.cli serve`` in a subprocess on a free port and waits
-for ``/health``: what the trainers and the evaluator use.
+:mod:`dirl.rollout.launch` starts this server in a subprocess for the trainers and the evaluator.
 """
 
 # No "from __future__ import annotations": FastAPI must see the real `Request` class of the
@@ -25,22 +29,24 @@ import argparse
 import asyncio
 import concurrent.futures
 import hmac
+import ipaddress
 import json
+import math
 import os
 import queue
-import socket
-import subprocess
-import sys
-import tempfile
+import re
 import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
-from dirl.config import DecodingConfig
+from dirl.config import ConfigError, DecodingConfig
 from dirl.rollout.backend import RequestError, RequestParser, StateError
+from dirl.rollout.backends import get_backend
+from dirl.rollout.launch import ServerHandle, die_with_parent, free_port, start_server  # noqa: F401 (launching lives there)
 
-API_KEY_ENV = "DIRL_API_KEY"
+API_KEY_ENV = "DIRL_SERVER_API_KEY"  # also how a launching trainer or evaluator hands over its key
 
 
 def make_parser(backend: Any, decoding: DecodingConfig, model_dir: str) -> RequestParser:
@@ -66,6 +72,10 @@ class BatchWorker:
     ``generate_continuous`` (the reference engine), requests that arrive while a batch runs join it
     as soon as a row is free; with others they form the next batch. Results are handed back per
     HTTP call by position in the batch, checked against the request ids.
+
+    A request that fails inside the engine fails alone: a backend's ``generate_each`` answers an
+    exception in a failed request's place (LMDeploy's does), and when a whole batch raises, each request not yet answered is
+    run again on its own, so only the one that fails again gets the error.
     """
 
     def __init__(self, backend: Any, state: "SleepState", lock: threading.Lock, window_s: float = 0.005):
@@ -75,7 +85,7 @@ class BatchWorker:
         self.window_s = window_s
         self.queue: "queue.Queue[tuple[list, concurrent.futures.Future]]" = queue.Queue()
         self.paused = threading.Event()  # set while a sleep waits for the running batch: admit no more
-        self.stats = {"engine_calls": 0, "requests": 0, "http_calls": 0}
+        self.stats = {"engine_calls": 0, "requests": 0, "http_calls": 0, "failed_calls": 0}
         self.thread = threading.Thread(target=self._run, name="dirl-generate", daemon=True)
         self.thread.start()
 
@@ -101,13 +111,19 @@ class BatchWorker:
                     items.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            self._generate(items)
+            try:
+                self._generate(items)
+            except BaseException as e:  # noqa: BLE001 - never let the worker thread die
+                for _, fut in items:
+                    if not fut.done():
+                        fut.set_exception(e)
 
     def _generate(self, items: list) -> None:
         reqs: list = []
         owner: list[tuple[int, int]] = []  # batch index -> (item, position in the item)
         got: list[list] = []
         open_items: set[int] = set()
+        items_all: list = []
 
         def add(new_items: list) -> list:
             added = []
@@ -124,11 +140,23 @@ class BatchWorker:
             self.stats["requests"] += len(added)
             return added
 
-        def on_result(i: int, res: dict) -> None:
-            k, j = owner[i]
+        def fail(k: int, e: BaseException) -> None:
+            if k in open_items:
+                open_items.discard(k)
+                self.stats["failed_calls"] += 1
+                if not items_all[k][1].done():
+                    items_all[k][1].set_exception(e)
+
+        def deliver(k: int, j: int, res: Any) -> None:
+            if k not in open_items:
+                return
+            if isinstance(res, BaseException):
+                fail(k, res)
+                return
             want = items_all[k][0][j].request_id
-            if res.get("request_id") != want:
-                raise RuntimeError(f"backend answered request {res.get('request_id')!r} in the place of {want!r}")
+            if not isinstance(res, dict) or res.get("request_id") != want:
+                rid = res.get("request_id") if isinstance(res, dict) else type(res).__name__
+                raise RuntimeError(f"backend answered request {rid!r} in the place of {want!r}")
             got[k][j] = res
             if all(x is not None for x in got[k]):
                 open_items.discard(k)
@@ -136,10 +164,12 @@ class BatchWorker:
                 if not fut.done():  # a caller that went away cancelled its future
                     fut.set_result(got[k])
 
+        def on_result(i: int, res: Any) -> None:
+            deliver(*owner[i], res)
+
         def more() -> list:
             return [] if self.paused.is_set() else add(self._drain())
 
-        items_all: list = []
         add(items)
         self.stats["engine_calls"] += 1
         try:
@@ -147,15 +177,37 @@ class BatchWorker:
                 self.state.check_awake()
                 if hasattr(self.backend, "generate_continuous"):
                     self.backend.generate_continuous(list(reqs), more, on_result)
-                else:
-                    for i, res in enumerate(self.backend.generate(list(reqs))):
+                else:  # generate_each: a failed request's exception in its place
+                    run = getattr(self.backend, "generate_each", self.backend.generate)
+                    for i, res in enumerate(run(list(reqs))):
                         on_result(i, res)
             if open_items:
                 raise RuntimeError("the backend returned fewer results than requests")
+        except Exception as e:  # noqa: BLE001 - isolate the request that fails
+            if isinstance(e, StateError) or len(reqs) == 1:
+                for k in sorted(open_items):
+                    fail(k, e)
+                return
+            self._one_by_one(items_all, got, open_items, deliver, fail)
         except BaseException as e:  # noqa: BLE001 - handed to every caller still waiting
             for k in sorted(open_items):
-                if not items_all[k][1].done():
-                    items_all[k][1].set_exception(e)
+                fail(k, e)
+
+    def _one_by_one(self, items_all, got, open_items, deliver, fail) -> None:
+        for k in sorted(open_items):
+            for j, r in enumerate(items_all[k][0]):
+                if k not in open_items:
+                    break
+                if got[k][j] is not None:
+                    continue
+                try:
+                    with self.lock:
+                        self.state.check_awake()
+                        self.stats["engine_calls"] += 1
+                        (res,) = self.backend.generate([r])
+                    deliver(k, j, res)
+                except Exception as e:  # noqa: BLE001 - this request's own failure
+                    fail(k, e)
 
 
 class SleepState:
@@ -177,40 +229,172 @@ class SleepState:
             raise StateError(f"the server is asleep ({', '.join(sleeping)}); POST /wakeup first")
 
 
-def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = None, batch_window_s: float = 0.005):
-    """The FastAPI app around a backend."""
+# ----------------------------------------------------------------------------------------------
+# Reading request bodies: size, content type, JSON nesting and numbers bounded before parsing
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_MAX_BODY_BYTES = 32 << 20  # an inline segment of 16 MiB is 21.4 MiB of base64
+DEFAULT_MAX_JSON_DEPTH = 32
+MAX_BATCH_REQUESTS = 4096
+
+
+class BodyError(Exception):
+    """A request body refused before it is parsed: ``status`` 400, 413 or 415."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r'[^\[\]{}]+')
+_INNER_PAIR = re.compile(r'\[\]|\{\}')
+
+
+def _check_depth(text: str, max_depth: int) -> None:
+    """Refuse JSON nested deeper than ``max_depth`` without parsing it (a pass per level, each in C:
+    strings dropped, then innermost bracket pairs removed)."""
+    s = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    for _ in range(max_depth):
+        if not s:
+            return
+        s, n = _INNER_PAIR.subn("", s)
+        if n == 0:
+            return  # unbalanced: the parser says where
+    if _INNER_PAIR.search(s):
+        raise BodyError(400, f"JSON nested deeper than {max_depth} levels")
+
+
+def _refuse_constant(name: str):
+    raise BodyError(400, f"malformed JSON: {name} is not a number JSON allows")
+
+
+def _finite_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v):
+        raise BodyError(400, f"malformed JSON: the number {s[:32]} is out of range")
+    return v
+
+
+def parse_json_body(body: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
+    """Strict JSON: UTF-8, no NaN / Infinity, every number finite, nesting bounded."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BodyError(400, "malformed JSON: the body is not UTF-8") from None
+    _check_depth(text, max_depth)
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as e:
+        raise BodyError(400, f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise BodyError(400, f"JSON nested deeper than {max_depth} levels") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise BodyError(400, f"malformed JSON: {e}") from None
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def _host_name(host_header: str) -> str:
+    """The name part of a Host header (``[::1]:8000`` -> ``::1``, ``Localhost:80`` -> ``localhost``)."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = None, batch_window_s: float = 0.005,
+               weights_dir: Optional[str] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_json_depth: int = DEFAULT_MAX_JSON_DEPTH, parse_threads: int = 4,
+               allowed_hosts: Optional[tuple[str, ...]] = None):
+    """The FastAPI app around a backend (docs/CONTRACTS.md, docs/SECURITY.md).
+
+    ``weights_dir``: the only folder the ``file`` weight transport reads from (None: the transport is
+    off). Bodies over ``max_body_bytes`` get 413 before they are parsed (counted as they arrive, so a
+    missing or wrong Content-Length changes nothing); POSTs need ``Content-Type: application/json``
+    (415); JSON deeper than ``max_json_depth`` gets 400. Requests are parsed and tokenised on
+    ``parse_threads`` threads of their own, never on the event loop. A request whose ``Origin``
+    (sent by browsers) is not the server itself gets 403; with ``allowed_hosts`` (a loopback server:
+    its own names) a ``Host`` header naming anything else gets 421, which stops a web page from
+    reaching a local server through DNS rebinding."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from dirl.rollout.weights import PayloadError
 
     app = FastAPI(title="dirl rollout server", docs_url=None, redoc_url=None, openapi_url=None)
     state = SleepState()
     lock = threading.Lock()
     worker = BatchWorker(backend, state, lock, window_s=batch_window_s)
+    parse_pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parse_threads),
+                                                       thread_name_prefix="dirl-parse")
     app.state.backend, app.state.worker, app.state.sleep_state = backend, worker, state
+    weights_dir = os.path.realpath(weights_dir) if weights_dir else None
 
     def error(status: int, msg: str) -> JSONResponse:
         return JSONResponse({"error": msg}, status_code=status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):  # a bug, never the request's fault
+        return error(500, f"internal error: {type(exc).__name__}: {exc}")
+
     @app.middleware("http")
-    async def check_key(request: Request, call_next):
+    async def check_request(request: Request, call_next):
+        host = request.headers.get("host", "")
+        if allowed_hosts is not None and _host_name(host) not in allowed_hosts:
+            return error(421, f"Host header {host[:64]!r} does not name this server")
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+            return error(403, f"cross-origin request from {origin[:64]!r} refused")
         if api_key and request.url.path != "/health":
             auth = request.headers.get("authorization", "")
             given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), api_key.encode()):
                 return error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')")
+        if request.method == "POST":
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return error(415, f"POST bodies must be sent as 'Content-Type: application/json', "
+                                  f"got {ctype[:64] or 'none'!r}")
+            length = request.headers.get("content-length")
+            if length is not None and (not length.strip().isdigit() or int(length) > max_body_bytes):
+                return error(413, f"request body over the server's limit of {max_body_bytes} bytes "
+                                  "(dirl serve --max-body-bytes)")
         return await call_next(request)
 
     async def read_json(request: Request, allow_empty: bool = False):
-        body = await request.body()
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: Content-Length may be absent or wrong
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise BodyError(413, f"request body over the server's limit of {max_body_bytes} bytes "
+                                     "(dirl serve --max-body-bytes)")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        del chunks
         if not body.strip():
             if allow_empty:
                 return {}
-            raise RequestError("empty body; expected a JSON object")
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(f"malformed JSON: {e}") from None
+            raise BodyError(400, "empty body; expected a JSON object")
+        if len(body) > (1 << 20):  # large bodies (inline weights) are decoded off the event loop
+            return await asyncio.get_running_loop().run_in_executor(parse_pool, parse_json_body, body, max_json_depth)
+        return parse_json_body(body, max_json_depth)
 
     def info() -> dict:
         out = dict(backend.info())
@@ -220,7 +404,38 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
         out["asleep"] = ({k: bool(v) for k, v in reported.items()} if isinstance(reported, dict)
                          else dict(state.asleep))
         out["stats"] = dict(worker.stats)  # engine calls vs HTTP calls shows the batching
+        out["weights_dir"] = weights_dir
+        out["limits"] = {"max_body_bytes": max_body_bytes, "max_json_depth": max_json_depth,
+                         **parser.limits()}
         return out
+
+    def parse_generate(body: Any) -> tuple[list, bool]:
+        batch = isinstance(body, dict) and "requests" in body
+        if batch:
+            extra = sorted(set(body) - {"requests"})
+            if extra:
+                raise RequestError(f"unknown field {str(extra[0])[:64]!r} next to 'requests'")
+            if not isinstance(body["requests"], list) or not body["requests"]:
+                raise RequestError("'requests' must be a non-empty list of request objects")
+            if len(body["requests"]) > MAX_BATCH_REQUESTS:
+                raise RequestError(f"'requests' holds {len(body['requests'])} requests; at most "
+                                   f"{MAX_BATCH_REQUESTS} per call")
+            return parser.parse_many(body["requests"]), True
+        return [parser.parse(body)], False
+
+    def status_of(e: BaseException) -> int:
+        if isinstance(e, BodyError):
+            return e.status
+        if isinstance(e, (RequestError, PayloadError)):
+            return 400
+        if isinstance(e, StateError):
+            return 409
+        return 500
+
+    def answer(e: BaseException) -> JSONResponse:
+        status = status_of(e)
+        msg = str(e) if status < 500 else f"internal error: {type(e).__name__}: {e}"
+        return error(status, msg)
 
     @app.get("/health")
     async def health():
@@ -234,24 +449,12 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
     async def generate(request: Request):
         try:
             body = await read_json(request)
-            batch = isinstance(body, dict) and "requests" in body
-            if batch:
-                extra = sorted(set(body) - {"requests"})
-                if extra:
-                    raise RequestError(f"unknown field {extra[0]!r} next to 'requests'")
-                if not isinstance(body["requests"], list) or not body["requests"]:
-                    raise RequestError("'requests' must be a non-empty list of request objects")
-                reqs = parser.parse_many(body["requests"])
-            else:
-                reqs = [parser.parse(body)]
+            # tokenising a long prompt takes time: never on the event loop
+            reqs, batch = await asyncio.get_running_loop().run_in_executor(parse_pool, parse_generate, body)
             state.check_awake()
             results = await asyncio.wrap_future(worker.submit(reqs))
-        except RequestError as e:
-            return error(400, str(e))
-        except StateError as e:
-            return error(409, str(e))
-        except Exception as e:  # noqa: BLE001 - reported, the server keeps serving
-            return error(500, f"{type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - every error is a JSON answer; the server keeps serving
+            return answer(e)
         return {"results": results} if batch else results[0]
 
     def _sleep(level: int) -> dict:
@@ -281,9 +484,9 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
             try:
                 if payload["transport"] == "ipc" and hasattr(backend, "update_weights_ipc"):
                     backend.update_weights_ipc(payload, payload["finished"])
-                    n = sum(len(b["tensors"]) for b in payload["buckets"])
+                    n = sum(len(b.entries) for b in payload["ipc_buckets"])
                 else:
-                    pairs = load_payload(payload, device=getattr(backend, "device", None))
+                    pairs = load_payload(payload, device=getattr(backend, "device", None), weights_dir=weights_dir)
                     backend.update_weights(pairs, payload["finished"])
                     n = len(pairs)
                     del pairs  # an ipc segment's views: the trainer may free its buckets once we answer
@@ -297,16 +500,14 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
             return await run_in_threadpool(fn, arg)
         except ValueError as e:  # RequestError, PayloadError, unknown parameter or shape
             return error(400, str(e))
-        except StateError as e:
-            return error(409, str(e))
         except Exception as e:  # noqa: BLE001
-            return error(500, f"{type(e).__name__}: {e}")
+            return answer(e)
 
     def parse_sleep(body: Any) -> int:
         _only(body, ("level",))
         level = body.get("level", 1)
         if level not in (1, 2) or isinstance(level, bool):
-            raise RequestError(f"'level' must be 1 or 2, got {level!r}")
+            raise RequestError(f"'level' must be 1 or 2, got {str(level)[:64]!r}")
         return level
 
     def parse_wakeup(body: Any) -> list[str]:
@@ -315,7 +516,7 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
         if tags is None:
             return ["weights", "kv_cache"]
         if not isinstance(tags, list) or not tags or any(t not in ("weights", "kv_cache") for t in tags):
-            raise RequestError(f"'tags' must be a non-empty list of 'weights' / 'kv_cache', got {tags!r}")
+            raise RequestError(f"'tags' must be a non-empty list of 'weights' / 'kv_cache', got {str(tags)[:64]}")
         return [t for t in ("weights", "kv_cache") if t in tags]  # weights first
 
     def parse_update(body: Any) -> dict:
@@ -343,7 +544,7 @@ def _only(body: Any, allowed: tuple[str, ...]) -> None:
         raise RequestError("expected a JSON object")
     extra = sorted(set(body) - set(allowed))
     if extra:
-        raise RequestError(f"unknown field {extra[0]!r} (valid fields: {', '.join(allowed)})")
+        raise RequestError(f"unknown field {str(extra[0])[:64]!r} (valid fields: {', '.join(allowed)})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,16 +552,55 @@ def _only(body: Any, allowed: tuple[str, ...]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def read_api_key(arg_key: Optional[str], key_file: Optional[str], environ: Optional[dict] = None) -> Optional[str]:
+    """The server's key: ``--api-key``, else ``--api-key-file`` (its first line), else
+    ``$DIRL_SERVER_API_KEY``; ``None`` when none is given. Giving two is a :class:`ConfigError`."""
+    environ = os.environ if environ is None else environ
+    if arg_key is not None and key_file is not None:
+        raise ConfigError("give one of --api-key and --api-key-file")
+    if key_file is not None:
+        try:
+            lines = Path(key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--api-key-file '{key_file}': cannot be read "
+                              f"({getattr(e, 'strerror', None) or type(e).__name__})") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ConfigError(f"--api-key-file '{key_file}': the file is empty")
+        return key
+    if arg_key is not None:
+        if not arg_key.strip():
+            raise ConfigError("--api-key: the key is empty")
+        return arg_key.strip()
+    env_key = (environ.get(API_KEY_ENV) or "").strip()
+    return env_key or None
+
+
 def cli_main(argv: list[str]) -> int:
+    die_with_parent()  # first: a server started by a trainer or evaluator never outlives it
     from dirl.rollout.cli import (add_decoding_args, add_runtime_args, apply_threads, decoding_from_args,
                                   default_device, parse_backend_options)
+    from dirl.rollout.weights import WEIGHTS_DIR_ENV
 
-    p = argparse.ArgumentParser(prog="dirl serve", description="Start a rollout server (HTTP).")
+    p = argparse.ArgumentParser(prog="dirl serve", description="Start a rollout server (HTTP); see docs/SECURITY.md.")
     p.add_argument("--model", required=True, help="checkpoint folder (SDAR layout)")
     p.add_argument("--backend", default="reference", choices=["reference", "lmdeploy"])
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; any other "
+                                                       "needs an API key or --insecure)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help=f"require this key (default: ${API_KEY_ENV} if set)")
+    p.add_argument("--api-key", default=None, help="require this key (visible in the process list: prefer "
+                                                   f"--api-key-file or ${API_KEY_ENV})")
+    p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the key from the first line of FILE")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow listening on a non-loopback interface without an API key")
+    p.add_argument("--weights-dir", default=None, metavar="DIR",
+                   help=f"the only folder the 'file' weight transport reads from (default ${WEIGHTS_DIR_ENV}; "
+                        "unset: the file transport is off)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help=f"refuse request bodies over this size with 413 (default {DEFAULT_MAX_BODY_BYTES})")
+    p.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="refuse text prompts longer than this before tokenising (default 8 per token of the "
+                        "model's context)")
     add_runtime_args(p)
     p.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the backend's own (repeatable; VALUE read as YAML: 0.3, true, null), "
@@ -370,172 +610,38 @@ def cli_main(argv: list[str]) -> int:
                    help="how long the first waiting request waits for others to join its batch")
     add_decoding_args(p)
     args = p.parse_args(argv)
+    api_key = read_api_key(args.api_key, args.api_key_file)
+    if not is_loopback(args.host) and not api_key and not args.insecure:
+        raise ConfigError(f"--host {args.host}: listening beyond this machine needs an API key (--api-key-file "
+                          f"FILE or ${API_KEY_ENV}); --insecure to allow it without one")
+    if args.max_body_bytes < 1024:
+        raise ConfigError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
+    if args.max_prompt_chars is not None and args.max_prompt_chars < 1:
+        raise ConfigError(f"--max-prompt-chars must be at least 1, got {args.max_prompt_chars}")
+    weights_dir = args.weights_dir or os.environ.get(WEIGHTS_DIR_ENV) or None
+    if weights_dir is not None and not os.path.isdir(weights_dir):
+        raise ConfigError(f"--weights-dir '{weights_dir}' is not a folder")
     options = parse_backend_options(args.backend_option)
     decoding = decoding_from_args(args)
     apply_threads(args.threads)
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     device = args.device or default_device()
-
-    from dirl.rollout.backend import get_backend
 
     kwargs: dict[str, Any] = {"dtype": args.dtype, "max_batch_size": args.max_batch_size, **options}
     backend = get_backend(args.backend, args.model, decoding=decoding, device=device, **kwargs)
     parser = make_parser(backend, decoding, args.model)
-    app = create_app(backend, parser, api_key=api_key, batch_window_s=args.batch_window_ms / 1000)
+    if args.max_prompt_chars is not None:
+        parser.max_prompt_chars = args.max_prompt_chars
+    loopback = is_loopback(args.host)
+    app = create_app(backend, parser, api_key=api_key, batch_window_s=args.batch_window_ms / 1000,
+                     weights_dir=weights_dir, max_body_bytes=args.max_body_bytes,
+                     allowed_hosts=(LOOPBACK_NAMES + (_host_name(args.host),)) if loopback else None)
 
     import uvicorn
 
     info = backend.info()
     print(f"dirl serve: {info.get('engine')} on {device}, block_size {info['block_size']}, "
           f"{info['unmasking_strategy']}, http://{args.host}:{args.port}"
-          + (" (API key required)" if api_key else ""), flush=True)
+          + (" (API key required)" if api_key else " (no API key)"), flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
-
-# ----------------------------------------------------------------------------------------------
-# Launching a server from Python
-# ----------------------------------------------------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class ServerHandle:
-    """A ``dirl serve`` subprocess. ``.url``, ``.stop()``; a context manager."""
-
-    def __init__(self, proc: subprocess.Popen, url: str, log_path: Path, api_key: Optional[str],
-                 owns_log: bool = False):
-        self.proc = proc
-        self.url = url
-        self.log_path = log_path
-        self.api_key = api_key
-        self.owns_log = owns_log  # a temporary log file, removed by a clean stop()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def wait_ready(self, timeout: float = 120.0) -> "ServerHandle":
-        """Wait until ``/health`` answers; raise with the log tail if the process dies or times out."""
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dirl serve exited with code {self.proc.returncode} during start-up "
-                                   f"(log {self.log_path}):\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                tail = self.log_tail()
-                self.owns_log = False  # keep the log: the error points at it
-                self.stop()
-                raise TimeoutError(f"dirl serve did not answer {self.url}/health within {timeout:.0f} s "
-                                   f"(log {self.log_path}):\n{tail}")
-            time.sleep(0.2)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
-        if self.owns_log:
-            self.log_path.unlink(missing_ok=True)
-
-    def __enter__(self) -> "ServerHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return f"ServerHandle(url={self.url!r}, pid={self.proc.pid}, alive={self.alive()})"
-
-
-def start_server(
-    model_dir: str | os.PathLike,
-    backend: str = "reference",
-    host: str = "127.0.0.1",
-    port: Optional[int] = None,
-    decoding: Optional[DecodingConfig] = None,
-    api_key: Optional[str] = None,
-    device: Optional[str] = None,
-    dtype: str = "auto",
-    max_batch_size: int = 64,
-    threads: Optional[int] = None,
-    startup_timeout: float = 120.0,
-    log_path: Optional[str | os.PathLike] = None,
-    env: Optional[dict] = None,
-    wait: bool = True,
-    backend_options: Optional[dict] = None,
-) -> ServerHandle:
-    """Start ``dirl serve`` in a subprocess (a free port unless given) and wait until it answers
-    ``/health``. The API key travels in the environment, not on the command line. The server's
-    output goes to ``log_path`` (a temporary file unless given; see ``ServerHandle.log_tail``).
-    With ``wait=False`` it returns at once: start several, then ``wait_ready()`` on each.
-    ``backend_options``: the backend's own options (``--backend-option KEY=VALUE``, e.g.
-    ``{"cache_max_entry_count": 0.3}`` for lmdeploy); they override ``dtype`` / ``max_batch_size``."""
-    from dirl.rollout.cli import backend_options_to_argv, decoding_to_argv
-
-    option_argv = backend_options_to_argv(backend_options)  # a value that cannot travel fails here
-    if port is None and wait:
-        for attempt in range(3):  # another process may take the free port before the server binds it
-            try:
-                return start_server(model_dir, backend=backend, host=host, port=free_port(host), decoding=decoding,
-                                    api_key=api_key, device=device, dtype=dtype, max_batch_size=max_batch_size,
-                                    threads=threads, startup_timeout=startup_timeout, log_path=log_path, env=env,
-                                    wait=wait, backend_options=backend_options)
-            except RuntimeError as e:
-                if "address already in use" not in str(e).lower() or attempt == 2:
-                    raise
-    port = port or free_port(host)
-    cmd = [sys.executable, "-m", "dirl.cli", "serve", "--model", str(model_dir), "--backend", backend,
-           "--host", host, "--port", str(port), "--dtype", dtype, "--max-batch-size", str(max_batch_size)]
-    if device:
-        cmd += ["--device", device]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    cmd += option_argv
-    cmd += decoding_to_argv(decoding or DecodingConfig())
-    penv = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])  # so a source checkout runs without installing
-    penv["PYTHONPATH"] = root + (os.pathsep + penv["PYTHONPATH"] if penv.get("PYTHONPATH") else "")
-    penv.setdefault("TOKENIZERS_PARALLELISM", "false")
-    penv.pop(API_KEY_ENV, None)
-    if api_key:
-        penv[API_KEY_ENV] = api_key
-    penv.update(env or {})
-    owns_log = log_path is None
-    if owns_log:
-        fd, log_path = tempfile.mkstemp(prefix=f"dirl-serve-{port}-", suffix=".log")
-        os.close(fd)
-    log_path = Path(log_path)
-    log = open(log_path, "ab")
-    try:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=penv, stdin=subprocess.DEVNULL)
-    finally:
-        log.close()
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
-    handle = ServerHandle(proc, url, log_path, api_key, owns_log=owns_log)
-    if wait:
-        handle.wait_ready(startup_timeout)
-    return handle

@@ -1,4 +1,14 @@
-"""Atomic, resumable training checkpoints (single process, DDP and DeepSpeed ZeRO-1/2).
+"""Checkpoints: where models are, which one a run starts from, and atomic, resumable training
+checkpoints (single process, DDP and DeepSpeed ZeRO-1/2).
+
+Finding models (the one place that decides it, for every command):
+
+* :func:`resolve_model_dir`: a model folder, a training checkpoint, or a run folder → a model folder;
+* :func:`newest_checkpoint`: the newest *complete training checkpoint* of a kind (``sft``, ``rl``)
+  under a runs folder. Only folders written by :func:`save_checkpoint` count, so an untrained model
+  (:func:`write_tiny_model`: RL's ``initial_model``, eval's ``tiny-model``) is never picked;
+* :func:`resume_point`: the checkpoint a run resumes from (``auto`` / ``never`` / a path);
+* :func:`write_tiny_model`: a fresh embedded-default model with its ``UNTRAINED`` marker.
 
 Layout of ``RUN_DIR/checkpoints/step_00000120/``::
 
@@ -37,8 +47,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from dirl.config import ConfigError, TinyModelConfig
+from dirl.model.tiny import make_tiny_model
+
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+UNTRAINED_MARKER = "UNTRAINED"  # next to a freshly made tiny model
+TINY_VOCAB_MAX = 4096  # the embedded default's vocabulary is far below this; any Hub model far above
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -55,15 +70,21 @@ def is_complete(ckpt_dir: str | os.PathLike) -> bool:
     return (p / COMPLETE_MARKER).is_file() and (p / STATE_FILE).is_file() and (p / "model" / "config.json").is_file()
 
 
-def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first, as ``(step, path)``."""
+def list_checkpoints(run_dir: str | os.PathLike, model_only: bool = False) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first, as ``(step, path)``. ``model_only``: every
+    checkpoint whose model is complete (``COMPLETE`` and ``model/config.json``), whether or not its
+    trainer state is there (enough to evaluate, not to resume)."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
     out = []
     for d in root.iterdir():
         m = _STEP_RE.match(d.name)
-        if m and d.is_dir() and is_complete(d):
+        if not (m and d.is_dir()):
+            continue
+        ok = ((d / COMPLETE_MARKER).is_file() and (d / "model" / "config.json").is_file()) if model_only \
+            else is_complete(d)
+        if ok:
             out.append((int(m.group(1)), d))
     return sorted(out)
 
@@ -83,6 +104,96 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if latest is None:
         raise FileNotFoundError(f"'{p}' is neither a complete checkpoint nor a run folder with one")
     return latest
+
+
+def checkpoint_kind(ckpt_dir: str | os.PathLike) -> str:
+    """``sft`` or ``rl``: the command that wrote a checkpoint (its trainer state, else the name of
+    its run folder: ``sft-*``, ``rl-*``); ``""`` when neither tells."""
+    p = Path(ckpt_dir)
+    try:
+        kind = json.loads((p / STATE_FILE).read_text()).get("kind", "")
+    except (OSError, ValueError):
+        kind = ""
+    if kind:
+        return str(kind)
+    run = p.parent.parent.name
+    return next((k for k in ("sft", "rl") if run.startswith(k)), "")
+
+
+def _tiny_vocab(model_dir: Path) -> bool:
+    try:
+        raw = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return int(raw.get("vocab_size", 1 << 30)) <= TINY_VOCAB_MAX
+
+
+def newest_checkpoint(runs_dir: str | os.PathLike, kinds: Optional[tuple[str, ...]] = None, tiny_only: bool = True,
+                      max_depth: int = 6) -> Optional[Path]:
+    """The model folder of the most recently completed training checkpoint under ``runs_dir``
+    (``.../checkpoints/step_N/model`` with its ``COMPLETE`` marker), or None. ``kinds``: only
+    checkpoints of these commands (see :func:`checkpoint_kind`); ``tiny_only``: only the embedded
+    default's (tiny-vocabulary) models. Folders that merely hold a model (an untrained tiny model,
+    a download) are never candidates."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return None
+    best: tuple[float, Optional[Path]] = (-1.0, None)
+    base = len(root.parts)
+    for dirpath, dirnames, _ in os.walk(root):
+        d = Path(dirpath)
+        dirnames[:] = [n for n in dirnames if not n.startswith(".") and len(d.parts) - base < max_depth]
+        if d.name != "checkpoints":
+            continue
+        dirnames[:] = []
+        for _, ck in list_checkpoints(d.parent, model_only=True):
+            model = ck / "model"
+            if kinds is not None and checkpoint_kind(ck) not in kinds:
+                continue
+            if (tiny_only and not _tiny_vocab(model)) or (model / UNTRAINED_MARKER).exists():
+                continue
+            t = (ck / COMPLETE_MARKER).stat().st_mtime
+            if t > best[0]:
+                best = (t, model)
+    return best[1]
+
+
+def resolve_model_dir(path: str | os.PathLike, key: str = "model.path") -> Path:
+    """A model folder (with ``config.json``), the model of a training checkpoint (``step_N``), or
+    the model of a run folder's newest complete checkpoint."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"config key '{key}': '{p}' does not exist")
+    if (p / "config.json").is_file():
+        return p
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    done = list_checkpoints(p, model_only=True)
+    if done:
+        return done[-1][1] / "model"
+    raise ConfigError(f"config key '{key}': '{p}' is neither a model folder nor a run folder with a complete checkpoint")
+
+
+def resume_point(resume: str, run_dir: str | os.PathLike) -> Optional[Path]:
+    """The checkpoint a run resumes from: ``auto`` the newest of ``run_dir`` (None when there is
+    none), ``never`` / ``""`` None, else the given checkpoint or run folder."""
+    if resume in ("never", ""):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    return resolve_checkpoint(resume)
+
+
+def mark_untrained(model_dir: str | os.PathLike) -> None:
+    (Path(model_dir) / UNTRAINED_MARKER).write_text("a randomly initialised embedded-default model\n")
+
+
+def write_tiny_model(out_dir: str | os.PathLike, cfg: Optional[TinyModelConfig] = None) -> Path:
+    """A freshly initialised embedded-default model in ``out_dir``, marked ``UNTRAINED`` so that no
+    default model finder takes it for a trained one."""
+    out = Path(make_tiny_model(out_dir, cfg))
+    mark_untrained(out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,6 +276,7 @@ def save_checkpoint(
     extra_state: Optional[dict] = None,
     accelerator: Any = None,
     keep_last: int = 0,
+    kind: str = "",
 ) -> Path:
     """Write checkpoint ``step`` of a run; call it on every rank. Returns the checkpoint folder.
 
@@ -172,6 +284,7 @@ def save_checkpoint(
     ``optimizer``: the optimizer as returned by ``accelerator.prepare`` (or a plain one).
     ``extra_state``: JSON-serialisable trainer state (data cursor, counters, ...).
     ``keep_last`` > 0: delete older complete checkpoints beyond the newest ``keep_last``.
+    ``kind``: the command writing it (``sft``, ``rl``), for :func:`newest_checkpoint`.
     """
     rank, world, main = _rank_world(accelerator)
     root = checkpoints_dir(run_dir)
@@ -200,6 +313,7 @@ def save_checkpoint(
             _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         state = {
             "step": int(step),
+            "kind": kind,
             "world_size": world,
             "optimizer": "zero-sharded" if zero is not None else ("full" if optimizer is not None else "none"),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),

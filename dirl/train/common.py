@@ -45,12 +45,14 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from dirl.config import ConfigError, LoggingConfig, OptimConfig, save_config
+from dirl.config import ConfigError, LoggingConfig, OptimConfig, save_config, to_dict
+from dirl.data.formats import read_jsonl_log, truncate_jsonl_log
 
 Strategy = Literal["auto", "single", "ddp", "deepspeed"]
 
@@ -288,6 +290,57 @@ def broadcast_object(accelerator, obj: Any) -> Any:
     return box[0]
 
 
+class Dist:
+    """The few collective operations a training step needs (no-ops in one process)."""
+
+    def __init__(self, accelerator=None):
+        self.acc = accelerator
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.world = accelerator.num_processes if accelerator is not None else 1
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        return [float(v) for v in all_reduce_sum(self.acc, torch.tensor(list(values), dtype=torch.float64))]
+
+    def max(self, value: float) -> float:
+        return all_reduce_max(self.acc, value) if self.world > 1 else float(value)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.acc.wait_for_everyone()
+
+
+class PhaseTimer:
+    """Seconds per named phase of one step: ``with timer("rollout"): ...`` or ``timer.add(name, s)``;
+    :meth:`metrics` gives ``time/<phase>``, the slowest rank's."""
+
+    def __init__(self, phases: Sequence[str] = ()):
+        self.seconds: dict[str, float] = {p: 0.0 for p in phases}
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t0)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + float(seconds)
+
+    def metrics(self, dist: Optional["Dist"] = None) -> dict:
+        out = {f"time/{k}": (dist.max(v) if dist is not None else v) for k, v in self.seconds.items()}
+        out["time/step"] = time.perf_counter() - self.start
+        return out
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The user module inside DDP / DeepSpeed / compile wrappers."""
     m = model
@@ -446,6 +499,13 @@ def make_run_dir(accelerator, output_dir: str, run_name: str, prefix: str, confi
     return run
 
 
+def truncate_jsonl(path: str | os.PathLike, last_step: int) -> None:
+    """Drop the lines of a per-step JSONL file whose ``step`` is after ``last_step`` (a run killed
+    after its last checkpoint wrote steps that a resumed run does again); a torn last line (killed,
+    disk full) is dropped too. See :func:`dirl.data.formats.truncate_jsonl_log`."""
+    truncate_jsonl_log(path, last_step)
+
+
 class MetricsLogger:
     """Scalars to ``run_dir/metrics.jsonl``, TensorBoard (``run_dir/tensorboard``) and W&B (when
     ``logging.wandb_project`` is set). Only the main process writes; other ranks' calls are no-ops.
@@ -464,9 +524,7 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            truncate_jsonl_log(self.path, resume_step)  # a torn last line (killed, disk full) is dropped
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         if cfg.tensorboard:
@@ -479,8 +537,6 @@ class MetricsLogger:
                 print(f"[dirl] tensorboard disabled: {e}", file=sys.stderr)
         if cfg.wandb_project:
             import wandb  # optional dependency
-
-            from dirl.config import to_dict
 
             self.wandb = wandb.init(project=cfg.wandb_project, name=run_name or Path(run_dir).name,
                                     dir=str(run_dir), config=to_dict(config) if config is not None else None,
@@ -512,10 +568,7 @@ class MetricsLogger:
 
 
 def read_metrics(metrics_jsonl: str | os.PathLike) -> list[dict]:
-    p = Path(metrics_jsonl)
-    if not p.exists():
-        return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    return read_jsonl_log(metrics_jsonl)
 
 
 def plot_curves(metrics_jsonl: str | os.PathLike, keys: Sequence[str], out_png: str | os.PathLike,
@@ -560,17 +613,17 @@ def plot_curves(metrics_jsonl: str | os.PathLike, keys: Sequence[str], out_png: 
 class _NoBar:
     def update(self, n: int = 1) -> None: ...
     def set_postfix(self, *a, **k) -> None: ...
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None: ...
     def close(self) -> None: ...
     def write(self, s: str) -> None: ...
 
 
-def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool = True, is_main: bool = True):
+def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool = True, is_main: bool = True,
+                 unit: str = "it"):
     """A tqdm bar on the main process (``enabled``), a no-op object elsewhere."""
     if not (enabled and is_main):
         return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, smoothing=0.1,
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1,
                 file=sys.stderr, mininterval=0.5)
 
 
@@ -581,17 +634,3 @@ def format_rate(x: float) -> str:
 def rank_zero_print(accelerator, *args, **kwargs) -> None:
     if accelerator is None or accelerator.is_main_process:
         print(*args, **kwargs, flush=True)
-
-
-def iter_chunks(seq: Sequence, size: int) -> Iterable[Sequence]:
-    for i in range(0, len(seq), size):
-        yield seq[i:i + size]
-
-
-def load_run_config(cls: type, path: Optional[str] = None, overrides: Optional[list[str]] = None):
-    """Like :func:`dirl.config.load_config`, but a section given in the file or on the command line
-    is merged onto the run class's own defaults (``SFTConfig().optim`` ...) instead of the section
-    class's bare defaults, so ``optim.lr=1e-4`` keeps the run's schedule and warm-up."""
-    from dirl.config import load_config
-
-    return load_config(cls, path, overrides, run_defaults=True)

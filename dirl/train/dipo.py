@@ -2,7 +2,7 @@
 surrogate with a k3 KL term, and the two aggregations with mini-batch-wide normalisers.
 
 Everything here is a plain function of tensors, so each piece is checked alone against numbers
-worked out by hand. The trainer (:mod:`dirl.train.rl`) strings them together.
+worked out by hand. The trainer (:mod:`dirl.train.rl.update`) strings them together.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Literal, Optional, Sequence
 import torch
 
 Aggregation = Literal["grpo", "dapo"]
-AGGREGATIONS = ("grpo", "dapo")
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,6 +98,10 @@ def parse_trajectory(traj: dict, score_after_eos: bool = False, index: int = 0) 
         if key not in traj or traj[key] is None:
             hint = " (the rollout backend must return step maps for step-level log-probs)" if key == "step_map" else ""
             raise TrajectoryError(f"{where}: missing field '{key}'{hint}")
+    for key in ("prompt_ids", "token_ids", "step_map"):
+        v = traj[key]
+        if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            raise TrajectoryError(f"{where}: '{key}' must be a list of integers")
     prompt = [int(t) for t in traj["prompt_ids"]]
     tokens = [int(t) for t in traj["token_ids"]]
     steps = [int(s) for s in traj["step_map"]]
@@ -201,11 +205,6 @@ def build_docs(trajectories: Sequence[dict], block_size: int, mask_id: int, layo
         else:
             docs += rounds_docs(t, block_size, mask_id, score_after_eos, index=i)
     return docs
-
-
-def doc_tokens(traj: dict, block_size: int, layout: Layout = "packed", score_after_eos: bool = False) -> int:
-    """How many tokens a trajectory costs in ``layout`` (for budgeting micro-batches)."""
-    return sum(len(d) for d in build_docs([traj], block_size, 0, layout, score_after_eos))
 
 
 # --------------------------------------------------------------------------------------------

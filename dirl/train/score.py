@@ -24,14 +24,24 @@ from typing import Optional, Sequence
 
 from dirl.config import ConfigError
 from dirl.data.formats import DataError, iter_json_objects
+from dirl.model.sdar import load_model
+from dirl.train.layouts import trajectory_logprobs
 
 
 def read_trajectories(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--input: file '{p}' does not exist")
+    from dirl.train.layouts import TrajectoryError, parse_trajectory
+
+    out = []
     try:
-        out = [row for _, _, row in iter_json_objects(p)]
+        for where, _, row in iter_json_objects(p):
+            try:
+                parse_trajectory(row, index=len(out))  # checked here, where the line is known
+            except TrajectoryError as e:
+                raise DataError(f"{where}: {e}") from None
+            out.append(row)
     except DataError as e:
         raise ConfigError(f"--input: {e}") from None
     return out
@@ -59,8 +69,6 @@ def temperature_of(traj: dict, default: float = 1.0) -> float:
 def score_trajectories(model, trajectories: list[dict], layout: str = "packed", temperature: float = 1.0,
                        score_after_eos: bool = False, batch_size: int = 8) -> list[dict]:
     """Add ``trainer_logprobs`` and the mismatch fields to each trajectory (new dicts)."""
-    from dirl.train.layouts import trajectory_logprobs
-
     by_temp: dict[float, list[int]] = {}
     for i, t in enumerate(trajectories):
         by_temp.setdefault(temperature_of(t, temperature), []).append(i)
@@ -95,8 +103,6 @@ def cli_main(argv: list[str]) -> int:
         raise ConfigError("--batch-size: must be > 0")
 
     import torch
-
-    from dirl.model.sdar import load_model
 
     trajs = read_trajectories(a.input)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device

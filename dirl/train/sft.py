@@ -11,7 +11,8 @@ One optimizer step, in order:
    seeded row order; rank r takes a contiguous slice and splits it into micro-batches;
 2. the number of labelled tokens of the whole step is summed over ranks (the normaliser);
 3. per micro-batch: noise (one t per sample, p = eps + (1-eps) t, response tokens masked with
-   probability p, seeded by the row's global index), forward of ``[x_t ; x_0]`` under the
+   probability p, nothing forced, a row with no mask redrawn, seeded by the row's global index;
+   :mod:`dirl.train.noise`), forward of ``[x_t ; x_0]`` under the
    block-diffusion mask, ``lm_head`` on the masked positions only, loss = sum(CE / p) / normaliser;
 4. one clipped AdamW step and one scheduler step (:class:`~dirl.train.common.GradientStepper`).
 
@@ -40,9 +41,35 @@ from dirl.config import (
     check_model,
     check_path_exists,
     check_positive,
+    load_config,
+    run_config_command,
 )
-from dirl.train.common import DistConfig
-from dirl.train.noise import DEFAULT_EPS
+from dirl.data.formats import FieldNames, read_sft_examples, synthetic_sft_examples
+from dirl.data.sft import RowStream, build_sft_rows, rank_row_slice
+from dirl.model.attention import sft_meta
+from dirl.model.sdar import load_model, load_tokenizer, resolve_dtype
+from dirl.model.tiny import build_tiny_model, count_parameters
+from dirl.train.checkpoint import load_checkpoint, load_model_weights, resume_point, save_checkpoint
+from dirl.train.common import (
+    DistConfig,
+    GradientStepper,
+    MetricsLogger,
+    all_reduce_sum,
+    build_optimizer,
+    build_scheduler,
+    format_rate,
+    make_run_dir,
+    plot_curves,
+    progress_bar,
+    rank_zero_print,
+    resolve_mixed_precision,
+    resolve_strategy,
+    seed_everything,
+    setup_accelerator,
+    unwrap,
+)
+from dirl.train.logprobs import token_logprobs
+from dirl.train.noise import DEFAULT_EPS, sample_noise
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -147,9 +174,6 @@ class NELBOLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pos: torch.Tensor, doc: torch.Tensor, masked: torch.Tensor,
                 p: torch.Tensor) -> torch.Tensor:
-        from dirl.model.attention import sft_meta
-        from dirl.train.logprobs import token_logprobs
-
         m = self.model
         L = input_ids.shape[1]
         masked = masked.bool()
@@ -165,8 +189,6 @@ class NELBOLoss(nn.Module):
 
 def nelbo_reference(model, input_ids, pos, doc, masked, p) -> torch.Tensor:
     """The same sum computed the plain way (full logits, ``cross_entropy``); for tests and checks."""
-    from dirl.model.attention import sft_meta
-
     L = input_ids.shape[1]
     x_t = torch.where(masked, torch.full_like(input_ids, model.mask_token_id), input_ids)
     logits = model(torch.cat([x_t, input_ids], 1), sft_meta(pos, doc, model.block_size))[:, :L].float()
@@ -180,8 +202,6 @@ def nelbo_reference(model, input_ids, pos, doc, masked, p) -> torch.Tensor:
 
 
 def load_sft_examples(data: SFTDataConfig):
-    from dirl.data.formats import FieldNames, read_sft_examples, synthetic_sft_examples
-
     limit = data.num_samples or None
     if data.source == "synthetic":
         return synthetic_sft_examples(split=data.split, n=limit, seed=data.seed, digits=data.digits)
@@ -191,21 +211,20 @@ def load_sft_examples(data: SFTDataConfig):
 
 def build_sft_data(cfg: SFTConfig, tokenizer: Any, block_size: int):
     """The packed rows of a run (identical on every rank)."""
-    from dirl.data.sft import build_sft_rows
-
     examples = load_sft_examples(cfg.data)
     if not examples:
         raise ConfigError(f"config key 'data.source': '{cfg.data.source}' has no rows")
-    return build_sft_rows(tokenizer, examples, block_size, cfg.data.max_length)
+    rows = build_sft_rows(tokenizer, examples, block_size, cfg.data.max_length)
+    if len(rows) == 0:
+        raise ConfigError(f"config key 'data.max_length': every one of the {len(examples)} samples of "
+                          f"'{cfg.data.source}' is longer than {cfg.data.max_length} tokens (all dropped)")
+    return rows
 
 
 def make_micro_batches(data, stream, cursor: int, cfg: SFTConfig, rank: int, world: int,
                        device: torch.device) -> list[dict]:
     """This rank's micro-batches, noise included, on ``device``, of the optimizer step whose rows start
     at global row index ``cursor`` (step ``s`` of a run that never changed its batch size: ``s * G``)."""
-    from dirl.data.sft import rank_row_slice
-    from dirl.train.noise import sample_noise
-
     t = cfg.train
     start, count = rank_row_slice(cursor, t.global_batch_size, rank, world)
     out = []
@@ -229,8 +248,6 @@ def model_inputs(mb: dict) -> dict:
 def accumulate_step(wrapped, stepper, micro_batches: list[dict], accelerator) -> dict:
     """Forward and backward of one optimizer step's micro-batches (no optimizer step).
     Returns the step's global loss, labelled and masked token counts."""
-    from dirl.train.common import all_reduce_sum
-
     n_lab_local = sum(mb["_labelled"] for mb in micro_batches)
     n_mask_local = sum(mb["_masked"] for mb in micro_batches)
     totals = all_reduce_sum(accelerator, torch.tensor([float(n_lab_local), float(n_mask_local)]))
@@ -254,9 +271,6 @@ def build_model(cfg: SFTConfig, device: torch.device, deepspeed_bf16: bool = Fal
     """(SDARModel, tokenizer) for training: the tiny model from ``model.tiny`` or a checkpoint folder.
     Weights are fp32 (mixed precision keeps fp32 masters) unless ``model.dtype`` says otherwise, or
     bf16 under DeepSpeed bf16 (the engine keeps fp32 masters itself)."""
-    from dirl.model.sdar import load_model, load_tokenizer
-    from dirl.model.tiny import build_tiny_model
-
     mc = cfg.model
     if mc.dtype != "auto":
         dtype = mc.dtype
@@ -272,8 +286,6 @@ def build_model(cfg: SFTConfig, device: torch.device, deepspeed_bf16: bool = Fal
         if mc.mask_token_id is not None and mc.mask_token_id != model.mask_token_id:
             raise ConfigError(f"config key 'model.mask_token_id': {mc.mask_token_id} disagrees with the tiny "
                               f"tokenizer's <|MASK|> id {model.mask_token_id}")
-        from dirl.model.sdar import resolve_dtype
-
         model.to(device=device, dtype=resolve_dtype(dtype, device))
     if tok.pad_token_id is None:
         raise ConfigError("config key 'model.path': the tokenizer has no pad token")
@@ -293,17 +305,6 @@ def build_model(cfg: SFTConfig, device: torch.device, deepspeed_bf16: bool = Fal
 # --------------------------------------------------------------------------------------------
 
 
-def _resume_point(cfg: SFTConfig, run_dir: Path) -> Optional[Path]:
-    from dirl.train.checkpoint import latest_checkpoint, resolve_checkpoint
-
-    r = cfg.train.resume
-    if r in ("never", ""):
-        return None
-    if r == "auto":
-        return latest_checkpoint(run_dir)
-    return resolve_checkpoint(r)
-
-
 def total_steps_of(cfg: SFTConfig, n_rows: int) -> int:
     t = cfg.train
     if t.max_steps > 0:
@@ -320,26 +321,6 @@ def train_sft(cfg: SFTConfig, on_finish: Optional[Callable[[Any, Any], None]] = 
 
     ``on_finish(model, accelerator)``, when given, is called on every rank with the trained
     :class:`~dirl.model.sdar.SDARModel` before returning (e.g. to evaluate it in the same process)."""
-    from dirl.train import checkpoint as ckpt_mod
-    from dirl.train.common import (
-        GradientStepper,
-        MetricsLogger,
-        build_optimizer,
-        build_scheduler,
-        format_rate,
-        make_run_dir,
-        plot_curves,
-        progress_bar,
-        rank_zero_print,
-        resolve_mixed_precision,
-        resolve_strategy,
-        seed_everything,
-        setup_accelerator,
-        unwrap,
-    )
-    from dirl.data.sft import RowStream
-    from dirl.model.tiny import count_parameters
-
     t = cfg.train
 
     def micro_per_rank(world: int) -> int:
@@ -355,7 +336,7 @@ def train_sft(cfg: SFTConfig, on_finish: Optional[Callable[[Any, Any], None]] = 
     strategy = resolve_strategy(cfg.dist, world)
     seed_everything(t.seed)
     run_dir = make_run_dir(acc, cfg.output_dir, cfg.run_name, "sft", cfg)
-    resume_from = _resume_point(cfg, run_dir)
+    resume_from = resume_point(cfg.train.resume, run_dir)
 
     ds_bf16 = strategy == "deepspeed" and resolve_mixed_precision(cfg.dist) == "bf16"
     model, tok = build_model(cfg, acc.device, deepspeed_bf16=ds_bf16)
@@ -370,7 +351,7 @@ def train_sft(cfg: SFTConfig, on_finish: Optional[Callable[[Any, Any], None]] = 
     total = total_steps_of(cfg, len(data))
 
     if resume_from is not None:
-        ckpt_mod.load_model_weights(resume_from, model)
+        load_model_weights(resume_from, model)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     module = NELBOLoss(model, chunk_size=t.logits_chunk_size)
@@ -379,7 +360,7 @@ def train_sft(cfg: SFTConfig, on_finish: Optional[Callable[[Any, Any], None]] = 
 
     start_step, start_cursor = 0, 0
     if resume_from is not None:
-        state = ckpt_mod.load_checkpoint(resume_from, optimizer=optimizer, scheduler=scheduler, accelerator=acc)
+        state = load_checkpoint(resume_from, optimizer=optimizer, scheduler=scheduler, accelerator=acc)
         start_step = int(state["step"])
         start_cursor = int(state["extra"].get("cursor", start_step * t.global_batch_size))
         rank_zero_print(acc, f"[dirl sft] resumed from {resume_from} at step {start_step} (data cursor: row "
@@ -407,8 +388,8 @@ def train_sft(cfg: SFTConfig, on_finish: Optional[Callable[[Any, Any], None]] = 
     def save(step: int) -> Path:
         extra = {"cursor": cursor_at(step), "epoch": stream.epoch_of(cursor_at(step)), "total_steps": total,
                  "global_batch_size": t.global_batch_size}
-        return ckpt_mod.save_checkpoint(run_dir, step, unwrap(wrapped).model, tok, optimizer, scheduler, extra,
-                                        accelerator=acc, keep_last=t.keep_last)
+        return save_checkpoint(run_dir, step, unwrap(wrapped).model, tok, optimizer, scheduler, extra,
+                               accelerator=acc, keep_last=t.keep_last, kind="sft")
 
     try:
         for step in range(start_step, total):
@@ -476,14 +457,10 @@ def train_sft(cfg: SFTConfig, on_finish: Optional[Callable[[Any, Any], None]] = 
 
 def load_sft_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> SFTConfig:
     """The SFT config of a YAML file plus ``key=value`` overrides, on top of the embedded defaults."""
-    from dirl.train.common import load_run_config
-
-    return load_run_config(SFTConfig, path, overrides)
+    return load_config(SFTConfig, path, overrides, run_defaults=True)
 
 
 def cli_main(argv: list[str]) -> int:
-    from dirl.cli import run_config_command
-
     path, overrides = run_config_command(
         argv, "dirl sft",
         "Supervised fine-tuning with the random-masking blockwise NELBO. Without a config: the embedded "

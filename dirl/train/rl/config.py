@@ -1,0 +1,216 @@
+"""The ``dirl rl`` configuration: typed sections, their checks, and the names users bring along.
+
+Where a key means exactly what TRL's ``GRPOConfig`` or verl's trainer key means, it carries that
+name (``num_generations``, ``epsilon`` / ``epsilon_high``, ``beta``, ``loss_type``,
+``num_iterations``); where dirl's meaning differs, a name that cannot be confused (``num_mini_batches``
+is a *count*, verl's ``ppo_mini_batch_size`` a size). docs/CONFIG.md has the full translation
+table. An old key name is a one-line :class:`~dirl.config.ConfigError` naming the new one.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional
+
+import torch
+
+from dirl.config import (
+    ConfigError,
+    DecodingConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    check_block_sizes,
+    check_decoding,
+    check_model,
+    check_path_exists,
+    check_positive,
+    load_config,
+)
+from dirl.rewards.shaping import RewardConfig, register_reward
+from dirl.rollout.launch import ServerConfig, check_server_config
+from dirl.train.common import DistConfig
+
+# The server keys that lived under `rollout` before the RL and eval configs shared one `server` section.
+_MOVED_TO_SERVER = ("urls", "backend", "host", "api_key", "device", "dtype", "max_batch_size", "threads",
+                    "max_concurrency", "request_batch_size", "retries", "timeout_s", "startup_timeout_s")
+
+
+@dataclass
+class RLDataConfig:
+    RENAMED: ClassVar[dict[str, str]] = {"num_samples": "data.limit"}
+
+    # "synthetic" (built-in arithmetic), a .json / .jsonl / .parquet file, or a `datasets` name
+    # (local folder or Hub id, e.g. Auraithm/BigMath-RL)
+    source: str = "synthetic"
+    split: str = "train"
+    subset: str = ""  # `datasets` configuration name
+    question_key: str = ""  # "": the first of question, problem, prompt
+    answer_key: str = ""  # "": the first of ground_truth_answer, answer, final_answer, solution
+    # The user turn; {question} is replaced. The chat template is applied afterwards.
+    prompt_template: str = "{question}"
+    system_prompt: str = ""
+    limit: Optional[int] = None  # problems used (the first ones; synthetic: distinct train problems); None: all
+    digits: int = 2  # synthetic only
+    max_prompt_tokens: int = 0  # 0: no limit; longer prompts are skipped (counted) when drawn
+    seed: int = 0  # order of the prompts (a fresh permutation every epoch)
+
+
+@dataclass
+class RolloutConfig:
+    """How responses are sampled and how new weights reach the servers (the servers: ``server``)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {k: f"server.{k}" for k in _MOVED_TO_SERVER}
+
+    decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=40))
+    weight_transport: Literal["auto", "file", "inline", "ipc"] = "auto"
+
+
+@dataclass
+class LossConfig:
+    """The DiPO / GRPO loss (``dirl.train.dipo``)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"aggregation": "loss.loss_type", "clip_eps_low": "loss.epsilon",
+                                         "clip_eps_high": "loss.epsilon_high", "kl_beta": "loss.beta"}
+
+    # grpo: per-response token mean, then the mean over responses; dapo: the mean over every scored
+    # token of the mini-batch (TRL's loss_type values of the same meaning)
+    loss_type: Literal["grpo", "dapo"] = "grpo"
+    epsilon: float = 0.2  # lower clip of the ratio: 1 - epsilon
+    epsilon_high: float = 0.28  # upper clip: 1 + epsilon_high
+    beta: float = 0.0  # KL coefficient (k3 estimator); > 0 loads a frozen reference model
+    scale_adv_by_std: bool = True  # divide group advantages by the group's std
+    # Behaviour policy of the ratio when it is not the current policy: "recompute" (the trainer's
+    # log-probs before the step's first update) or "rollout" (the engine's recorded log-probs).
+    behaviour_logprobs: Literal["recompute", "rollout"] = "recompute"
+    score_after_eos: bool = False  # also train the tokens after the first stop token
+    layout: Literal["packed", "rounds"] = "packed"
+    logits_chunk_size: int = 4096
+
+
+@dataclass
+class RLTrainConfig:
+    RENAMED: ClassVar[dict[str, str]] = {"samples_per_prompt": "train.num_generations",
+                                         "mini_batches": "train.num_mini_batches"}
+
+    steps: int = 100  # RL steps (one rollout batch each)
+    prompts_per_step: int = 8  # groups trained on per step
+    num_generations: int = 8  # G: responses sampled per prompt
+    num_mini_batches: int = 1  # optimizer steps per rollout batch and iteration (a count, not a size)
+    num_iterations: int = 1  # passes over each rollout batch
+    micro_batch_size: int = 64  # responses per forward on one rank
+    # Tokens per packed row: the responses of a micro-batch sit side by side as separate documents
+    # in rows of about this many tokens (a longer response gets a row of its own). 0: one row per
+    # micro-batch (best with FlexAttention on GPU; on CPU the dense mask grows with the row squared).
+    row_tokens: int = 512
+    dynamic_sampling: bool = False  # DAPO filter
+    max_sampling_rounds: int = 4  # refill rounds per step with dynamic sampling
+    oversample: float = 1.0  # prompts drawn per round = ceil(missing groups * oversample)
+    shuffle_samples: bool = True  # shuffle responses across mini-batches (when there are several)
+    seed: int = 0
+    save_every: int = 20  # 0: only the final checkpoint
+    keep_last: int = 2
+    resume: str = "auto"  # "auto": newest checkpoint of the run folder; "never"; or a checkpoint path
+    entropy: bool = True  # log the policy entropy of the scored tokens
+
+
+@dataclass
+class RLEvalConfig:
+    """Held-out accuracy during training, through the same servers (``enabled: false`` turns it off)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"problems": "eval.num_problems", "samples": "eval.num_samples"}
+
+    benchmark: str = "synthetic"  # a name known to dirl.data.benchmarks (synthetic: the held-out split)
+    num_problems: int = 200
+    num_samples: int = 2  # responses per problem
+    every: int = 0  # steps between evaluations (0: only before the first and after the last step)
+    enabled: bool = True
+    seed: int = 1234
+
+
+@dataclass
+class RLConfig:
+    # model.path empty: the newest embedded-default SFT checkpoint under runs_dir, else a fresh tiny model
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: RLDataConfig = field(default_factory=RLDataConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    # extra reward functions, name -> "module:function" taking a dirl.rewards.RewardContext
+    custom_rewards: dict[str, str] = field(default_factory=dict)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: RLTrainConfig = field(default_factory=RLTrainConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0, schedule="constant",
+                                                                   warmup_steps=0, max_grad_norm=1.0))
+    eval: RLEvalConfig = field(default_factory=RLEvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output_dir: str = "runs"
+    run_name: str = ""  # empty: rl-YYYYmmdd-HHMMSS
+    runs_dir: str = "runs"  # where an empty model.path looks for the newest SFT checkpoint
+    log_samples: bool = True  # RUN_DIR/samples.jsonl: per step, the drawn prompts and their rewards
+
+    def validate(self) -> None:
+        check_model(self.model)
+        register_custom_rewards(self.custom_rewards)
+        self.rewards.validate("rewards")
+        dec = self.rollout.decoding
+        check_decoding(dec, "rollout.decoding")
+        check_block_sizes(self.model, dec, "rollout.decoding")
+        if dec.temperature <= 0 or not dec.do_sample:
+            raise ConfigError("config key 'rollout.decoding.temperature': RL needs sampling (temperature > 0, "
+                              "do_sample true); greedy rollouts have no sampling log-probs")
+        t, lo = self.train, self.loss
+        for key in ("steps", "prompts_per_step", "num_generations", "num_mini_batches", "num_iterations",
+                    "micro_batch_size", "max_sampling_rounds"):
+            check_positive(f"train.{key}", getattr(t, key))
+        check_positive("train.save_every", t.save_every, allow_zero=True)
+        check_positive("train.row_tokens", t.row_tokens, allow_zero=True)
+        check_positive("train.keep_last", t.keep_last, allow_zero=True)
+        if t.oversample < 1.0:
+            raise ConfigError(f"config key 'train.oversample': must be >= 1, got {t.oversample!r}")
+        if t.num_generations < 2:
+            raise ConfigError("config key 'train.num_generations': group advantages need at least 2 samples")
+        if t.resume not in ("auto", "never", ""):
+            check_path_exists("train.resume", t.resume)
+        check_positive("loss.epsilon", lo.epsilon, allow_zero=True)
+        check_positive("loss.epsilon_high", lo.epsilon_high, allow_zero=True)
+        if lo.epsilon >= 1.0:
+            raise ConfigError(f"config key 'loss.epsilon': must be < 1, got {lo.epsilon!r}")
+        check_positive("loss.beta", lo.beta, allow_zero=True)
+        check_positive("loss.logits_chunk_size", lo.logits_chunk_size)
+        check_positive("optim.lr", self.optim.lr)
+        check_positive("logging.log_every", self.logging.log_every)
+        check_positive("data.max_prompt_tokens", self.data.max_prompt_tokens, allow_zero=True)
+        check_positive("data.limit", self.data.limit)
+        if "{question}" not in self.data.prompt_template:
+            raise ConfigError("config key 'data.prompt_template': must contain {question}")
+        if self.data.source != "synthetic" and self.data.source.endswith((".json", ".jsonl", ".parquet")):
+            check_path_exists("data.source", self.data.source)
+        check_server_config(self.server)
+        if self.server.backend == "lmdeploy" and not self.server.urls and not torch.cuda.is_available():
+            raise ConfigError("config key 'server.backend': lmdeploy servers need CUDA; use 'reference' on CPU "
+                              "or give server.urls of running servers")
+        check_positive("eval.num_problems", self.eval.num_problems)
+        check_positive("eval.num_samples", self.eval.num_samples)
+        check_positive("eval.every", self.eval.every, allow_zero=True)
+
+
+def register_custom_rewards(custom: dict[str, str]) -> None:
+    """Import ``module:function`` for each custom reward and register it under its name."""
+    for name, target in custom.items():
+        mod, _, fn = target.partition(":")
+        if not mod or not fn:
+            raise ConfigError(f"config key 'custom_rewards.{name}': expected 'module:function', got {target!r}")
+        try:
+            f = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"config key 'custom_rewards.{name}': cannot import {target!r}: {e}") from None
+        register_reward(name, f)
+
+
+def load_rl_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RLConfig:
+    """The RL config of a YAML file plus ``key=value`` overrides, on top of the embedded defaults
+    (a section given in the file is merged onto ``RLConfig()``'s own value of it)."""
+    return load_config(RLConfig, path, overrides, run_defaults=True)

@@ -1,0 +1,110 @@
+"""The server launcher of RL and eval: a random API key that never reaches the command line, the
+/info check against the model, and a server that never outlives what started it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dirl.config import ConfigError, DecodingConfig
+from dirl.rollout import launch
+from dirl.rollout.launch import ModelFacts, ServerConfig, open_servers
+
+ROOT = Path(__file__).resolve().parents[1]
+DEC = DecodingConfig(max_new_tokens=8)
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by its new parent counts as exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def _wait_gone(pid: int, bound_s: float = 120.0) -> bool:
+    """Wait for the process to exit; the bound only keeps a broken run from hanging."""
+    deadline = time.monotonic() + bound_s
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@linux_only
+def test_started_server_has_a_random_key_off_the_command_line_and_is_checked(tiny_dir):
+    seen = []
+    real = launch.start_server
+
+    def spy(*a, **k):
+        seen.append(real(*a, **k))
+        return seen[-1]
+
+    sc = ServerConfig(device="cpu", max_batch_size=8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(launch, "start_server", spy)
+        with open_servers(sc, tiny_dir, ModelFacts(4, None, DEC)) as servers:
+            (h,) = seen
+            key = servers.client.api_key
+            assert key and key == h.api_key and len(key) >= 32
+            assert key.encode() not in Path(f"/proc/{h.pid}/cmdline").read_bytes()
+            assert httpx.get(h.url + "/info").status_code == 401
+            assert httpx.get(h.url + "/info", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+            assert servers.infos[0]["block_size"] == 4 and servers.mode == "started"
+        assert _wait_gone(h.pid)
+        # a server that disagrees with the model is an error naming the key, and leaves nothing running
+        seen.clear()
+        with pytest.raises(ConfigError, match="config key 'decoding.block_size'"):
+            open_servers(sc, tiny_dir, ModelFacts(8, None, DEC))
+        (h,) = seen
+        assert _wait_gone(h.pid)
+
+
+_PARENT = """
+import sys
+from dirl.rollout.launch import start_server, stop_on_signals
+stop_on_signals()
+h = start_server(sys.argv[1], device="cpu", max_batch_size=4)
+try:
+    print(h.pid, flush=True)
+    sys.stdin.read()
+finally:
+    h.stop()
+"""
+
+
+@linux_only
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_server_dies_with_the_process_that_started_it(tiny_dir, sig):
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tiny_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    try:
+        line = parent.stdout.readline()  # the server answers /health
+        assert line.strip().isdigit(), parent.stderr.read().decode()[-2000:]
+        pid = int(line)
+        assert not _gone(pid)
+        parent.send_signal(sig)
+        rc = parent.wait(timeout=120)
+        assert rc == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGTERM)
+        assert _wait_gone(pid), "the server outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
