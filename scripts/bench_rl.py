@@ -10,6 +10,16 @@
    the checkpoint round trip it replaces (save the model, stop the server, start one that loads it).
 3. ``step``: the per-phase time of RL steps of the embedded default (rollout, reward, log-probs,
    update, weight push), from the run's metrics.
+4. ``scaling``: the packed log-prob pass (forward + backward, as the trainer runs it) of one response
+   of 1k, 4k and 8k generated tokens on a 4M-parameter SDAR-shaped model (GQA 8/2 heads): time and
+   peak memory (each length in a fresh process), growth exponents, and the same numbers through one
+   dense mask (the path chunked queries replace) at the shortest length.
+
+Targets (the script exits 1 naming each one missed): packed processes >= 2x fewer tokens than
+rounds and its forward is faster by at least half the token ratio (``--min-speedup-per-token-ratio``;
+the ratio itself depends on the checkpoint: tokens per step set the number of noisy copies); at the longest ``scaling`` length the
+peak memory is under ``--max-peak-gb`` and grows with an exponent <= 1.25; chunked and dense
+log-probs agree to 1e-5.
 
 ``--model``: a checkpoint folder (default: the newest quick-start SFT checkpoint under runs/, else a
 fresh tiny model). Prints a Markdown summary and writes every number to ``--out``.
@@ -73,8 +83,8 @@ def make_trajectories(model, tok, n: int, max_new_tokens: int, seed: int = 0) ->
 
 
 def bench_layouts(model, trajs: list[dict], micro: int, repeats: int) -> dict:
-    """Packed vs rounds on the same trajectories. The runs of the two layouts are interleaved and
-    both the minimum and the median are reported (on a shared machine the minimum is the better
+    """Packed vs rounds on the same trajectories (CPU seconds). The runs of the two layouts are
+    interleaved and both the minimum and the median are reported (on a shared machine the minimum is the better
     estimate of the uncontended time)."""
     import torch
 
@@ -106,12 +116,14 @@ def bench_layouts(model, trajs: list[dict], micro: int, repeats: int) -> dict:
         fwd(lay)
         fwd_bwd(lay)
     runs = {(lay, kind): [] for lay in layouts for kind in ("f", "fb")}
+    # CPU time of this (one-thread) process: on a shared machine wall time also counts the time other
+    # jobs hold the core
     for _ in range(repeats):
         for lay in layouts:
             for kind, fn in (("f", fwd), ("fb", fwd_bwd)):
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 fn(lay)
-                runs[(lay, kind)].append(time.perf_counter() - t0)
+                runs[(lay, kind)].append(time.process_time() - t0)
     lps = {}
     for lay in layouts:
         vals = {}
@@ -206,6 +218,120 @@ def bench_step(model_dir: Path, work: Path, steps: int) -> dict:
     return out
 
 
+SCALING_SHAPE = dict(hidden_size=256, num_hidden_layers=5, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                     intermediate_size=768, max_position_embeddings=16384)
+
+
+def synthetic_trajectory(n_tokens: int, block_size: int, vocab: int, prompt_len: int = 64, seed: int = 0) -> dict:
+    """One response of ``n_tokens`` with a dynamic-decoding-like step map: 1-4 steps per block
+    (mean 1.65, i.e. ~2.4 tokens per step, as the quick-start SFT checkpoint decodes at tau 0.9)."""
+    import random
+
+    rng = random.Random(seed)
+    steps, counter = [], 0
+    P = prompt_len
+    first = -P % block_size or block_size  # the prompt's last block holds the first response tokens
+    lo = 0
+    while lo < n_tokens:
+        k = min(first if lo == 0 else block_size, n_tokens - lo)
+        n_steps = min(k, rng.choices([1, 2, 3, 4], weights=[55, 30, 10, 5])[0])
+        order = list(range(k))
+        rng.shuffle(order)
+        s = [0] * k
+        for i, j in enumerate(order):
+            s[j] = counter + 1 + min(i, n_steps - 1)
+        counter += n_steps
+        steps += s
+        lo += k
+    return {"request_id": f"syn{seed}", "prompt_ids": [rng.randrange(5, vocab) for _ in range(P)],
+            "token_ids": [rng.randrange(5, vocab) for _ in range(n_tokens)], "step_map": steps,
+            "response_length": n_tokens}
+
+
+def scaling_child(n_tokens: int, query_chunk: int, gradient_checkpointing: bool = False) -> dict:
+    """One measurement in this (fresh) process: packed fwd+bwd of one response of ``n_tokens``."""
+    import resource
+
+    import torch
+
+    from dirl.config import TinyModelConfig
+    from dirl.model.tiny import build_tiny_model, count_parameters
+    from dirl.train.layouts import build_batch
+
+    model, _ = build_tiny_model(TinyModelConfig(**SCALING_SHAPE))
+    model.train()
+    if gradient_checkpointing:  # the trainers' model.gradient_checkpointing switch
+        model.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.hf.config.use_cache = False
+    traj = synthetic_trajectory(n_tokens, model.block_size, model.config.vocab_size)
+    batch = build_batch([traj], model.block_size, model.mask_token_id, "packed")
+    class Chunked(torch.nn.Module):  # score_batch's forward with an explicit query chunk
+        def __init__(self, m):
+            super().__init__()
+            self.model = m
+
+        def forward(self, b):
+            from dirl.train.logprobs import token_logprobs
+
+            h = self.model.hidden_states(b.input_ids, b.meta, query_chunk=query_chunk)[b.rows, b.cols]
+            return token_logprobs(h, self.model.lm_head, b.targets)
+
+    warm = build_batch([synthetic_trajectory(64, model.block_size, model.config.vocab_size, seed=1)],
+                       model.block_size, model.mask_token_id, "packed")
+    Chunked(model)(warm).sum().backward()  # first-call costs (allocator, kernels) out of the timing
+    model.zero_grad(set_to_none=True)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    t0, c0 = time.perf_counter(), time.process_time()
+    lp = Chunked(model)(batch)
+    t1, c1 = time.perf_counter(), time.process_time()
+    lp.sum().backward()
+    t2, c2 = time.perf_counter(), time.process_time()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"generated_tokens": n_tokens, "forward_tokens": batch.num_tokens, "scored": batch.num_scored,
+            "query_chunk": query_chunk, "gradient_checkpointing": gradient_checkpointing, "parameters": count_parameters(model), "forward_s": t1 - t0,
+            "forward_backward_s": t2 - t0, "forward_cpu_s": c1 - c0, "forward_backward_cpu_s": c2 - c0,
+            "peak_rss_gb": peak, "rss_before_gb": base,
+            "logprobs": lp.detach().tolist()[:256]}
+
+
+def bench_scaling(lengths: list[int], query_chunk: int, gradient_checkpointing: bool = False) -> dict:
+    import math
+    import subprocess
+
+    def run(n, chunk, gc=False):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--scaling-child", str(n), "--query-chunk", str(chunk)]
+        cmd += ["--gradient-checkpointing"] if gc else []
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            return {"generated_tokens": n, "query_chunk": chunk, "error": r.stderr.strip().splitlines()[-1:]}
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    rows = [run(n, query_chunk) for n in lengths]
+    dense = run(lengths[0], 0)
+    out: dict = {"chunked": rows, "dense": dense}
+    if gradient_checkpointing:
+        out["checkpointed"] = run(lengths[-1], query_chunk, gc=True)
+    ok = [r for r in rows if "error" not in r]
+    if len(ok) >= 2:
+        a, b = ok[0], ok[-1]
+        f = math.log(b["generated_tokens"] / a["generated_tokens"])
+        key = "forward_backward_cpu_s" if "forward_backward_cpu_s" in a and "forward_backward_cpu_s" in b \
+            else "forward_backward_s"
+        out["time_exponent"] = math.log(b[key] / a[key]) / f
+        out["time_exponent_of"] = key
+        out["memory_exponent"] = math.log(b["peak_rss_gb"] / a["peak_rss_gb"]) / f
+        # growth of what the pass itself adds to the process (model and interpreter excluded)
+        da, db = a["peak_rss_gb"] - a["rss_before_gb"], b["peak_rss_gb"] - b["rss_before_gb"]
+        if da > 0 and db > 0:
+            out["added_memory_exponent"] = math.log(db / da) / f
+    if "error" not in dense and ok and ok[0]["generated_tokens"] == dense["generated_tokens"]:
+        out["max_abs_logprob_diff_chunked_vs_dense"] = max(
+            abs(x - y) for x, y in zip(ok[0]["logprobs"], dense["logprobs"]))
+    for r in rows + [dense] + ([out["checkpointed"]] if "checkpointed" in out else []):
+        r.pop("logprobs", None)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="", help="checkpoint folder (default: newest quick-start SFT checkpoint)")
@@ -215,12 +341,26 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=8, help="responses per forward in the layout benchmark")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=4, help="RL steps for the phase breakdown")
-    p.add_argument("--skip", default="", help="comma-separated: layouts, push, step")
+    p.add_argument("--skip", default="", help="comma-separated: layouts, push, step, scaling")
+    p.add_argument("--scaling-lengths", default="1024,4096,8192", help="generated tokens per response (scaling)")
+    p.add_argument("--query-chunk", type=int, default=512, help="queries per chunk of the SDPA path (scaling)")
+    p.add_argument("--scaling-child", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="scaling: also measure the longest length with the trainers' gradient checkpointing")
+    p.add_argument("--min-speedup-per-token-ratio", type=float, default=0.5,
+                   help="target: rounds/packed forward time >= this x rounds/packed tokens (layouts section)")
+    p.add_argument("--max-peak-gb", type=float, default=4.0, help="target: peak memory at the longest scaling length")
     p.add_argument("--push-shape", default="",
                    help="also time the weight push for a bigger random model, e.g. "
                         "hidden_size=512,num_hidden_layers=8,intermediate_size=2048,head_dim=64")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
+    if a.scaling_child:
+        import torch
+
+        torch.set_num_threads(1)
+        print(json.dumps(scaling_child(a.scaling_child, a.query_chunk, a.gradient_checkpointing)))
+        return 0
 
     import torch
 
@@ -257,6 +397,9 @@ def main(argv=None) -> int:
             result["push_big"] = bench_push(big, work, a.repeats)
     if "step" not in skip:
         result["step"] = bench_step(model_dir, work, a.steps)
+    if "scaling" not in skip:
+        result["scaling"] = bench_scaling([int(x) for x in a.scaling_lengths.split(",")], a.query_chunk,
+                                          a.gradient_checkpointing)
     result["machine"]["load_avg_end"] = os.getloadavg()
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
 
@@ -291,8 +434,50 @@ def main(argv=None) -> int:
         print("| rollout | reward | log-probs | update | weight push | step |\n|---|---|---|---|---|---|")
         print(f"| {S['rollout_s']:.2f} | {S['reward_s']:.3f} | {S['logprobs_s']:.3f} | {S['update_s']:.2f} | "
               f"{S['weight_push_s']:.3f} | {S['step_s']:.2f} |")
+    missed = []
+    if "layouts" in result:
+        L = result["layouts"]
+        if L["token_ratio"] < 2.0:
+            missed.append(f"packed processes >= 2x fewer tokens than rounds (measured {L['token_ratio']:.2f}x)")
+        want = a.min_speedup_per_token_ratio * L["token_ratio"]
+        if L["forward_speedup"] < want:
+            missed.append(f"packed forward >= {want:.2f}x faster than rounds ({a.min_speedup_per_token_ratio:g} x the "
+                          f"{L['token_ratio']:.2f}x token ratio; measured {L['forward_speedup']:.2f}x)")
+    if "scaling" in result:
+        S = result["scaling"]
+        print("\n### packed log-prob pass, one response, 4M-parameter SDAR-shaped model (forward + backward)")
+        print("| generated tokens | forward tokens | query chunk | forward s (CPU) | forward+backward s (CPU) | "
+              "peak RSS GB |\n|---|---|---|---|---|---|")
+        for r in S["chunked"] + [S["dense"]] + ([S["checkpointed"]] if "checkpointed" in S else []):
+            if "error" in r:
+                print(f"| {r['generated_tokens']} | | {r['query_chunk'] or 'dense'} | failed: {r['error']} | | |")
+                continue
+            cpu = lambda k: f" ({r[k]:.2f})" if k in r else ""  # noqa: E731
+            name = f"{r['query_chunk'] or 'dense'}" + (", grad. ckpt" if r.get("gradient_checkpointing") else "")
+            print(f"| {r['generated_tokens']} | {r['forward_tokens']} | {name} | "
+                  f"{r['forward_s']:.2f}{cpu('forward_cpu_s')} | {r['forward_backward_s']:.2f}"
+                  f"{cpu('forward_backward_cpu_s')} | {r['peak_rss_gb']:.2f} |")
+        if "time_exponent" in S:
+            print(f"growth exponents (first to last length): time {S['time_exponent']:.2f} "
+                  f"({S['time_exponent_of']}), peak memory "
+                  f"{S['memory_exponent']:.2f} (memory added by the pass: {S.get('added_memory_exponent', float('nan')):.2f})")
+        if "max_abs_logprob_diff_chunked_vs_dense" in S:
+            print(f"max |chunked - dense| log-prob: {S['max_abs_logprob_diff_chunked_vs_dense']:.2e}")
+        last = S["chunked"][-1]
+        if "error" in last:
+            missed.append(f"the {last['generated_tokens']}-token pass runs (failed: {last['error']})")
+        elif last["peak_rss_gb"] > a.max_peak_gb:
+            missed.append(f"peak memory at {last['generated_tokens']} tokens under {a.max_peak_gb:g} GB "
+                          f"(measured {last['peak_rss_gb']:.2f} GB)")
+        if S.get("memory_exponent", 0.0) > 1.25:
+            missed.append(f"peak memory grows with exponent <= 1.25 (measured {S['memory_exponent']:.2f})")
+        if S.get("max_abs_logprob_diff_chunked_vs_dense", 0.0) > 1e-5:
+            missed.append(f"chunked equals dense log-probs to 1e-5 "
+                          f"(measured {S['max_abs_logprob_diff_chunked_vs_dense']:.2e})")
     print(f"\nwritten: {a.out}")
-    return 0
+    for m in missed:
+        print(f"TARGET MISSED: {m}", file=sys.stderr)
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

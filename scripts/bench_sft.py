@@ -130,10 +130,7 @@ def bench_gpu(seq: int, steps: int, layers: int, out: str | None, min_speedup: f
     dev = torch.device("cuda")
     torch.manual_seed(0)
     hf = Qwen3ForCausalLM(_qwen3_17b_shape(layers)).to(dev, torch.bfloat16)
-    if hasattr(hf, "activation_checkpointing_enable"):
-        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = SDARModel(hf, block_size=4, mask_token_id=151669, attn_backend="flex")
     module = NELBOLoss(model, chunk_size=2048)
     # one packed row: samples of 1k-3k tokens, then tail padding

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -224,6 +225,77 @@ def test_ipc_refused_for_cpu_tensors_before_any_server_sleeps(pool, local):
     assert client.info()[0]["asleep"] == {"weights": False, "kv_cache": False}
     with pytest.raises(ValueError, match="unknown transport 'pigeon'"):
         client.push_weights(local.model, transport="pigeon")
+
+
+def test_one_http_client_and_loop_for_the_clients_life_closed_with_it(pool, local):
+    made = []
+    with RolloutClient([h.url for h in pool], batch_size=2) as client:
+        real = client._new_http
+        client._new_http = lambda: made.append(real()) or made[-1]
+        client.info()
+        reqs = [{**r, "request_id": f"one{i}"} for i, r in enumerate(workload(6))]
+        toks = lambda out: [(g["request_id"], g["token_ids"], g["step_map"]) for g in out]  # noqa: E731
+        first = toks(client.generate(reqs))
+        second = toks(client.generate(reqs))
+        assert toks(asyncio.run(client.agenerate(reqs))) == first  # from another event loop too
+        client.health()
+        rt = client._rt
+        assert len(made) == 1 and rt.http is made[0] and rt.thread.is_alive()
+    assert first == second
+    assert made[0].is_closed and not rt.thread.is_alive() and rt.loop.is_closed() and client.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        client.info()
+    client.close()  # twice is fine
+
+
+def test_one_client_shared_by_several_threads(pool, local):
+    client = RolloutClient([h.url for h in pool], batch_size=1, max_concurrency=2)
+    jobs = [workload(5, prefix=f"th{k}-") for k in range(4)]
+    out: dict = {}
+    start = threading.Barrier(len(jobs))
+
+    def run(k):
+        start.wait()
+        out[k] = client.generate(jobs[k])
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    http = client._rt.http
+    client.close()
+    assert http.is_closed
+    for k, reqs in enumerate(jobs):
+        got = out[k]
+        want = expected(local, [{**r, "request_id": g["request_id"]} for r, g in zip(reqs, got)])
+        assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
+
+
+def _child_info(client, conn):
+    try:
+        conn.send(("ok", [i["block_size"] for i in client.info()], client._rt.pid == os.getpid()))
+    except BaseException as e:  # noqa: BLE001
+        conn.send(("error", repr(e), False))
+    finally:
+        client.close()
+        conn.close()
+
+
+def test_a_forked_child_makes_its_own_loop_and_connections(pool):
+    import multiprocessing as mp
+
+    client = RolloutClient([pool[0].url])
+    assert client.info()[0]["block_size"] == 4  # the parent's loop and connections exist
+    ctx = mp.get_context("fork")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=_child_info, args=(client, there))
+    proc.start()
+    status, value, own = here.recv()
+    proc.join()
+    assert (status, value, own) == ("ok", [4], True)
+    assert client.info()[0]["block_size"] == 4  # the parent's client still works
+    client.close()
 
 
 def test_g_samples_of_one_prompt_at_t1_are_not_all_identical(pool, local):

@@ -144,5 +144,143 @@ def resolve_backend(backend: Backend, device: torch.device | str) -> Literal["fl
     return backend
 
 
-def build_mask(q: TokenMeta, k: Optional[TokenMeta] = None, backend: Literal["flex", "sdpa"] = "sdpa"):
-    return flex_block_mask(q, k) if backend == "flex" else dense_mask(q, k)
+def build_mask(q: TokenMeta, k: Optional[TokenMeta] = None, backend: Literal["flex", "sdpa"] = "sdpa",
+               query_chunk: Optional[int] = None):
+    """The mask object of a forward: a FlexAttention ``BlockMask`` (flex), else for SDPA a dense
+    boolean mask, or a :class:`ChunkedMask` when the queries are longer than ``query_chunk``
+    (None: :data:`DEFAULT_QUERY_CHUNK`; 0: never chunk)."""
+    if backend == "flex":
+        return flex_block_mask(q, k)
+    chunk = DEFAULT_QUERY_CHUNK if query_chunk is None else int(query_chunk)
+    if chunk > 0 and q.pos.shape[1] > chunk:
+        return ChunkedMask(q, k, chunk=chunk)
+    return dense_mask(q, k)
+
+
+# --------------------------------------------------------------------------------------------
+# SDPA with grouped KV heads, and chunked queries for long training forwards
+# --------------------------------------------------------------------------------------------
+
+#: the name under which :func:`sdpa_attention` is registered with transformers' attention interface
+SDPA_IMPL = "dirl_sdpa"
+#: query rows per chunk of :class:`ChunkedMask` (its transient mask is ``chunk x keys`` booleans)
+DEFAULT_QUERY_CHUNK = 512
+
+
+class ChunkedMask:
+    """The attention rule for a long forward, attended ``chunk`` queries at a time.
+
+    The dense path holds an ``Lq x Lk`` mask (and, under autograd, per-layer attention state of that
+    size); here each chunk of queries attends only the keys that some query of the chunk may see
+    (for the training layouts: its doc's clean prefix and its own noisy copies), gathered once per
+    forward, with the ``chunk x keys`` slice of the rule as its mask. Under autograd every chunk is
+    recomputed in the backward pass, so nothing of size ``Lq x Lk`` is ever stored: memory grows
+    linearly with the length. The numbers are those of the dense mask (masked keys weigh exactly 0
+    there), up to the order of floating-point sums.
+
+    The plan (which keys each chunk gathers) is made once per forward and shared by every layer; each
+    layer rebuilds a chunk's ``chunk x keys`` mask from the O(L) metadata, so nothing quadratic is kept.
+    """
+
+    def __init__(self, q: TokenMeta, k: Optional[TokenMeta] = None, chunk: int = DEFAULT_QUERY_CHUNK,
+                 gather_below: float = 0.75):
+        k = q if k is None else k
+        self.q_len = int(q.pos.shape[1])
+        self.k_len = int(k.pos.shape[1])
+        self.chunk = max(1, int(chunk))
+        self.shape = (int(q.pos.shape[0]), 1, self.q_len, self.k_len)  # what a dense mask would be
+        # per chunk: query range, gathered key indices (None: all keys), and the metadata the
+        # chunk's mask is rebuilt from in every layer (cheaper to recompute than to keep)
+        self.plan: list[tuple[int, int, Optional[torch.Tensor], TokenMeta, TokenMeta]] = []
+        for a, b in _chunk_bounds(q.doc, self.chunk):
+            qm = q.select((slice(None), slice(a, b)))
+            need = dense_mask(qm, k).any(dim=2).any(dim=0)[0]  # keys some query of the chunk may see
+            idx = None
+            km = k
+            if int(need.sum()) < gather_below * self.k_len:
+                idx = need.nonzero().flatten()
+                km = k.select((slice(None), idx))
+            self.plan.append((a, b, idx, qm, km))
+
+    @property
+    def keys_attended(self) -> int:
+        """Query-key pairs the chunks compute (for cost accounting)."""
+        return sum((b - a) * (self.k_len if idx is None else int(idx.numel())) for a, b, idx, _, _ in self.plan)
+
+    def chunk_masks(self):
+        """``(a, b, key indices or None, [B, 1, b - a, keys] mask)`` per chunk (for inspection)."""
+        return [(a, b, idx, dense_mask(qm, km)) for a, b, idx, qm, km in self.plan]
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+        """``[B, Hq, Lq, D]`` attention output of the whole query sequence."""
+        gqa = query.shape[1] != key.shape[1]
+        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+        outs = []
+        for a, b, idx, qm, km in self.plan:
+            if grad:
+                from torch.utils.checkpoint import checkpoint
+
+                o = checkpoint(_chunk_attention, query[:, :, a:b], key, value, idx, qm, km, scale, gqa,
+                               use_reentrant=False)
+            else:
+                o = _chunk_attention(query[:, :, a:b], key, value, idx, qm, km, scale, gqa)
+            outs.append(o)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _chunk_bounds(doc: torch.Tensor, chunk: int) -> list[tuple[int, int]]:
+    """Query ranges of at most ``chunk`` tokens, cut where a document starts (in any row) once the
+    current range holds ``chunk // 8`` tokens or more, so a chunk rarely spans documents and gathers
+    only its own document's keys."""
+    n = int(doc.shape[1])
+    starts = ((doc[:, 1:] != doc[:, :-1]).any(dim=0).nonzero().flatten() + 1).tolist()
+    min_len = max(1, chunk // 8)
+    bounds, a = [], 0
+    for p in starts + [n]:
+        while p - a > chunk:
+            bounds.append((a, a + chunk))
+            a += chunk
+        if p - a >= min_len or p == n:
+            if p > a:
+                bounds.append((a, p))
+            a = p
+    return bounds
+
+
+def _chunk_attention(q, key, value, idx, q_meta, k_meta, scale, gqa):
+    if idx is not None:
+        key = key.index_select(2, idx)
+        value = value.index_select(2, idx)
+    mask = dense_mask(q_meta, k_meta)
+    return torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale,
+                                                            enable_gqa=gqa)
+
+
+def sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention function (registered as ``dirl_sdpa``): torch SDPA on the grouped KV
+    heads as they are (``enable_gqa``; transformers' own SDPA path copies K/V once per query head
+    whenever a mask is given), with the boolean block-diffusion mask or a :class:`ChunkedMask`.
+    ``query [B, Hq, Lq, D]``, ``key``/``value [B, Hkv, Lk, D]``; returns ``[B, Lq, Hq, D]``."""
+    if isinstance(attention_mask, ChunkedMask):
+        if dropout and module.training:
+            raise ValueError("attention dropout is not supported with chunked queries")
+        out = attention_mask.attend(query, key, value, scaling)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0,
+            scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+_registered = False
+
+
+def register_attention() -> str:
+    """Register :func:`sdpa_attention` with transformers (once); returns its name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(SDPA_IMPL, sdpa_attention)
+        _registered = True
+    return SDPA_IMPL

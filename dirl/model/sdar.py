@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dirl.config import SDAR_MODEL_TYPE, WEIGHT_FILES, ConfigError, read_checkpoint_config
-from dirl.model.attention import Backend, TokenMeta, build_mask, resolve_backend
+from dirl.model.attention import SDPA_IMPL, Backend, TokenMeta, build_mask, register_attention, resolve_backend
 
 SDAR_ARCHITECTURE = "SDARForCausalLM"
 QWEN_MASK_TOKEN = "<|MASK|>"
@@ -50,7 +50,27 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch
         raise ValueError(f"unknown dtype {dtype!r} (expected auto, float32, bfloat16 or float16)") from None
 
 
-_HF_ATTN = {"flex": "flex_attention", "sdpa": "sdpa"}
+# "sdpa" runs dirl's own attention function (dirl.model.attention.sdpa_attention): torch SDPA with
+# grouped KV heads kept grouped, and chunked queries for long forwards.
+_HF_ATTN = {"flex": "flex_attention", "sdpa": SDPA_IMPL}
+
+
+def _hf_attn(backend: str) -> str:
+    if backend == "sdpa":
+        register_attention()
+    return _HF_ATTN[backend]
+
+
+def _cache_kwarg(decoder: nn.Module) -> str:
+    """The name of the decoder's KV-cache argument: ``cache`` (transformers >= 5.24), else the older
+    ``past_key_values``."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(decoder).forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 class SDARModel(nn.Module):
@@ -65,6 +85,7 @@ class SDARModel(nn.Module):
         self.attn_backend: Backend = attn_backend
         self.source = source  # folder it was loaded from (for copying layout files on save)
         self._active_backend: Optional[str] = None
+        self._cache_kwarg: Optional[str] = None
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -88,7 +109,7 @@ class SDARModel(nn.Module):
 
     def _use_backend(self, backend: str) -> None:
         if self._active_backend != backend:
-            self.hf.set_attn_implementation(_HF_ATTN[backend])
+            self.hf.set_attn_implementation(_hf_attn(backend))
             self._active_backend = backend
 
     # -- forward ------------------------------------------------------------------------------
@@ -97,27 +118,37 @@ class SDARModel(nn.Module):
         input_ids: torch.Tensor,
         meta: TokenMeta,
         k_meta: Optional[TokenMeta] = None,
-        past_key_values: Any = None,
-        use_cache: bool = False,
+        cache: Any = None,
         backend: Optional[Backend] = None,
+        query_chunk: Optional[int] = None,
     ):
-        """Final (normed) hidden states ``[B, L, H]``, and the cache when ``use_cache``.
+        """Final (normed) hidden states ``[B, L, H]``.
 
         ``meta`` describes the query tokens (``input_ids``); ``k_meta`` the keys, i.e. the cached
         tokens followed by the query tokens (defaults to ``meta`` when nothing is cached).
+        ``cache``: a ``transformers.Cache`` the attention layers read and write (the rollout
+        engine's :class:`~dirl.rollout.engine.BlockKVCache`). ``query_chunk`` (SDPA only): queries
+        per chunk of a long forward (see :class:`~dirl.model.attention.ChunkedMask`; None: the
+        default, 0: one dense mask).
         """
         be = self.backend(backend)
         self._use_backend(be)
-        mask = build_mask(meta, k_meta, backend=be)
+        mask = build_mask(meta, k_meta, backend=be, query_chunk=query_chunk)
+        if be != "flex":
+            # a ready mask per layer type: transformers then builds none of its own
+            mask = {"full_attention": mask, "sliding_attention": mask}
+        kwargs = {}
+        if cache is not None:
+            if self._cache_kwarg is None:
+                self._cache_kwarg = _cache_kwarg(self.hf.model)
+            kwargs[self._cache_kwarg] = cache
         out = self.hf.model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=meta.pos,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
+            use_cache=False,
+            **kwargs,
         )
-        if use_cache:
-            return out.last_hidden_state, out.past_key_values
         return out.last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, meta: TokenMeta, k_meta: Optional[TokenMeta] = None,
@@ -221,7 +252,7 @@ def load_model(
     try:
         with quiet_transformers():  # "a model of type sdar ... Qwen3" is the point, not a problem
             hf = Qwen3ForCausalLM.from_pretrained(
-                info.path, config=hf_cfg, dtype=torch_dtype, attn_implementation=_HF_ATTN[backend]
+                info.path, config=hf_cfg, dtype=torch_dtype, attn_implementation=_hf_attn(backend)
             )
     except Exception as e:  # noqa: BLE001 - a checkpoint that does not load is bad input: say which and why
         raise checkpoint_load_error(info.path, e, key) from e

@@ -12,15 +12,21 @@
   CUDA buckets for ``ipc``) beyond the weights themselves.
 
 The core is async (``agenerate``, ``apush_weights`` ...); the plain methods wrap it and also work when
-called from inside a running event loop.
+called from inside a running event loop. A client owns one ``httpx.AsyncClient`` and one event loop
+(on a daemon thread) for its whole life, made at its first call: ``close()`` (or ``with
+RolloutClient(...) as client:``, or ``async with``) closes both. It may be used from several threads
+at once; in a child process forked after its first call it makes its own loop and connections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
+import os
 import threading
 import uuid
+import weakref
 from typing import Any, Iterable, Optional
 from urllib.parse import urlparse
 
@@ -40,26 +46,64 @@ class _Retry(Exception):
     pass
 
 
-def _run(coro):
-    """Run a coroutine to completion from sync code, inside or outside a running event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict[str, Any] = {}
+class _Runtime:
+    """The event loop (on a daemon thread) and the ``httpx.AsyncClient`` of one client.
 
-    def target():
+    Every HTTP call of a :class:`RolloutClient` runs on this loop, whichever thread or event loop
+    called it, so one connection pool (one SSL context, kept-alive connections) serves the client's
+    whole life. ``shutdown`` closes the HTTP client on the loop, then stops and joins the thread.
+    """
+
+    def __init__(self, make_http):
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self._make_http = make_http
+        self.http = None
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._main, args=(ready,), name="dirl-client", daemon=True)
+        self.thread.start()
+        ready.wait()
+
+    def _main(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(ready.set)
+        self.loop.run_forever()
+
+    def client(self):
+        """The HTTP client; only called on the loop's own thread."""
+        if self.http is None:
+            self.http = self._make_http()
+        return self.http
+
+    def in_loop(self) -> bool:
         try:
-            box["value"] = asyncio.run(coro)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = e
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
 
-    t = threading.Thread(target=target, name="dirl-client")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    def submit(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    @staticmethod
+    def shutdown(rt: "_Runtime") -> None:
+        """Close the HTTP client and stop the loop (a no-op in a forked child: both are the parent's)."""
+        if rt.pid != os.getpid() or not rt.thread.is_alive():
+            return
+
+        async def close_http():
+            if rt.http is not None:
+                await rt.http.aclose()
+                rt.http = None
+
+        try:
+            rt.submit(close_http()).result(timeout=30)
+        except Exception:  # noqa: BLE001 - closing is best effort; the loop still stops
+            pass
+        rt.loop.call_soon_threadsafe(rt.loop.stop)
+        if threading.current_thread() is not rt.thread:
+            rt.thread.join(30)
+        if not rt.thread.is_alive():
+            rt.loop.close()
 
 
 class RolloutClient:
@@ -83,14 +127,88 @@ class RolloutClient:
         self.timeout = timeout
         self.batch_size = max(1, int(batch_size))
         self.backoff = backoff
+        self._lock = threading.Lock()
+        self._rt: Optional[_Runtime] = None
+        self._finalizer = None
+        self._closed = False
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _client(self):
+    def _new_http(self):
         import httpx
 
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         limits = httpx.Limits(max_connections=self.max_concurrency * len(self.urls) + len(self.urls))
         return httpx.AsyncClient(headers=headers, timeout=self.timeout, limits=limits)
+
+    def _runtime(self) -> _Runtime:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this RolloutClient is closed")
+            rt = self._rt
+            if rt is not None and rt.pid != os.getpid():  # forked: the loop thread stayed in the parent
+                if self._finalizer is not None:
+                    self._finalizer.detach()
+                rt = self._rt = None
+            if rt is None:
+                rt = self._rt = _Runtime(self._new_http)
+                self._finalizer = weakref.finalize(self, _Runtime.shutdown, rt)
+            return rt
+
+    def _http(self):
+        """The client's ``httpx.AsyncClient`` (called on the client's own loop)."""
+        return self._runtime().client()
+
+    def _sync(self, coro_fn, *args):
+        """Run ``coro_fn(*args)`` on the client's loop and wait for it (from any thread)."""
+        rt = self._runtime()
+        if rt.in_loop():
+            raise RuntimeError("a RolloutClient's blocking methods cannot be called from its own event loop; "
+                               "await the a-prefixed methods instead")
+        fut = rt.submit(coro_fn(*args))
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()
+            raise
+
+    async def _async(self, coro_fn, *args):
+        """Await ``coro_fn(*args)`` on the client's loop from any event loop."""
+        rt = self._runtime()
+        if rt.in_loop():
+            return await coro_fn(*args)
+        return await asyncio.wrap_future(rt.submit(coro_fn(*args)))
+
+    def close(self) -> None:
+        """Close the HTTP client and stop the client's event loop; later calls raise."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            rt, self._rt = self._rt, None
+            fin, self._finalizer = self._finalizer, None
+        if fin is not None:
+            fin()  # _Runtime.shutdown(rt), once
+        elif rt is not None:
+            _Runtime.shutdown(rt)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self) -> "RolloutClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "RolloutClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
 
     @staticmethod
     def _reason(resp) -> str:
@@ -137,6 +255,9 @@ class RolloutClient:
         return out
 
     async def agenerate(self, requests: Iterable[dict]) -> list[dict]:
+        return await self._async(self._agenerate, requests)
+
+    async def _agenerate(self, requests: Iterable[dict]) -> list[dict]:
         reqs = self.prepare(requests)
         if not reqs:
             return []
@@ -215,14 +336,14 @@ class RolloutClient:
                 if remaining[0] == 0:
                     done.set()
 
-        async with self._client() as client:
-            tasks = [asyncio.create_task(worker(client, u)) for u in self.urls for _ in range(self.max_concurrency)]
-            try:
-                await done.wait()
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+        client = self._http()
+        tasks = [asyncio.create_task(worker(client, u)) for u in self.urls for _ in range(self.max_concurrency)]
+        try:
+            await done.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         if failure:
             raise failure[0]
         missing = [r["request_id"] for r in reqs if r["request_id"] not in results]
@@ -232,44 +353,47 @@ class RolloutClient:
 
     def generate(self, requests: Iterable[dict]) -> list[dict]:
         """Trajectories in the order of ``requests`` (see the module docstring)."""
-        return _run(self.agenerate(requests))
+        return self._sync(self._agenerate, requests)
 
     # -- control -------------------------------------------------------------------------------
     async def _all(self, method: str, path: str, body: Any = None) -> list[Any]:
-        async with self._client() as client:
-            return list(await asyncio.gather(*(self._call(client, method, u, path, body) for u in self.urls)))
+        return await self._async(self._all_here, method, path, body)
+
+    async def _all_here(self, method: str, path: str, body: Any = None) -> list[Any]:
+        client = self._http()
+        return list(await asyncio.gather(*(self._call(client, method, u, path, body) for u in self.urls)))
 
     async def ainfo(self) -> list[dict]:
         return await self._all("GET", "/info")
 
     def info(self) -> list[dict]:
         """``/info`` of every server, in the order of ``urls``."""
-        return _run(self.ainfo())
+        return self._sync(self._all_here, "GET", "/info")
 
     async def ahealth(self) -> list[dict]:
         return await self._all("GET", "/health")
 
     def health(self) -> list[dict]:
-        return _run(self.ahealth())
+        return self._sync(self._all_here, "GET", "/health")
 
     async def asleep(self, level: int = 1) -> list[dict]:
         return await self._all("POST", "/sleep", {"level": level})
 
     def sleep(self, level: int = 1) -> list[dict]:
-        return _run(self.asleep(level))
+        return self._sync(self._all_here, "POST", "/sleep", {"level": level})
 
     async def awakeup(self, tags: Optional[list[str]] = None) -> list[dict]:
         return await self._all("POST", "/wakeup", {"tags": tags} if tags else {})
 
     def wakeup(self, tags: Optional[list[str]] = None) -> list[dict]:
-        return _run(self.awakeup(tags))
+        return self._sync(self._all_here, "POST", "/wakeup", {"tags": tags} if tags else {})
 
     async def aupdate_weights(self, payload: dict) -> list[dict]:
         return await self._all("POST", "/update_weights", payload)
 
     def update_weights(self, payload: dict) -> list[dict]:
         """Send one ``/update_weights`` segment (see :mod:`dirl.rollout.weights`) to every server."""
-        return _run(self.aupdate_weights(payload))
+        return self._sync(self._all_here, "POST", "/update_weights", payload)
 
     # -- weights -------------------------------------------------------------------------------
     def choose_transport(self, pairs: list, infos: Optional[list[dict]] = None) -> str:
@@ -285,6 +409,11 @@ class RolloutClient:
 
     async def apush_weights(self, weights: Any, transport: str = "auto", segment_bytes: Optional[int] = None,
                             sleep_level: int = 1, tmp_dir: Optional[str] = None, sleep_first: bool = True) -> dict:
+        return await self._async(self._apush_weights, weights, transport, segment_bytes, sleep_level, tmp_dir,
+                                 sleep_first)
+
+    async def _apush_weights(self, weights: Any, transport: str, segment_bytes: Optional[int], sleep_level: int,
+                             tmp_dir: Optional[str], sleep_first: bool = True) -> dict:
         from dirl.rollout import weights as W
 
         pairs = W.named_tensors(weights)
@@ -303,39 +432,39 @@ class RolloutClient:
                 tmp_dir = next(iter(dirs))
         groups = W.segments(pairs, segment_bytes or W.default_segment_bytes(transport))
 
-        async with self._client() as client:
-            async def everywhere(step: str, path: str, body: dict) -> None:
-                # every server answers (or fails) before the caller moves on: an ipc segment's
-                # buckets are freed right after, and other servers may still be reading them
-                async def one(url: str):
-                    try:
-                        await self._call(client, "POST", url, path, body)
-                    except RolloutError as e:
-                        raise RolloutError(f"push_weights to {url} failed at {step} (the server may be left "
-                                           f"asleep): {e}", url=url) from None
+        client = self._http()
+        async def everywhere(step: str, path: str, body: dict) -> None:
+            # every server answers (or fails) before the caller moves on: an ipc segment's
+            # buckets are freed right after, and other servers may still be reading them
+            async def one(url: str):
+                try:
+                    await self._call(client, "POST", url, path, body)
+                except RolloutError as e:
+                    raise RolloutError(f"push_weights to {url} failed at {step} (the server may be left "
+                                       f"asleep): {e}", url=url) from None
 
-                got = await asyncio.gather(*(one(u) for u in self.urls), return_exceptions=True)
-                errors = [g for g in got if isinstance(g, BaseException)]
-                if errors:
-                    raise errors[0]
+            got = await asyncio.gather(*(one(u) for u in self.urls), return_exceptions=True)
+            errors = [g for g in got if isinstance(g, BaseException)]
+            if errors:
+                raise errors[0]
 
-            if sleep_first:  # False: the caller put the servers to sleep already (the RL step's hand-off)
-                await everywhere("sleep", "/sleep", {"level": sleep_level})
-            # one segment at a time: built, sent to every server, freed (file removed, CUDA buckets
-            # released) before the next is built
-            stream = W.iter_payloads(groups, transport, tmp_dir=tmp_dir,
-                                     bucket_bytes=segment_bytes or W.DEFAULT_SEGMENT_BYTES)
-            try:
-                for i, payload in enumerate(stream):
-                    await everywhere(f"update_weights segment {i + 1}/{len(groups)}", "/update_weights", payload)
-                    del payload
-            finally:
-                stream.close()
-            await everywhere("wakeup", "/wakeup", {})
+        if sleep_first:  # False: the caller put the servers to sleep already (the RL step's hand-off)
+            await everywhere("sleep", "/sleep", {"level": sleep_level})
+        # one segment at a time: built, sent to every server, freed (file removed, CUDA buckets
+        # released) before the next is built
+        stream = W.iter_payloads(groups, transport, tmp_dir=tmp_dir,
+                                 bucket_bytes=segment_bytes or W.DEFAULT_SEGMENT_BYTES)
+        try:
+            for i, payload in enumerate(stream):
+                await everywhere(f"update_weights segment {i + 1}/{len(groups)}", "/update_weights", payload)
+                del payload
+        finally:
+            stream.close()
+        await everywhere("wakeup", "/wakeup", {})
         return {"transport": transport, "segments": len(groups), "tensors": len(pairs), "servers": len(self.urls)}
 
     def push_weights(self, weights: Any, transport: str = "auto", segment_bytes: Optional[int] = None,
                      sleep_level: int = 1, tmp_dir: Optional[str] = None, sleep_first: bool = True) -> dict:
         """sleep → update_weights (segmented) → wakeup on every server. ``weights``: a model
         (SDARModel, HF, DDP-wrapped) or a state dict. ``transport``: auto, file, inline or ipc."""
-        return _run(self.apush_weights(weights, transport, segment_bytes, sleep_level, tmp_dir, sleep_first))
+        return self._sync(self._apush_weights, weights, transport, segment_bytes, sleep_level, tmp_dir, sleep_first)

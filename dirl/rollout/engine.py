@@ -36,29 +36,118 @@ from dirl.rollout.decoding import STRATEGIES, SamplingSettings, Sequence, denois
 PAD_DOC = -1
 
 
-class BlockKVCache:
-    """Per-row KV cache of committed blocks for transformers' attention layers.
+try:  # transformers >= 4.56 has per-layer cache objects
+    from transformers.cache_utils import Cache as _HFCache, CacheLayerMixin as _HFLayer
+except ImportError:  # pragma: no cover
+    _HFCache, _HFLayer = object, object
 
-    It answers the one call the attention layers make, ``update(key, value, layer_idx)``: it writes
-    the forward's keys/values at every row's own offset (``lengths[r]``) and returns the keys of
-    ``[0, max(lengths) + Lq)``. :meth:`prepare` must be called before each forward and
-    :meth:`advance` after it. It is not a ``transformers.Cache``: given an explicit 4-D mask and
-    position ids, transformers' Qwen3 only calls ``update`` (and older versions
-    ``get_seq_length``), and keys are preallocated here instead of concatenated every forward.
+
+class _BlockLayer(_HFLayer):
+    """One decoder layer's preallocated keys/values ``[rows, kv_heads, capacity, head_dim]``; the
+    per-row bookkeeping lives in the owning :class:`BlockKVCache`."""
+
+    is_sliding = False
+
+    def __init__(self, owner: "BlockKVCache"):
+        self.keys: Optional[torch.Tensor] = None
+        self.values: Optional[torch.Tensor] = None
+        self.is_initialized = False
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def _ensure(self, key: torch.Tensor, rows: int) -> None:
+        owner = self.owner
+        need = owner._kv_len
+        t = self.keys
+        if t is not None and t.shape[0] >= rows and t.shape[2] >= need:
+            return
+        cap = max(need, owner.capacity, 64)
+        if t is not None and t.shape[2] < need:
+            cap = max(need, int(t.shape[2] * 1.5))
+        cap = int(math.ceil(cap / 64) * 64)
+        old_rows = t.shape[0] if t is not None else 0
+        nrows = old_rows if rows <= old_rows else max(rows, min(2 * old_rows, owner.max_rows or rows))
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            # zeros, not empty: stale slots are masked out, but must hold finite numbers
+            new = key.new_zeros(nrows, key.shape[1], cap, key.shape[3])
+            if old is not None:
+                new[: old.shape[0], :, : old.shape[2]] = old
+            setattr(self, name, new)
+        owner.capacity = max(owner.capacity, cap)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        owner = self.owner
+        n = key_states.shape[0]
+        self._ensure(key_states, n)
+        kb, vb = self.keys, self.values
+        if owner._index is None:
+            o = owner._offset
+            kb[:n, :, o:o + owner._lq] = key_states
+            vb[:n, :, o:o + owner._lq] = value_states
+        else:
+            idx = owner._index[:, None, :, None].expand(n, key_states.shape[1], owner._lq, key_states.shape[3])
+            kb[:n].scatter_(2, idx, key_states)
+            vb[:n].scatter_(2, idx, value_states)
+        return kb[:n, :, : owner._kv_len], vb[:n, :, : owner._kv_len]
+
+    def keep_rows(self, idx: torch.Tensor, n: int) -> None:
+        for t in (self.keys, self.values):
+            if t is not None:
+                t[:n] = t[idx]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner._kv_len or query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+
+
+class BlockKVCache(_HFCache):
+    """Per-row KV cache of committed blocks, a ``transformers.Cache`` (one layer object per
+    decoder layer), handed to the decoder through its ``cache`` argument.
+
+    The attention layers call ``update(key, value, layer_idx)``: it writes the forward's keys/values
+    at every row's own offset (``lengths[r]``) and returns the keys of ``[0, max(lengths) + Lq)``.
+    :meth:`prepare` must be called before each forward and :meth:`advance` after it. Keys are
+    preallocated (grown by 1.5x when needed) instead of concatenated every forward. The decoder
+    gets the mask ready-made (per-token metadata), so it asks the cache for nothing else.
     """
 
     def __init__(self, num_layers: int, device: torch.device, max_rows: Optional[int] = None):
         self.num_layers = num_layers
         self.device = torch.device(device)
         self.max_rows = max_rows
-        self.keys: list[Optional[torch.Tensor]] = [None] * num_layers
-        self.values: list[Optional[torch.Tensor]] = [None] * num_layers
+        layers = [_BlockLayer(self) for _ in range(num_layers)]
+        if _HFCache is object:  # pragma: no cover
+            self.layers = layers
+        else:
+            super().__init__(layers=layers)
         self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)
         self.capacity = 0
         self._lq = 0
         self._kv_len = 0
         self._offset: Optional[int] = None
         self._index: Optional[torch.Tensor] = None
+
+    # -- views (for inspection and tests) -------------------------------------------------------
+    @property
+    def keys(self) -> list[Optional[torch.Tensor]]:
+        return [layer.keys for layer in self.layers]
+
+    @property
+    def values(self) -> list[Optional[torch.Tensor]]:
+        return [layer.values for layer in self.layers]
 
     # -- rows --------------------------------------------------------------------------------
     @property
@@ -75,14 +164,12 @@ class BlockKVCache:
         n = len(index)
         if index == list(range(n)):
             return
-        for buf in (self.keys, self.values):
-            for i, t in enumerate(buf):
-                if t is not None:
-                    t[:n] = t[idx]
+        for layer in self.layers:
+            layer.keep_rows(idx, n)
 
     def free(self) -> None:
-        self.keys = [None] * self.num_layers
-        self.values = [None] * self.num_layers
+        for layer in self.layers:
+            layer.reset()
         self.capacity = 0
         self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)
 
@@ -106,42 +193,14 @@ class BlockKVCache:
         """After a forward: each row keeps ``committed[r]`` of its query tokens (its clean part)."""
         self.lengths = self.lengths + committed.to(self.device)
 
-    def _ensure(self, layer: int, key: torch.Tensor, rows: int) -> None:
-        need = self._kv_len
-        t = self.keys[layer]
-        if t is not None and t.shape[0] >= rows and t.shape[2] >= need:
-            return
-        cap = max(need, self.capacity, 64)
-        if t is not None and t.shape[2] < need:
-            cap = max(need, int(t.shape[2] * 1.5))
-        cap = int(math.ceil(cap / 64) * 64)
-        old_rows = t.shape[0] if t is not None else 0
-        nrows = old_rows if rows <= old_rows else max(rows, min(2 * old_rows, self.max_rows or rows))
-        for buf in (self.keys, self.values):
-            old = buf[layer]
-            # zeros, not empty: stale slots are masked out, but must hold finite numbers
-            new = key.new_zeros(nrows, key.shape[1], cap, key.shape[3])
-            if old is not None:
-                new[: old.shape[0], :, : old.shape[2]] = old
-            buf[layer] = new
-        self.capacity = max(self.capacity, cap)
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.layers[layer_idx].update(key_states, value_states)
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        n = key.shape[0]
-        self._ensure(layer_idx, key, n)
-        kb, vb = self.keys[layer_idx], self.values[layer_idx]
-        if self._index is None:
-            o = self._offset
-            kb[:n, :, o:o + self._lq] = key
-            vb[:n, :, o:o + self._lq] = value
-        else:
-            idx = self._index[:, None, :, None].expand(n, key.shape[1], self._lq, key.shape[3])
-            kb[:n].scatter_(2, idx, key)
-            vb[:n].scatter_(2, idx, value)
-        return kb[:n, :, : self._kv_len], vb[:n, :, : self._kv_len]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:  # for transformers versions that ask
+    def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.lengths.max().item()) if self.rows else 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.layers[layer_idx].get_mask_sizes(query_length)
 
 
 class _Row:
@@ -188,9 +247,11 @@ class Engine:
         self.max_context = max_context
         pad = getattr(model.config, "pad_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
-        # statistics since construction: model forwards, rows over all forwards, tokens kept
+        # statistics since construction: model forwards, rows over all forwards, query tokens over all
+        # forwards (padding included), tokens kept
         self.forwards = 0
         self.row_forwards = 0
+        self.query_tokens = 0
         self.tokens_kept = 0
 
     # ------------------------------------------------------------------------------------------
@@ -338,8 +399,7 @@ class Engine:
         q_meta = TokenMeta(doc=doc, pos=pos, blk=blk, noisy=noisy, grp=blk * noisy)
         kv_len = cache.prepare(lq)
         k_meta = self._key_meta(q_meta, cache.lengths, kv_len)
-        hidden = self.model.hidden_states(input_ids, q_meta, k_meta=k_meta, past_key_values=cache,
-                                          use_cache=False, backend="sdpa")
+        hidden = self.model.hidden_states(input_ids, q_meta, k_meta=k_meta, cache=cache, backend="sdpa")
         cache.advance(offsets)
         for r in rows:
             r.pending = []
@@ -348,6 +408,7 @@ class Engine:
             hidden = hidden.gather(1, idx)
         self.forwards += 1
         self.row_forwards += n
+        self.query_tokens += n * lq
         return self.model.lm_head(hidden).float()
 
     def _key_meta(self, q: TokenMeta, lengths: torch.Tensor, kv_len: int) -> TokenMeta:

@@ -358,8 +358,11 @@ class Servers:
         return list(self.client.urls)
 
     def close(self) -> None:
-        for h in self.handles:
-            h.stop()
+        try:
+            self.client.close()  # its HTTP connections and event loop
+        finally:
+            for h in self.handles:
+                h.stop()
 
     def __enter__(self) -> "Servers":
         return self

@@ -291,11 +291,7 @@ def build_model(cfg: SFTConfig, device: torch.device, deepspeed_bf16: bool = Fal
     if tok.pad_token_id is None:
         raise ConfigError("config key 'model.path': the tokenizer has no pad token")
     if mc.gradient_checkpointing:
-        enable = getattr(model.hf, "activation_checkpointing_enable", None)  # transformers >= 5.2x
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.hf.config.use_cache = False
     model.train()
     return model, tok

@@ -368,7 +368,7 @@ def setup_run(cfg: RLConfig, cleanup: contextlib.ExitStack) -> RLRun:
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if ds_bf16 else "float32")
     model, tok = load_policy(model_dir, cfg, acc.device, dtype)
     if cfg.model.gradient_checkpointing:
-        model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.hf.config.use_cache = False
     model.train()
     ref_model = None
