@@ -45,6 +45,16 @@ def benchmarks_dir() -> Path:
     return BENCHMARKS
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny forwards are fastest on one torch thread, and far slower with two on a busy 2-core
+    machine; modules of many small forwards use it (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

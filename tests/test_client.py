@@ -20,12 +20,7 @@ from dirl.rollout.launch import free_port, start_server
 DECODING = DecodingConfig(max_new_tokens=16, do_sample=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ThreadServer:

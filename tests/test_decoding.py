@@ -11,13 +11,7 @@ from dirl.rollout.backend import GenerateRequest
 from dirl.rollout.decoding import is_greedy, sample_tokens, tokens_per_step, tokens_to_keep
 from dirl.rollout.engine import Engine
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny forwards are fastest on one thread, and far slower with two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
 
 from dirl.config import ConfigError, DecodingConfig, load_config
 from dirl.eval.run import EvalConfig, _build_request, _grade, read_responses, request_seed, run_eval
@@ -15,12 +14,7 @@ PRESET = "configs/eval_dirl_compat.yaml"
 B = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

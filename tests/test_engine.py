@@ -14,13 +14,7 @@ from dirl.rollout.backend import GenerateRequest
 from dirl.rollout.engine import Engine
 from dirl.rollout.naive import naive_generate
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny forwards are fastest on one thread, and far slower with two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 STRATEGIES = ["low_confidence_dynamic", "low_confidence_static", "sequential"]

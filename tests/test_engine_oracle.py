@@ -19,12 +19,7 @@ from oracle_decoder import draw, keep_positions, oracle_generate
 STRATEGIES = ["low_confidence_dynamic", "low_confidence_static", "sequential"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

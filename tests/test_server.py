@@ -24,12 +24,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 DECODING = DecodingConfig(max_new_tokens=12, do_sample=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
