@@ -247,8 +247,10 @@ def cli_main(argv: list[str]) -> int:
         rl: dict = {}
         control: Optional[dict] = None
         if not args.skip_rl:
+            # The SFT model answers most of these problems right, so most groups are flat (all correct):
+            # DiRL's filter would need many refill rounds per step here; train on every group instead.
             times["RL"] = _run("RL", ["rl", f"model.path={sft_model}", f"output_dir={out}", "run_name=rl",
-                                       "eval.enabled=false", *args.rl], log)
+                                       "eval.enabled=false", "train.filter_groups=false", *args.rl], log)
             rl = json.loads((out / "rl" / "summary.json").read_text())
             rl_model = Path(rl["final_model"])
             stages["RL"] = str(rl_model)

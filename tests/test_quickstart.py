@@ -17,7 +17,6 @@ def test_reduced_quickstart_pipeline(tmp_path):
         sys.executable, "-m", "dirl.cli", "quickstart", "--out", str(out),
         "--sft", "train.max_steps=120", "logging.progress_bar=false",
         "--rl", "train.steps=2", "train.prompts_per_step=4", "train.num_generations=4", "logging.progress_bar=false",
-        "train.filter_groups=false",  # 120 SFT steps learn the format, not the sums: most groups are flat
         "--eval", "data.synthetic_size=40", "num_samples=2",
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
