@@ -25,6 +25,7 @@ batching), so one ``generate`` call may hold many more requests than ``max_batch
 from __future__ import annotations
 
 import math
+import weakref
 from collections import deque
 from typing import Any, Callable, Iterable, Optional
 
@@ -52,7 +53,8 @@ class _BlockLayer(_HFLayer):
         self.keys: Optional[torch.Tensor] = None
         self.values: Optional[torch.Tensor] = None
         self.is_initialized = False
-        self.owner = owner
+        # a weak reference: no cycle, so the cache's memory goes back the moment generate() drops it
+        self.owner = weakref.proxy(owner)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True
@@ -358,6 +360,7 @@ class Engine:
                 cache.keep_rows(live)
                 li = torch.tensor(live, dtype=torch.long, device=device)
                 block_ids, masked, steps, logps = block_ids[li], masked[li], steps[li], logps[li]
+        cache.free()
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ before a resume.
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import numpy as np
@@ -58,7 +60,9 @@ def prob_row_has_mask(labels: torch.Tensor, doc: torch.Tensor, eps: float = DEFA
     D = int(doc.max().item()) + 1
     n = torch.zeros(R, D, dtype=torch.float64).scatter_add_(1, doc, labels.double())
     # log P(no mask in sample d) = n_d log(1 - eps) - log(n_d + 1); samples without labels give 0
-    log_none = (n * np.log1p(-eps) - torch.log1p(n)).sum(dim=1)
+    log_keep = math.log1p(-eps) if eps < 1.0 else -math.inf  # eps = 1: every labelled token is masked
+    per_sample = torch.where(n > 0, n * log_keep, torch.zeros_like(n)) - torch.log1p(n)
+    log_none = per_sample.sum(dim=1)
     return -torch.expm1(log_none)
 
 
