@@ -29,7 +29,6 @@ before a resume.
 from __future__ import annotations
 
 import math
-
 from typing import Optional
 
 import numpy as np
