@@ -4,7 +4,17 @@ Problems are additions of two numbers with ``digits`` digits each, asked as ``Wh
 the worked response adds column by column from the units up, then boxes the sum:
 ``3+5=8, 4+7=11. \\boxed{118}`` (a carry shows as ``+1``: ``7+8=15, 4+3+1=8. \\boxed{85}``).
 Every step is a one-digit sum a tiny model can learn from any pairs, so the held-out pairs are
-reachable; the carries and the final assembly are where it errs, which leaves RL room to improve.
+reachable; the carries and the final assembly are where it errs.
+
+The SFT data can come from an imperfect teacher (``teacher_error`` > 0): its column steps are
+always right, but with that probability, drawn independently per row, it boxes the digits of its
+column sums in the order it wrote them, units first (``3+5=8, 4+7=11. \\boxed{811}`` for 43+75), a
+slip of assembly. A model that imitates such solutions learns to slip at the teacher's rate, so more
+SFT converges toward the teacher's accuracy; RL's reward checks the sum itself and has no such
+ceiling. This stands for the real setting, where the SFT data are a stronger model's solutions whose
+final answers are sometimes wrong, and RL against a verifier goes past what imitating them gives.
+Problems (``question`` / ``answer``) and the held-out split are always exact.
+
 Every pair (a, b) belongs to exactly one split,
 decided by a fixed hash of the pair, so the test split is held out from SFT and RL data whatever the
 seed. Rows carry the fields the rest of the project reads: ``question`` / ``answer`` (benchmarks and
@@ -39,11 +49,22 @@ def column_steps(a: int, b: int) -> list[str]:
     return steps
 
 
-def make_problem(a: int, b: int) -> dict:
-    s = a + b
+def slipped_sum(a: int, b: int) -> int:
+    """The imperfect teacher's slip: the digits of the sum in the order the columns produced them
+    (units first), e.g. 118 -> 811 for 43+75; the true sum when that reads the same."""
+    return int(str(a + b)[::-1])
+
+
+def make_problem(a: int, b: int, teacher_error: float = 0.0, seed: int = 0) -> dict:
+    """The problem and its worked response. With ``teacher_error`` > 0 the response is the imperfect
+    teacher's (the boxed sum slips with that probability; the draw depends on ``seed`` and the pair
+    only); ``answer`` is always the true sum, ``teacher_correct`` says whether the boxed sum is it."""
+    slip = teacher_error > 0 and random.Random(f"teacher:{seed}:{a}+{b}").random() < teacher_error
+    given = slipped_sum(a, b) if slip else a + b
     question = f"What is {a}+{b}?"
-    response = ", ".join(column_steps(a, b)) + f". \\boxed{{{s}}}"
-    return {"question": question, "answer": str(s), "prompt": question, "response": response}
+    response = ", ".join(column_steps(a, b)) + f". \\boxed{{{given}}}"
+    return {"question": question, "answer": str(a + b), "prompt": question, "response": response,
+            "teacher_correct": given == a + b}
 
 
 def all_pairs(digits: int = 2) -> list[tuple[int, int]]:
@@ -51,14 +72,18 @@ def all_pairs(digits: int = 2) -> list[tuple[int, int]]:
     return [(a, b) for a in range(lo, hi) for b in range(lo, hi)]
 
 
-def synthetic_problems(split: Split = "train", n: Optional[int] = None, seed: int = 0, digits: int = 2) -> list[dict]:
-    """``n`` problems of ``split`` (all of them when ``n`` is None), in a seeded order, without repeats."""
+def synthetic_problems(split: Split = "train", n: Optional[int] = None, seed: int = 0, digits: int = 2,
+                       teacher_error: float = 0.0) -> list[dict]:
+    """``n`` problems of ``split`` (all of them when ``n`` is None), in a seeded order, without repeats;
+    responses from the imperfect teacher when ``teacher_error`` > 0 (see the module text)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not 0.0 <= teacher_error <= 1.0:
+        raise ValueError(f"teacher_error must be in [0, 1], got {teacher_error!r}")
     pairs = [p for p in all_pairs(digits) if pair_split(*p) == split]
     random.Random(seed).shuffle(pairs)
     if n is not None:
         if n > len(pairs):
             raise ValueError(f"asked for {n} {split} problems but only {len(pairs)} exist with {digits} digits")
         pairs = pairs[:n]
-    return [dict(make_problem(a, b), id=f"add{digits}-{a}-{b}") for a, b in pairs]
+    return [dict(make_problem(a, b, teacher_error, seed), id=f"add{digits}-{a}-{b}") for a, b in pairs]

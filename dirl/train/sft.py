@@ -91,6 +91,9 @@ class SFTDataConfig:
     subset: str = ""  # `datasets` configuration name
     num_samples: int = 4000  # 0: every row; synthetic: how many distinct train problems
     digits: int = 2  # synthetic only
+    # synthetic only: the worked solutions come from a teacher whose boxed sum slips (its digits units
+    # first) with this probability (dirl/data/synthetic.py): the SFT ceiling that RL can pass
+    teacher_error: float = 0.5
     max_length: int = 128  # tokens per packed row (the forward holds twice as many: [x_t ; x_0])
     messages_field: str = "messages"
     prompt_field: str = "prompt"
@@ -134,6 +137,8 @@ class SFTConfig:
         check_positive("data.max_length", d.max_length)
         check_positive("data.num_samples", d.num_samples, allow_zero=True)
         check_positive("data.digits", d.digits)
+        if not 0.0 <= d.teacher_error <= 1.0:
+            raise ConfigError(f"config key 'data.teacher_error': must be in [0, 1], got {d.teacher_error!r}")
         if d.source != "synthetic" and d.source.endswith((".json", ".jsonl")):
             check_path_exists("data.source", d.source)
         check_positive("train.global_batch_size", t.global_batch_size)
@@ -205,7 +210,8 @@ def nelbo_reference(model, input_ids, pos, doc, masked, p) -> torch.Tensor:
 def load_sft_examples(data: SFTDataConfig):
     limit = data.num_samples or None
     if data.source == "synthetic":
-        return synthetic_sft_examples(split=data.split, n=limit, seed=data.seed, digits=data.digits)
+        return synthetic_sft_examples(split=data.split, n=limit, seed=data.seed, digits=data.digits,
+                                      teacher_error=data.teacher_error)
     names = FieldNames(messages=data.messages_field, prompt=data.prompt_field, response=data.response_field)
     return read_sft_examples(data.source, split=data.split, names=names, limit=limit, subset=data.subset or None)
 

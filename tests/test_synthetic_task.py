@@ -1,0 +1,97 @@
+"""The synthetic task and its imperfect teacher: what the SFT data say, checked by re-doing the sums."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from dirl.data.synthetic import make_problem, pair_split, synthetic_problems
+
+STEP = re.compile(r"^(\d)\+(\d)(\+1)?=(\d+)$")
+
+
+def reread(response: str) -> tuple[list[tuple[int, int, bool, int]], int]:
+    """The columns of a worked response and its boxed number, parsed from the text alone."""
+    body, boxed = re.fullmatch(r"(.*)\. \\boxed\{(\d+)\}", response).groups()
+    cols = []
+    for step in body.split(", "):
+        x, y, plus, s = STEP.fullmatch(step).groups()
+        cols.append((int(x), int(y), plus is not None, int(s)))
+    return cols, int(boxed)
+
+
+def check_arithmetic(a: int, b: int, response: str) -> int:
+    """Every written step is a true sum of what it names, carries included, and the columns are a's and
+    b's digits from the units up. Returns the boxed number."""
+    cols, boxed = reread(response)
+    digits_a, digits_b = str(a)[::-1], str(b)[::-1]
+    carry = False
+    assert len(cols) == max(len(digits_a), len(digits_b)), response
+    for i, (x, y, plus, s) in enumerate(cols):
+        assert (str(x), str(y)) == (digits_a[i], digits_b[i]), response
+        assert plus == carry and s == x + y + int(plus), response
+        carry = s >= 10
+    return boxed
+
+
+def numbers(question: str) -> tuple[int, int]:
+    a, b = re.fullmatch(r"What is (\d+)\+(\d+)\?", question).groups()
+    return int(a), int(b)
+
+
+def test_the_exact_teacher_is_right_on_every_pair():
+    for p in synthetic_problems("train", n=500, seed=3) + synthetic_problems("test"):
+        a, b = numbers(p["question"])
+        assert check_arithmetic(a, b, p["response"]) == a + b
+        assert p["teacher_correct"] and p["answer"] == str(a + b)
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.5])
+def test_the_imperfect_teacher_slips_at_its_rate_and_only_in_the_boxed_sum(rate):
+    rows = synthetic_problems("train", seed=7, teacher_error=rate)
+    slips = readable = 0
+    for p in rows:
+        a, b = numbers(p["question"])
+        boxed = check_arithmetic(a, b, p["response"])  # the steps are always right
+        true = a + b
+        assert p["answer"] == str(true) and p["teacher_correct"] == (boxed == true)
+        assert boxed in (true, int(str(true)[::-1])), p  # the one slip: the digits units first
+        if int(str(true)[::-1]) != true:  # a slip shows
+            readable += 1
+            slips += boxed != true
+    # binomial: 5 standard errors either side
+    assert abs(slips / readable - rate) < 5 * math.sqrt(rate * (1 - rate) / readable), (slips, readable)
+
+
+def test_teacher_slips_are_seeded_and_leave_the_problems_and_the_split_alone():
+    a = synthetic_problems("train", n=300, seed=1, teacher_error=0.5)
+    b = synthetic_problems("train", n=300, seed=1, teacher_error=0.5)
+    c = synthetic_problems("train", n=300, seed=2, teacher_error=0.5)
+    exact = synthetic_problems("train", n=300, seed=1)
+    assert a == b
+    assert [(p["question"], p["answer"]) for p in a] == [(p["question"], p["answer"]) for p in exact]
+    assert [p["response"] for p in a] != [p["response"] for p in exact]
+    same_pairs = {p["id"]: p["response"] for p in c}
+    assert any(same_pairs[p["id"]] != p["response"] for p in a if p["id"] in same_pairs)
+    assert all(pair_split(*map(int, p["id"].split("-")[1:])) == "train" for p in a)
+    assert make_problem(43, 75, 1.0)["response"] == "3+5=8, 4+7=11. \\boxed{811}"
+    assert make_problem(47, 38, 1.0)["response"] == "7+8=15, 4+3+1=8. \\boxed{58}"
+    with pytest.raises(ValueError, match="teacher_error"):
+        synthetic_problems("train", n=3, teacher_error=1.5)
+
+
+def test_sft_config_key_and_default():
+    from dirl.config import ConfigError
+    from dirl.train.sft import SFTConfig, load_sft_config, load_sft_examples
+
+    assert 0 < SFTConfig().data.teacher_error < 1
+    with pytest.raises(ConfigError, match="data.teacher_error"):
+        load_sft_config(None, ["data.teacher_error=-0.1"])
+    for rate in (0, 1):
+        rows = load_sft_examples(load_sft_config(None, ["data.num_samples=50", f"data.teacher_error={rate}"]).data)
+        assert len(rows) == 50
+        for r in rows:
+            a, b = numbers(r.prompt[-1]["content"])
+            assert check_arithmetic(a, b, r.response) == (a + b if rate == 0 else int(str(a + b)[::-1]))
