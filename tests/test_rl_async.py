@@ -197,3 +197,23 @@ def test_async_rl_raises_a_toy_reward(tiny_dir, tmp_path):
     first, last = sum(rew[:3]) / 3, sum(rew[-3:]) / 3
     assert last > 3 * first and last - first > 0.05, rew
     assert [r["staleness"] for r in rows] == [0] + [1] * 7
+
+
+def test_async_servers_never_sleep_while_they_generate(tiny_dir, tmp_path, monkeypatch):
+    """Read from the colocated server's own access log: with staleness 1 the servers generate step
+    t+1 while the trainer trains and take the new weights (sleep -> update -> wakeup) only between
+    two rollouts: never a /sleep before the rollout in flight has been answered."""
+    import itertools
+
+    monkeypatch.setenv("DIRL_SERVER_ACCESS_LOG", "1")
+    cfg = _cfg(tmp_path, tiny_dir, "order", ["train.steps=3", "train.staleness=1", "train.save_every=0",
+                                             "log_samples=false"])
+    with contextlib.ExitStack() as cleanup:
+        run = setup_run(cfg, cleanup)
+        for step in range(3):
+            rl_step(run, step)
+    log = (tmp_path / "order" / "logs" / "server-rank0.log").read_text()
+    paths = [ln.split()[3] for ln in log.splitlines() if ln.startswith("dirl serve: POST ")]
+    folded = [p for p, _ in itertools.groupby(paths)]
+    # rollouts 0 and 1 (θ_0), push θ_1, rollout 2 (θ_1), push θ_2
+    assert folded == ["/generate", "/sleep", "/update_weights", "/wakeup"] * 2, folded
