@@ -25,7 +25,7 @@ this list of calls, each timed by one :class:`~dirl.train.common.PhaseTimer`:
 With ``train.offload_during_rollout`` (CUDA) the trainer's weights, gradients and optimizer state
 sit on the CPU during step 1, so the servers' KV cache has the device to itself.
 
-With ``train.staleness: 1`` (one-step off-policy, :class:`Rollouts`) step 1 runs on a worker thread
+With ``train.staleness: 1`` (one-step off-policy, :class:`Rollouts`) item 1 runs on a worker thread
 one step ahead: step t's rollout was made with the weights before step t-1's update and ran while
 the trainer computed that update; at the start of step t the trainer waits for it, pushes its
 current weights, starts step t+1's rollout with them, and trains on step t's groups with the
