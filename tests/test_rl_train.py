@@ -149,7 +149,7 @@ def test_rl_defaults_are_the_spec_values():
     cfg = load_rl_config(None, [])
     lo = cfg.loss
     assert (lo.epsilon, lo.epsilon_high, lo.beta, lo.loss_type) == (0.2, 0.28, 0.0, "grpo")
-    assert lo.score_after_eos is False and lo.layout == "packed" and lo.behaviour_logprobs == "recompute"
+    assert lo.score_after_eos is False and lo.layout == "packed" and lo.behaviour_logprobs == "auto"
     assert (cfg.optim.max_grad_norm, cfg.optim.weight_decay) == (1.0, 0.0)
     assert (cfg.train.num_mini_batches, cfg.train.num_iterations) == (1, 1)
     d = cfg.rollout.decoding

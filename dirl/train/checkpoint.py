@@ -277,6 +277,7 @@ def save_checkpoint(
     accelerator: Any = None,
     keep_last: int = 0,
     kind: str = "",
+    extra_files: Optional[dict[str, str]] = None,
 ) -> Path:
     """Write checkpoint ``step`` of a run; call it on every rank. Returns the checkpoint folder.
 
@@ -285,6 +286,8 @@ def save_checkpoint(
     ``extra_state``: JSON-serialisable trainer state (data cursor, counters, ...).
     ``keep_last`` > 0: delete older complete checkpoints beyond the newest ``keep_last``.
     ``kind``: the command writing it (``sft``, ``rl``), for :func:`newest_checkpoint`.
+    ``extra_files``: name -> text, written by the main process into the checkpoint folder (before
+    it is marked complete).
     """
     rank, world, main = _rank_world(accelerator)
     root = checkpoints_dir(run_dir)
@@ -320,6 +323,8 @@ def save_checkpoint(
             "extra": extra_state or {},
         }
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     _barrier(accelerator)
     if main:
         (tmp / COMPLETE_MARKER).write_text(f"step {int(step)}\n")

@@ -293,16 +293,19 @@ def broadcast_object(accelerator, obj: Any) -> Any:
 class Dist:
     """The few collective operations a training step needs (no-ops in one process)."""
 
-    def __init__(self, accelerator=None):
+    def __init__(self, accelerator=None, group: Any = None):
         self.acc = accelerator
         self.rank = accelerator.process_index if accelerator is not None else 0
         self.world = accelerator.num_processes if accelerator is not None else 1
+        # the process group of all_gather (None: the default one); a thread that gathers while
+        # another runs the training's collectives needs a group of its own
+        self.group = group
 
     def all_gather(self, obj: Any) -> list[Any]:
         if self.world == 1:
             return [obj]
         out: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
+        torch.distributed.all_gather_object(out, obj, group=self.group)
         return out
 
     def sum(self, values: Sequence[float]) -> list[float]:

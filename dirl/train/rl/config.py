@@ -90,8 +90,10 @@ class LossConfig:
     # behaviour policy gives finite losses and gradients; null turns the clamp off
     log_ratio_clamp: Optional[float] = 10.0
     # Behaviour policy of the ratio when it is not the current policy: "recompute" (the trainer's
-    # log-probs before the step's first update) or "rollout" (the engine's recorded log-probs).
-    behaviour_logprobs: Literal["recompute", "rollout"] = "recompute"
+    # log-probs before the step's first update), "rollout" (the engine's recorded log-probs), or
+    # "auto": recompute in the synchronous loop, rollout with train.staleness 1 (the rollouts were
+    # made with the previous weights, which only the engine's numbers describe).
+    behaviour_logprobs: Literal["auto", "recompute", "rollout"] = "auto"
     score_after_eos: bool = False  # also train the tokens after the first stop token
     layout: Literal["packed", "rounds"] = "packed"
     logits_chunk_size: int = 4096
@@ -128,6 +130,12 @@ class RLTrainConfig:
     # The trainer's weights, gradients and optimizer state on the CPU while the servers roll out
     # (CUDA, single process or DDP; under DeepSpeed use its own offload_optimizer instead).
     offload_during_rollout: bool = False
+    # Policy versions a step's rollouts may lag the trainer. 0: the synchronous loop (roll out with
+    # the current weights, then train). 1: one-step off-policy: step t+1's rollout runs with the
+    # weights before step t's update while the trainer computes that update; the ratio divides by
+    # the engine's recorded log-probs. Needs rollout.sleep_while_training false and no
+    # train.offload_during_rollout (the servers generate while the trainer trains).
+    staleness: int = 0
 
 
 @dataclass
@@ -212,6 +220,22 @@ class RLConfig:
         if t.offload_during_rollout and self.dist.strategy == "deepspeed":
             raise ConfigError("config key 'train.offload_during_rollout': not with DeepSpeed (its parameters are views "
                               "of flat buffers); use DeepSpeed's offload_optimizer, or dist.strategy ddp")
+        if t.staleness not in (0, 1):
+            raise ConfigError(f"config key 'train.staleness': 0 (synchronous) or 1 (one-step off-policy), "
+                              f"got {t.staleness!r}")
+        if t.staleness:
+            if self.rollout.sleep_while_training:
+                raise ConfigError("config keys 'train.staleness' and 'rollout.sleep_while_training': with staleness 1 "
+                                  "the servers generate the next step while the trainer trains, so they cannot "
+                                  "sleep; set rollout.sleep_while_training=false (or leave it unset)")
+            if t.offload_during_rollout:
+                raise ConfigError("config keys 'train.staleness' and 'train.offload_during_rollout': with staleness 1 "
+                                  "the rollout overlaps training, so the trainer's state cannot leave the device "
+                                  "for it; set train.offload_during_rollout=false")
+            if lo.behaviour_logprobs == "recompute":
+                raise ConfigError("config keys 'train.staleness' and 'loss.behaviour_logprobs': with staleness 1 the "
+                                  "rollouts come from the previous weights, which only the engine's recorded "
+                                  "log-probs describe; set loss.behaviour_logprobs to auto or rollout")
         if self.server.backend == "lmdeploy" and not self.server.urls and not torch.cuda.is_available():
             raise ConfigError("config key 'server.backend': lmdeploy servers need CUDA; use 'reference' on CPU "
                               "or give server.urls of running servers")

@@ -24,16 +24,24 @@ this list of calls, each timed by one :class:`~dirl.train.common.PhaseTimer`:
 
 With ``train.offload_during_rollout`` (CUDA) the trainer's weights, gradients and optimizer state
 sit on the CPU during step 1, so the servers' KV cache has the device to itself.
+
+With ``train.staleness: 1`` (one-step off-policy, :class:`Rollouts`) item 1 runs on a worker thread
+one step ahead: step t's rollout was made with the weights before step t-1's update and ran while
+the trainer computed that update; at the start of step t the trainer waits for it, pushes its
+current weights, starts step t+1's rollout with them, and trains on step t's groups with the
+engine's recorded log-probs as the behaviour policy. Servers do not sleep in that mode.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import random
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -99,6 +107,7 @@ from dirl.train.rl.update import (
 )
 
 PHASES = ("rollout", "reward", "sleep", "logprobs", "update", "weight_push", "offload")
+PENDING_FILE = "pending_rollout.json"  # a checkpoint's rollout of the next step (train.staleness 1)
 
 
 @dataclass
@@ -129,6 +138,9 @@ class RLRun:
     samples_path: Optional[Path]
     sleeps: bool = False  # servers sleep while the trainer trains (rollout.sleep_while_training)
     phase_hook: Optional[Callable[[str], None]] = None  # called as each phase of a step starts
+    rollout_hook: Optional[Callable[[int, "Rollout"], None]] = None  # called with each step's rollout
+    rollout_dist: Optional[Dist] = None  # the collectives of the rollout (its own group with staleness 1)
+    rollouts: Optional["Rollouts"] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,34 +151,189 @@ class RLRun:
 def rl_step(run: RLRun, step: int) -> dict:
     """One RL step (0-based ``step``); returns its metrics."""
     t = run.cfg.train
-    timer = PhaseTimer(PHASES, on_enter=run.phase_hook)
-    with offloaded_trainer(run, timer):
-        kept, stats = collect_step_groups(run, step, timer)
+    lag = run.rollouts.lag
+    timer = PhaseTimer(PHASES + (("rollout_wait",) if lag else ()), on_enter=run.phase_hook)
+    ro, slept = run.rollouts.take(step, timer)
+    if run.rollout_hook is not None:
+        run.rollout_hook(step, ro)
+    kept, stats = ro.kept, ro.stats
     metrics = rollout_metrics(stats, kept, t.prompts_per_step)
-    with timer("sleep"):
-        slept = sleep_servers(run)
+    metrics["staleness"] = step - ro.version
     samples = step_samples(run, kept, step)
     plan = plan_micro_batches(len(samples), t.num_mini_batches, run.dist.rank, run.dist.world, run.n_micro)
     with timer("logprobs"):
         measure = score_before_update(run, samples, plan)
     ups = run_updates(run, samples, plan, measure, timer)
     with timer("weight_push"):
-        if ups:
-            push_weights(run, slept=slept)
-        elif slept:
-            wake_servers(run)
+        run.rollouts.after_update(step, bool(ups), slept)
     metrics.update(update_metrics(ups, measure, run.dist, t.num_iterations))
     metrics.update(timer.metrics(run.dist))
     write_samples(run, step + 1, stats, kept)
     return metrics
 
 
-def collect_step_groups(run: RLRun, step: int, timer: PhaseTimer) -> tuple[list[Group], CollectStats]:
+# --------------------------------------------------------------------------------------------
+# Where a step's rollout comes from: now (staleness 0) or one step ahead (staleness 1)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """One step's rewarded groups and how they were made: ``version`` is the number of RL steps
+    whose updates the servers' weights held (the behaviour policy is θ_version); ``sampler_before``
+    the prompt cursor before its draws (what a checkpoint records when this rollout is pending)."""
+
+    step: int
+    kept: list[Group]
+    stats: CollectStats
+    version: int
+    sampler_before: dict
+    seconds: dict = field(default_factory=dict)  # rollout / reward seconds of the worker
+
+    def to_json(self, sampler_after: dict) -> str:
+        ids = {id(g): i for i, g in enumerate(self.stats.all_groups)}
+        st = {k: v for k, v in asdict(self.stats).items() if k != "all_groups"}
+        return json.dumps({"step": self.step, "version": self.version, "sampler_before": self.sampler_before,
+                           "sampler_after": sampler_after, "stats": st, "kept": [ids[id(g)] for g in self.kept],
+                           "groups": [asdict(g) for g in self.stats.all_groups]})
+
+    @staticmethod
+    def from_json(text: str) -> tuple["Rollout", dict]:
+        d = json.loads(text)
+        groups = [Group(**g) for g in d["groups"]]
+        stats = CollectStats(**d["stats"], all_groups=groups)
+        ro = Rollout(int(d["step"]), [groups[i] for i in d["kept"]], stats, int(d["version"]), d["sampler_before"])
+        return ro, d["sampler_after"]
+
+
+class _Job:
+    """A rollout on a daemon thread (a hung request cannot keep the process alive at exit)."""
+
+    def __init__(self, fn: Callable[[], Rollout], name: str):
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def main():
+            try:
+                self.future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - re-raised by result() in the trainer's thread
+                self.future.set_exception(e)
+
+        threading.Thread(target=main, name=name, daemon=True).start()
+
+    @staticmethod
+    def done(ro: Rollout) -> "_Job":
+        job = _Job.__new__(_Job)
+        job.future = concurrent.futures.Future()
+        job.future.set_result(ro)
+        return job
+
+    def result(self) -> Rollout:
+        return self.future.result()
+
+
+class Rollouts:
+    """The rollouts of the run's steps, in one of two schedules (``train.staleness``).
+
+    Weights θ_k: after the updates of k steps (θ_0 the initial weights); step t updates θ_t to
+    θ_{t+1}. ``server_version``: the k of the weights the servers hold.
+
+    * staleness 0 (the synchronous loop): step t rolls out now, with θ_t (trainer state offloaded
+      and servers put to sleep as configured), and θ_{t+1} is pushed right after its update.
+    * staleness 1: step t's rollout was started, on a worker thread, at the beginning of step t-1's
+      update, with θ_{t-1} (the first step of a process starts its own, with the weights it has).
+      ``take(t)`` waits for it, pushes θ_t, starts step t+1's rollout (with θ_t) and returns step t's;
+      the update of step t then overlaps step t+1's rollout. Refill rounds of the group filter are
+      part of the worker's job (same weights, exact filling). Held-out evaluation and checkpoints
+      first wait for the rollout in flight (a push cannot interrupt a generation); a checkpoint
+      stores that finished rollout (:data:`PENDING_FILE`), so a resumed run trains on exactly it.
+    """
+
+    def __init__(self, run: RLRun, pending: Optional[Rollout] = None):
+        self.run = run
+        self.lag = int(run.cfg.train.staleness)
+        self.server_version = run.start_step
+        self.pending: Optional[_Job] = _Job.done(pending) if pending is not None else None
+
+    # -- the two schedules ---------------------------------------------------------------------------
+    def take(self, step: int, timer: PhaseTimer) -> tuple[Rollout, bool]:
+        """Step ``step``'s rollout, and whether the servers now sleep for the training."""
+        run = self.run
+        if not self.lag:
+            before = run.source.sampler.state_dict()
+            with offloaded_trainer(run, timer):
+                kept, stats = collect_step_groups(run, step, timer, run.dist)
+            with timer("sleep"):
+                slept = sleep_servers(run)
+            return Rollout(step, kept, stats, self.server_version, before), slept
+        if self.pending is None:  # the first step of this process: nothing ran ahead
+            self.pending = self._start(step)
+        with timer("rollout_wait"):
+            ro = self.pending.result()
+        self.pending = None
+        if ro.step != step:
+            raise RuntimeError(f"the rollout in hand is step {ro.step + 1}'s, not step {step + 1}'s")
+        with timer("weight_push"):
+            self.push(step)
+        if step + 1 < run.cfg.train.steps:
+            self.pending = self._start(step + 1)
+        for k, v in ro.seconds.items():
+            timer.add(k, v)
+        return ro, False
+
+    def after_update(self, step: int, updated: bool, slept: bool) -> None:
+        """After step ``step``'s updates: staleness 0 pushes θ_{step+1} now (or wakes the servers);
+        staleness 1 pushes it at the next step's start, once the rollout in flight has finished."""
+        if self.lag:
+            return
+        if updated:
+            push_weights(self.run, slept=slept)
+        elif slept:
+            wake_servers(self.run)
+        self.server_version = step + 1
+
+    def _start(self, step: int) -> _Job:
+        version = self.server_version
+        return _Job(lambda: self._produce(step, version), name=f"dirl-rollout-s{step}")
+
+    def _produce(self, step: int, version: int) -> Rollout:
+        run = self.run
+        timer = PhaseTimer(("rollout", "reward"))
+        before = run.source.sampler.state_dict()
+        kept, stats = collect_step_groups(run, step, timer, run.rollout_dist or run.dist)
+        return Rollout(step, kept, stats, version, before, dict(timer.seconds))
+
+    # -- the servers' weights ------------------------------------------------------------------------
+    def push(self, version: int) -> None:
+        """The trainer's weights (θ_version) to the servers unless they hold them; waits for a
+        rollout in flight first."""
+        if self.server_version == version:
+            return
+        if self.pending is not None:
+            self.pending.result()
+        push_weights(self.run)
+        self.server_version = version
+
+    def before_eval(self, done: int) -> None:
+        """The servers hold θ_done for a held-out evaluation after ``done`` steps."""
+        self.push(done)
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, str]]:
+        """The prompt cursor a checkpoint records and its extra files: with a rollout in flight,
+        waits for it and stores it; the cursor is then the one before its draws."""
+        sampler = self.run.source.sampler.state_dict()
+        if self.pending is None:
+            return sampler, {}
+        ro = self.pending.result()
+        return ro.sampler_before, {PENDING_FILE: ro.to_json(sampler)}
+
+
+def collect_step_groups(run: RLRun, step: int, timer: PhaseTimer,
+                        dist: Optional[Dist] = None) -> tuple[list[Group], CollectStats]:
     """The step's rewarded groups: ``prompts_per_step`` of them, filtered and refilled with dynamic sampling."""
     t = run.cfg.train
     run.source.skipped = 0
     generate = partial(rollout_and_score, run.servers.client, G=t.num_generations, step=step, s=run.sampling,
-                       dist=run.dist, timer=timer)
+                       dist=dist or run.dist, timer=timer)
     kept, stats = collect_groups(run.source.draw, generate, t.prompts_per_step, t.filter_groups,
                                  t.max_sampling_rounds, t.oversample)
     stats.skipped_long = run.source.skipped
@@ -279,6 +446,7 @@ def update_metrics(ups: list[dict], measure: dict, dist: Dist, num_iterations: i
             "kl": mean([u["kl"] for u in ups]),
             "ratio/mean": mean([u["ratio_mean"] for u in ups]),
             "ratio/max": max(u["ratio_max"] for u in ups),
+            "ratio/min": _finite_or_nan(min(u["ratio_min"] for u in ups)),
             "ratio/clamped_tokens": sum(u["ratio_clamped"] for u in ups),
             "kl/clamped_tokens": sum(u["kl_clamped"] for u in ups),
             "grad_norm": mean([u["grad_norm"] for u in ups]),
@@ -287,6 +455,10 @@ def update_metrics(ups: list[dict], measure: dict, dist: Dist, num_iterations: i
             "tokens/forward": sum(u["forward_tokens"] for u in ups) / num_iterations,
         })
     return m
+
+
+def _finite_or_nan(x: float) -> float:
+    return x if x != float("inf") else float("nan")
 
 
 def write_samples(run: RLRun, done: int, stats: CollectStats, kept: list[Group]) -> None:
@@ -311,9 +483,10 @@ def held_out_eval(run: RLRun) -> dict:
 
 
 def save(run: RLRun, step: int) -> Path:
-    extra = {"sampler": run.source.sampler.state_dict(), "config_steps": run.cfg.train.steps}
+    sampler, files = run.rollouts.checkpoint_state()
+    extra = {"sampler": sampler, "config_steps": run.cfg.train.steps, "staleness": run.cfg.train.staleness}
     return save_checkpoint(run.run_dir, step, unwrap(run.wrapped).model, run.tok, run.optimizer, run.scheduler, extra,
-                           accelerator=run.acc, keep_last=run.cfg.train.keep_last, kind="rl")
+                           accelerator=run.acc, keep_last=run.cfg.train.keep_last, kind="rl", extra_files=files)
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,10 +580,14 @@ def setup_run(cfg: RLConfig, cleanup: contextlib.ExitStack) -> RLRun:
         sampling=Sampling(dec, stop_token_ids(tok), t.seed, cfg.rewards, B),
         settings=BatchSettings(B, mask_id, int(tok.pad_token_id or 0), lo.layout, lo.score_after_eos,
                                float(dec.temperature), lo.logits_chunk_size, acc.device, t.row_tokens),
-        n_micro=n_micro, behaviour=behaviour_policy(lo, t.num_iterations, t.num_mini_batches), strategy=strategy,
+        n_micro=n_micro, behaviour=behaviour_policy(lo, t.num_iterations, t.num_mini_batches, t.staleness),
+        strategy=strategy,
         start_step=start_step, resumed_from=resumed_from, samples_path=samples_path)
     sleeps = cfg.rollout.sleep_while_training
-    run.sleeps = (servers.mode == "started") if sleeps is None else bool(sleeps)
+    run.sleeps = (servers.mode == "started" and not t.staleness) if sleeps is None else bool(sleeps)
+    if t.staleness and dist.world > 1:  # the worker thread gathers while the trainer all-reduces
+        run.rollout_dist = Dist(acc, group=torch.distributed.new_group(backend="gloo"))
+    run.rollouts = Rollouts(run, pending_rollout(run, resumed_from))
     if t.offload_during_rollout and strategy == "deepspeed":
         raise ConfigError("config key 'train.offload_during_rollout': not with DeepSpeed (its parameters are views "
                           "of flat buffers); use DeepSpeed's offload_optimizer, or dist.strategy ddp")
@@ -423,6 +600,24 @@ def setup_run(cfg: RLConfig, cleanup: contextlib.ExitStack) -> RLRun:
                          f"{t.num_generations} samples | servers ({_servers_label(servers)}): {', '.join(servers.urls)} "
                          f"[{info.get('engine')}, {info.get('unmasking_strategy')}]")
     return run
+
+
+def pending_rollout(run: RLRun, ckpt: Optional[Path]) -> Optional[Rollout]:
+    """The next step's rollout a checkpoint stored (written with train.staleness 1): used when
+    resuming with staleness 1 (the prompt cursor moves past its draws); the synchronous loop rolls
+    the step out again with the checkpoint's weights and the cursor before those draws."""
+    if ckpt is None or not (ckpt / PENDING_FILE).is_file():
+        return None
+    if not run.cfg.train.staleness:
+        rank_zero_print(run.acc, f"[dirl rl] {ckpt / PENDING_FILE} not used: train.staleness is 0, step "
+                                 f"{run.start_step + 1} is rolled out again with the checkpoint's weights")
+        return None
+    ro, sampler_after = Rollout.from_json((ckpt / PENDING_FILE).read_text())
+    if ro.step != run.start_step:
+        raise ConfigError(f"config key 'train.resume': {ckpt / PENDING_FILE} holds step {ro.step + 1}'s rollout, "
+                          f"but the checkpoint resumes at step {run.start_step + 1}")
+    run.source.sampler.load_state_dict(sampler_after)
+    return ro
 
 
 def move_trainer_state(model: torch.nn.Module, optimizer: Any, device: torch.device) -> None:
@@ -497,10 +692,12 @@ def train_rl(cfg: RLConfig) -> dict:
             done = step + 1
             log.step(done, rl_step(run, step))
             if ev.enabled and ev.every and done % ev.every == 0 and done != t.steps:
+                run.rollouts.before_eval(done)
                 log.eval(done, held_out_eval(run))
             if t.save_every and done % t.save_every == 0 and done != t.steps:
                 final_ckpt, last_saved = save(run, done), done
         if ev.enabled and t.steps > run.start_step:
+            run.rollouts.before_eval(t.steps)
             log.eval(t.steps, held_out_eval(run))
         if last_saved != t.steps:
             final_ckpt = save(run, t.steps)
@@ -535,6 +732,7 @@ def write_summary(run: RLRun, log: RunLog, final_ckpt: Optional[Path], train_tim
         "param_digest_per_rank": digests,
         "ranks_in_sync": len(set(digests)) == 1,
         "servers": _servers_label(run.servers),
+        "staleness": run.cfg.train.staleness,
         "plot": str(plot) if plot else None,
     }
     if acc.is_main_process:

@@ -48,10 +48,11 @@ def make_samples(groups: Sequence[Group], scale_by_std: bool = True, score_after
     return out
 
 
-def behaviour_policy(loss: LossConfig, num_iterations: int, num_mini_batches: int) -> Behaviour:
-    """Whose log-probs the ratio divides by: the recorded ones (``rollout``), the current policy's
-    own (``current``: one on-policy update per batch, ratio 1) or a pre-pass's (``old``)."""
-    if loss.behaviour_logprobs == "rollout":
+def behaviour_policy(loss: LossConfig, num_iterations: int, num_mini_batches: int, staleness: int = 0) -> Behaviour:
+    """Whose log-probs the ratio divides by: the recorded ones (``rollout``; always with stale
+    rollouts), the current policy's own (``current``: one on-policy update per batch, ratio 1) or a
+    pre-pass's (``old``)."""
+    if loss.behaviour_logprobs == "rollout" or (staleness > 0 and loss.behaviour_logprobs == "auto"):
         return "rollout"
     return "current" if num_iterations == 1 and num_mini_batches == 1 else "old"
 
@@ -247,6 +248,7 @@ def update(wrapped, stepper: GradientStepper, samples: list[Sample], mini_plan: 
     out.update({
         "loss": sums[0], "clip_fraction": sums[1] / max(sums[2], 1.0), "kl": sums[3] / max(sums[2], 1.0),
         "ratio_mean": sums[4] / max(sums[2], 1.0), "ratio_max": dist.max(stats.ratio_max),
+        "ratio_min": -dist.max(-stats.ratio_min),  # inf: no scored token on any rank
         "ratio_clamped": sums[6], "kl_clamped": sums[7],
         "scored_tokens": sums[2], "forward_tokens": sums[5], "responses": tot_resp, "forward_s": fwd_time,
     })
