@@ -402,7 +402,8 @@ class Engine:
         q_meta = TokenMeta(doc=doc, pos=pos, blk=blk, noisy=noisy, grp=blk * noisy)
         kv_len = cache.prepare(lq)
         k_meta = self._key_meta(q_meta, cache.lengths, kv_len)
-        hidden = self.model.hidden_states(input_ids, q_meta, k_meta=k_meta, cache=cache, backend="sdpa")
+        hidden = self.model.hidden_states(input_ids, q_meta, k_meta=k_meta, cache=cache, backend="sdpa",
+                                          fold_query_heads=True)
         cache.advance(offsets)
         for r in rows:
             r.pending = []
