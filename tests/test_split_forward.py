@@ -97,11 +97,13 @@ def test_split_runs_by_default_only_for_long_rows_under_autograd(tiny, monkeypat
 
     model, _ = tiny
     meta = sft_meta(torch.arange(8)[None], torch.zeros(1, 8, dtype=torch.long), model.block_size)
-    monkeypatch.setattr(split, "DEFAULT_SPLIT_MIN_TOKENS", 8)
+    size = split.saved_activation_bytes(model.config, 16)
+    assert not model._should_split(meta, None)  # 16 tokens: far below the default
+    monkeypatch.setattr(split, "DEFAULT_SPLIT_MIN_BYTES", size - 1)
     assert model._should_split(meta, None)
     with torch.no_grad():
         assert not model._should_split(meta, None)
-    monkeypatch.setattr(split, "DEFAULT_SPLIT_MIN_TOKENS", 16)
+    monkeypatch.setattr(split, "DEFAULT_SPLIT_MIN_BYTES", size)
     assert not model._should_split(meta, None)
     assert model._should_split(meta, True)
 

@@ -143,8 +143,8 @@ class SDARModel(nn.Module):
         :class:`~dirl.model.attention.GroupedQueryMask`). ``split_noisy`` (SDPA, no cache): run the
         clean tokens once and the noisy copies in groups against their keys/values, each group
         recomputed in the backward pass (:mod:`dirl.model.split`; same numbers, memory of the clean
-        part plus one group); None: when a forward under autograd has rows longer than
-        :data:`~dirl.model.split.DEFAULT_SPLIT_MIN_TOKENS` and no activation checkpointing.
+        part plus one group); None: when a forward under autograd would keep more activations than
+        :data:`~dirl.model.split.DEFAULT_SPLIT_MIN_BYTES` and no activation checkpointing is on.
         """
         be = self.backend(backend)
         self._use_backend(be)
@@ -180,9 +180,11 @@ class SDARModel(nn.Module):
     def _should_split(self, meta: TokenMeta, split_noisy: Optional[bool]) -> bool:
         if split_noisy is not None:
             return bool(split_noisy)
-        from dirl.model.split import DEFAULT_SPLIT_MIN_TOKENS
+        from dirl.model import split
 
-        return (torch.is_grad_enabled() and meta.pos.shape[1] > DEFAULT_SPLIT_MIN_TOKENS
+        tokens = int(meta.pos.shape[0]) * int(meta.pos.shape[1])
+        return (torch.is_grad_enabled()
+                and split.saved_activation_bytes(self.config, tokens, self.dtype.itemsize) > split.DEFAULT_SPLIT_MIN_BYTES
                 and not _activation_checkpointing(self.hf)
                 and bool((meta.noisy != 0).any()) and bool((meta.noisy == 0).any()))
 

@@ -32,8 +32,18 @@ except ImportError:  # pragma: no cover
 
 #: noisy tokens per group (whole copies; a copy longer than this is a group of its own)
 DEFAULT_GROUP_TOKENS = 1024
-#: rows longer than this are split when a forward runs under autograd on the SDPA path (auto mode)
-DEFAULT_SPLIT_MIN_TOKENS = 2048
+#: auto mode: a forward under autograd on the SDPA path is split when the activations it would keep
+#: for the backward pass are estimated above this (short forwards stay in one piece: the split costs
+#: a second forward of the noisy tokens)
+DEFAULT_SPLIT_MIN_BYTES = 1 << 30
+
+
+def saved_activation_bytes(config, tokens: int, element_size: int = 4) -> int:
+    """Rough size of what a Qwen3 decoder keeps for the backward pass of ``tokens`` tokens: about ten
+    hidden-sized and four intermediate-sized tensors per token and layer (norms, projections, RoPE,
+    the MLP's gate/up/product)."""
+    per_layer = 10 * int(config.hidden_size) + 4 * int(config.intermediate_size)
+    return int(tokens) * per_layer * int(config.num_hidden_layers) * int(element_size)
 
 
 class _PrefixLayer(_HFLayer):
