@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -248,7 +249,8 @@ def synthetic_trajectory(n_tokens: int, block_size: int, vocab: int, prompt_len:
             "response_length": n_tokens}
 
 
-def scaling_child(n_tokens: int, query_chunk: int, gradient_checkpointing: bool = False) -> dict:
+def scaling_child(n_tokens: int, query_chunk: int, gradient_checkpointing: bool = False,
+                  split: Optional[bool] = None) -> dict:
     """One measurement in this (fresh) process: packed fwd+bwd of one response of ``n_tokens``."""
     import resource
 
@@ -273,7 +275,8 @@ def scaling_child(n_tokens: int, query_chunk: int, gradient_checkpointing: bool 
         def forward(self, b):
             from dirl.train.logprobs import token_logprobs
 
-            h = self.model.hidden_states(b.input_ids, b.meta, query_chunk=query_chunk)[b.rows, b.cols]
+            h = self.model.hidden_states(b.input_ids, b.meta, query_chunk=query_chunk,
+                                         split_noisy=split)[b.rows, b.cols]
             return token_logprobs(h, self.model.lm_head, b.targets)
 
     warm = build_batch([synthetic_trajectory(64, model.block_size, model.config.vocab_size, seed=1)],
@@ -288,19 +291,22 @@ def scaling_child(n_tokens: int, query_chunk: int, gradient_checkpointing: bool 
     t2, c2 = time.perf_counter(), time.process_time()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"generated_tokens": n_tokens, "forward_tokens": batch.num_tokens, "scored": batch.num_scored,
-            "query_chunk": query_chunk, "gradient_checkpointing": gradient_checkpointing, "parameters": count_parameters(model), "forward_s": t1 - t0,
+            "query_chunk": query_chunk, "gradient_checkpointing": gradient_checkpointing,
+            "split": model._should_split(batch.meta, split), "parameters": count_parameters(model), "forward_s": t1 - t0,
             "forward_backward_s": t2 - t0, "forward_cpu_s": c1 - c0, "forward_backward_cpu_s": c2 - c0,
             "peak_rss_gb": peak, "rss_before_gb": base,
             "logprobs": lp.detach().tolist()[:256]}
 
 
-def bench_scaling(lengths: list[int], query_chunk: int, gradient_checkpointing: bool = False) -> dict:
+def bench_scaling(lengths: list[int], query_chunk: int, gradient_checkpointing: bool = False,
+                  unsplit: bool = False) -> dict:
     import math
     import subprocess
 
-    def run(n, chunk, gc=False):
+    def run(n, chunk, gc=False, no_split=False):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--scaling-child", str(n), "--query-chunk", str(chunk)]
         cmd += ["--gradient-checkpointing"] if gc else []
+        cmd += ["--no-split"] if no_split else []
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             return {"generated_tokens": n, "query_chunk": chunk, "error": r.stderr.strip().splitlines()[-1:]}
@@ -309,6 +315,8 @@ def bench_scaling(lengths: list[int], query_chunk: int, gradient_checkpointing: 
     rows = [run(n, query_chunk) for n in lengths]
     dense = run(lengths[0], 0)
     out: dict = {"chunked": rows, "dense": dense}
+    if unsplit:  # the single forward at the longest length (what the split replaces)
+        out["unsplit"] = run(lengths[-1], query_chunk, no_split=True)
     if gradient_checkpointing:
         out["checkpointed"] = run(lengths[-1], query_chunk, gc=True)
     ok = [r for r in rows if "error" not in r]
@@ -327,7 +335,10 @@ def bench_scaling(lengths: list[int], query_chunk: int, gradient_checkpointing: 
     if "error" not in dense and ok and ok[0]["generated_tokens"] == dense["generated_tokens"]:
         out["max_abs_logprob_diff_chunked_vs_dense"] = max(
             abs(x - y) for x, y in zip(ok[0]["logprobs"], dense["logprobs"]))
-    for r in rows + [dense] + ([out["checkpointed"]] if "checkpointed" in out else []):
+    if "unsplit" in out and "error" not in out["unsplit"] and ok and ok[-1]["generated_tokens"] == lengths[-1]:
+        out["max_abs_logprob_diff_split_vs_unsplit"] = max(
+            abs(x - y) for x, y in zip(ok[-1]["logprobs"], out["unsplit"]["logprobs"]))
+    for r in rows + [dense] + [out[k] for k in ("checkpointed", "unsplit") if k in out]:
         r.pop("logprobs", None)
     return out
 
@@ -347,6 +358,9 @@ def main(argv=None) -> int:
     p.add_argument("--scaling-child", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="scaling: also measure the longest length with the trainers' gradient checkpointing")
+    p.add_argument("--no-split", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--unsplit", action="store_true",
+                   help="scaling: also measure the longest length as one forward (no clean/noisy split)")
     p.add_argument("--min-speedup-per-token-ratio", type=float, default=0.5,
                    help="target: rounds/packed forward time >= this x rounds/packed tokens (layouts section)")
     p.add_argument("--max-peak-gb", type=float, default=4.0, help="target: peak memory at the longest scaling length")
@@ -359,7 +373,8 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(1)
-        print(json.dumps(scaling_child(a.scaling_child, a.query_chunk, a.gradient_checkpointing)))
+        print(json.dumps(scaling_child(a.scaling_child, a.query_chunk, a.gradient_checkpointing,
+                                       split=False if a.no_split else None)))
         return 0
 
     import torch
@@ -399,7 +414,7 @@ def main(argv=None) -> int:
         result["step"] = bench_step(model_dir, work, a.steps)
     if "scaling" not in skip:
         result["scaling"] = bench_scaling([int(x) for x in a.scaling_lengths.split(",")], a.query_chunk,
-                                          a.gradient_checkpointing)
+                                          a.gradient_checkpointing, a.unsplit)
     result["machine"]["load_avg_end"] = os.getloadavg()
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
 
@@ -448,12 +463,13 @@ def main(argv=None) -> int:
         print("\n### packed log-prob pass, one response, 4M-parameter SDAR-shaped model (forward + backward)")
         print("| generated tokens | forward tokens | query chunk | forward s (CPU) | forward+backward s (CPU) | "
               "peak RSS GB |\n|---|---|---|---|---|---|")
-        for r in S["chunked"] + [S["dense"]] + ([S["checkpointed"]] if "checkpointed" in S else []):
+        for r in S["chunked"] + [S["dense"]] + [S[k] for k in ("checkpointed", "unsplit") if k in S]:
             if "error" in r:
                 print(f"| {r['generated_tokens']} | | {r['query_chunk'] or 'dense'} | failed: {r['error']} | | |")
                 continue
             cpu = lambda k: f" ({r[k]:.2f})" if k in r else ""  # noqa: E731
-            name = f"{r['query_chunk'] or 'dense'}" + (", grad. ckpt" if r.get("gradient_checkpointing") else "")
+            name = f"{r['query_chunk'] or 'dense'}" + (", grad. ckpt" if r.get("gradient_checkpointing") else "") \
+                + (", clean once + noisy groups" if r.get("split") else "")
             print(f"| {r['generated_tokens']} | {r['forward_tokens']} | {name} | "
                   f"{r['forward_s']:.2f}{cpu('forward_cpu_s')} | {r['forward_backward_s']:.2f}"
                   f"{cpu('forward_backward_cpu_s')} | {r['peak_rss_gb']:.2f} |")
@@ -463,6 +479,9 @@ def main(argv=None) -> int:
                   f"{S['memory_exponent']:.2f} (memory added by the pass: {S.get('added_memory_exponent', float('nan')):.2f})")
         if "max_abs_logprob_diff_chunked_vs_dense" in S:
             print(f"max |chunked - dense| log-prob: {S['max_abs_logprob_diff_chunked_vs_dense']:.2e}")
+        if "max_abs_logprob_diff_split_vs_unsplit" in S:
+            print(f"max |split - one forward| log-prob at {S['chunked'][-1]['generated_tokens']} tokens: "
+                  f"{S['max_abs_logprob_diff_split_vs_unsplit']:.2e}")
         last = S["chunked"][-1]
         if "error" in last:
             missed.append(f"the {last['generated_tokens']}-token pass runs (failed: {last['error']})")
@@ -471,6 +490,9 @@ def main(argv=None) -> int:
                           f"(measured {last['peak_rss_gb']:.2f} GB)")
         if S.get("memory_exponent", 0.0) > 1.25:
             missed.append(f"peak memory grows with exponent <= 1.25 (measured {S['memory_exponent']:.2f})")
+        if S.get("max_abs_logprob_diff_split_vs_unsplit", 0.0) > 1e-5:
+            missed.append(f"split equals one-forward log-probs to 1e-5 "
+                          f"(measured {S['max_abs_logprob_diff_split_vs_unsplit']:.2e})")
         if S.get("max_abs_logprob_diff_chunked_vs_dense", 0.0) > 1e-5:
             missed.append(f"chunked equals dense log-probs to 1e-5 "
                           f"(measured {S['max_abs_logprob_diff_chunked_vs_dense']:.2e})")

@@ -145,16 +145,45 @@ def resolve_backend(backend: Backend, device: torch.device | str) -> Literal["fl
 
 
 def build_mask(q: TokenMeta, k: Optional[TokenMeta] = None, backend: Literal["flex", "sdpa"] = "sdpa",
-               query_chunk: Optional[int] = None):
+               query_chunk: Optional[int] = None, query_groups: int = 1, dtype: torch.dtype = torch.float32):
     """The mask object of a forward: a FlexAttention ``BlockMask`` (flex), else for SDPA a dense
     boolean mask, or a :class:`ChunkedMask` when the queries are longer than ``query_chunk``
-    (None: :data:`DEFAULT_QUERY_CHUNK`; 0: never chunk)."""
+    (None: :data:`DEFAULT_QUERY_CHUNK`; 0: never chunk). ``query_groups > 1`` (SDPA, short
+    forwards such as a decoding step): a :class:`GroupedQueryMask` for that many query heads per KV
+    head, additive in ``dtype``."""
     if backend == "flex":
         return flex_block_mask(q, k)
     chunk = DEFAULT_QUERY_CHUNK if query_chunk is None else int(query_chunk)
     if chunk > 0 and q.pos.shape[1] > chunk:
         return ChunkedMask(q, k, chunk=chunk)
+    if query_groups > 1:
+        return GroupedQueryMask(dense_mask(q, k), query_groups, dtype)
     return dense_mask(q, k)
+
+
+class GroupedQueryMask:
+    """The mask of a short forward (a decoding step) for attention with ``groups`` query heads per
+    KV head, laid out for folding: the query heads of a group are stacked along the query axis
+    (``[B, Hkv, groups * Lq, D]``), so SDPA runs on the KV heads as they are, with one plain batched
+    product per KV head instead of its grouped-query broadcast. The mask is built once per forward,
+    additive (0 / -inf) in the model's dtype (SDPA would otherwise convert a boolean mask in every
+    layer), and shared by every layer. Same numbers as the boolean mask: the same keys weigh 0."""
+
+    def __init__(self, mask: torch.Tensor, groups: int, dtype: torch.dtype = torch.float32):
+        self.groups = int(groups)
+        self.shape = tuple(mask.shape)  # what the boolean mask is ([B, 1, Lq, Lk])
+        folded = mask.repeat(1, 1, self.groups, 1) if self.groups > 1 else mask
+        self.additive = torch.zeros(folded.shape, dtype=dtype, device=mask.device).masked_fill_(~folded, float("-inf"))
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+        """``[B, Hq, Lq, D]`` output for ``query [B, Hq, Lq, D]``, ``key``/``value [B, Hkv, Lk, D]``."""
+        b, hq, lq, d = query.shape
+        hkv = key.shape[1]
+        if hq != hkv * self.groups:
+            raise ValueError(f"GroupedQueryMask for {self.groups} query heads per KV head, got {hq} / {hkv}")
+        q = query.reshape(b, hkv, self.groups * lq, d)
+        out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=self.additive, scale=scale)
+        return out.view(b, hq, lq, out.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,9 +290,9 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0
     heads as they are (``enable_gqa``; transformers' own SDPA path copies K/V once per query head
     whenever a mask is given), with the boolean block-diffusion mask or a :class:`ChunkedMask`.
     ``query [B, Hq, Lq, D]``, ``key``/``value [B, Hkv, Lk, D]``; returns ``[B, Lq, Hq, D]``."""
-    if isinstance(attention_mask, ChunkedMask):
+    if isinstance(attention_mask, (ChunkedMask, GroupedQueryMask)):
         if dropout and module.training:
-            raise ValueError("attention dropout is not supported with chunked queries")
+            raise ValueError("attention dropout is not supported with chunked queries or folded query groups")
         out = attention_mask.attend(query, key, value, scaling)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(

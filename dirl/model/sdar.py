@@ -73,6 +73,13 @@ def _cache_kwarg(decoder: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _activation_checkpointing(hf_model: nn.Module) -> bool:
+    """Whether transformers' activation checkpointing is on (the property's name changed in 5.x)."""
+    name = "is_activation_checkpointing" if hasattr(type(hf_model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    return bool(getattr(hf_model, name, False))
+
+
 class SDARModel(nn.Module):
     """A Qwen3 decoder run under the block-diffusion attention rule."""
 
@@ -121,6 +128,8 @@ class SDARModel(nn.Module):
         cache: Any = None,
         backend: Optional[Backend] = None,
         query_chunk: Optional[int] = None,
+        fold_query_heads: bool = False,
+        split_noisy: Optional[bool] = None,
     ):
         """Final (normed) hidden states ``[B, L, H]``.
 
@@ -129,11 +138,28 @@ class SDARModel(nn.Module):
         ``cache``: a ``transformers.Cache`` the attention layers read and write (the rollout
         engine's :class:`~dirl.rollout.engine.BlockKVCache`). ``query_chunk`` (SDPA only): queries
         per chunk of a long forward (see :class:`~dirl.model.attention.ChunkedMask`; None: the
-        default, 0: one dense mask).
+        default, 0: one dense mask). ``fold_query_heads`` (SDPA, short forwards such as a decoding
+        step): the query heads sharing a KV head are attended as one batch (see
+        :class:`~dirl.model.attention.GroupedQueryMask`). ``split_noisy`` (SDPA, no cache): run the
+        clean tokens once and the noisy copies in groups against their keys/values, each group
+        recomputed in the backward pass (:mod:`dirl.model.split`; same numbers, memory of the clean
+        part plus one group); None: when a forward under autograd would keep more activations than
+        :data:`~dirl.model.split.DEFAULT_SPLIT_MIN_BYTES` and no activation checkpointing is on.
         """
         be = self.backend(backend)
         self._use_backend(be)
-        mask = build_mask(meta, k_meta, backend=be, query_chunk=query_chunk)
+        if be == "sdpa" and cache is None and k_meta is None and self._should_split(meta, split_noisy):
+            from dirl.model.split import split_hidden_states
+
+            if self._cache_kwarg is None:
+                self._cache_kwarg = _cache_kwarg(self.hf.model)
+            return split_hidden_states(self.hf.model, input_ids, meta, query_chunk=query_chunk,
+                                       cache_kwarg=self._cache_kwarg)
+        groups = 1
+        if fold_query_heads and be == "sdpa":
+            cfg = self.config
+            groups = int(cfg.num_attention_heads) // int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        mask = build_mask(meta, k_meta, backend=be, query_chunk=query_chunk, query_groups=groups, dtype=self.dtype)
         if be != "flex":
             # a ready mask per layer type: transformers then builds none of its own
             mask = {"full_attention": mask, "sliding_attention": mask}
@@ -150,6 +176,17 @@ class SDARModel(nn.Module):
             **kwargs,
         )
         return out.last_hidden_state
+
+    def _should_split(self, meta: TokenMeta, split_noisy: Optional[bool]) -> bool:
+        if split_noisy is not None:
+            return bool(split_noisy)
+        from dirl.model import split
+
+        tokens = int(meta.pos.shape[0]) * int(meta.pos.shape[1])
+        return (torch.is_grad_enabled()
+                and split.saved_activation_bytes(self.config, tokens, self.dtype.itemsize) > split.DEFAULT_SPLIT_MIN_BYTES
+                and not _activation_checkpointing(self.hf)
+                and bool((meta.noisy != 0).any()) and bool((meta.noisy == 0).any()))
 
     def forward(self, input_ids: torch.Tensor, meta: TokenMeta, k_meta: Optional[TokenMeta] = None,
                 backend: Optional[Backend] = None) -> torch.Tensor:

@@ -17,6 +17,8 @@ How one forward is laid out (every active sequence is one row of the batch):
   length are marked as padding (a doc of their own), so nobody attends them. Padding queries
   attend only padding keys.
 * Every forward gets an explicit mask built from per-token metadata (:class:`TokenMeta`).
+  The query heads sharing a KV head attend as one batch against that head's keys (the mask is
+  additive, built once per forward and shared by every layer: :class:`~dirl.model.attention.GroupedQueryMask`).
 
 Rows that finish leave the batch at once and waiting requests take their place (continuous
 batching), so one ``generate`` call may hold many more requests than ``max_batch_size``.
@@ -402,7 +404,8 @@ class Engine:
         q_meta = TokenMeta(doc=doc, pos=pos, blk=blk, noisy=noisy, grp=blk * noisy)
         kv_len = cache.prepare(lq)
         k_meta = self._key_meta(q_meta, cache.lengths, kv_len)
-        hidden = self.model.hidden_states(input_ids, q_meta, k_meta=k_meta, cache=cache, backend="sdpa")
+        hidden = self.model.hidden_states(input_ids, q_meta, k_meta=k_meta, cache=cache, backend="sdpa",
+                                          fold_query_heads=True)
         cache.advance(offsets)
         for r in rows:
             r.pending = []
