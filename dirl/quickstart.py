@@ -10,6 +10,7 @@ names its stage. Everything lands in one folder (default ``runs/quickstart-<time
     sft/             the SFT run (metrics.jsonl, loss.png, checkpoints/)
     rl/              the RL run (metrics.jsonl, curves.png, checkpoints/)
     sft_control/     the control: SFT continued from the SFT model for as long as RL took
+    rl_speed/        with --speed-reward: RL with the speed reward (and eval_rl_speed/)
     eval_untrained/  eval_sft/  eval_rl/  eval_control/    held-out synthetic arithmetic, report.md each
     accuracy.png     held-out accuracy of the models
     report.md        the summary a person opens first
@@ -19,6 +20,16 @@ The control answers "would the same minutes of more SFT have done as well as RL?
 from the SFT model on the same SFT data, at the learning rate SFT ended with (constant; another
 noise seed), for as many steps as fit in the wall-clock seconds the RL stage took, and is evaluated
 like the others.
+
+The SFT data are an imperfect teacher's worked solutions (``data.teacher_error``: 30% of its boxed
+sums slip, dirl/data/synthetic.py), so more SFT converges toward the teacher's accuracy while RL's
+reward checks the sum; the control shows the difference.
+
+``--seed S`` changes every seed of the run (the tiny model's initialisation, the SFT data, noise and
+order, the RL prompts and samples; the evaluation problems stay the same), ``--speed-reward`` adds an
+RL run with the speed reward of SPEC section 7 (``rewards.weights``: accuracy 0, speed 1) from the
+same SFT model, evaluated like the others. ``scripts/check_quickstart_gain.py`` runs several seeds
+and checks the claims of docs/QUICKSTART.md.
 
 Options forward ``key=value`` overrides to one stage (``--sft train.max_steps=50``), so a reduced
 pipeline (CI, a quick look) is the same code path as the full one.
@@ -113,6 +124,7 @@ def _fmt(x, pct=True) -> str:
 
 
 CONTROL = "SFT + more SFT"
+SPEED = "SFT + RL (speed reward)"
 
 
 def write_report(out: Path, stages: dict, evals: list[tuple[str, dict]], sft: dict, rl: dict, times: dict,
@@ -208,8 +220,14 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--sft", nargs="*", default=[], metavar="K=V", help="overrides for dirl sft")
     p.add_argument("--rl", nargs="*", default=[], metavar="K=V", help="overrides for dirl rl")
     p.add_argument("--eval", nargs="*", default=[], metavar="K=V", help="overrides for every dirl eval")
-    p.add_argument("--baseline-eval", nargs="*", default=["num_samples=1"], metavar="K=V",
-                   help="extra overrides for evaluating the untrained model (default: one sample a problem)")
+    p.add_argument("--baseline-eval", nargs="*", default=["num_samples=1", "data.synthetic_size=50"], metavar="K=V",
+                   help="extra overrides for evaluating the untrained model (default: 50 problems, one sample each)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the run: the tiny model's initialisation, the SFT data (which problems, the "
+                   "teacher's slips, the order) and noise, the RL prompt order and sampling (default 0)")
+    p.add_argument("--speed-reward", action="store_true",
+                   help="also run RL with the speed reward (SPEC section 7: accuracy and tokens per step) from the "
+                   "SFT model, evaluated like the others")
     p.add_argument("--skip-rl", action="store_true", help="stop after SFT and its evaluation")
     p.add_argument("--no-control", action="store_true",
                    help="skip the control (SFT continued for as long as RL took, then evaluated)")
@@ -223,7 +241,8 @@ def cli_main(argv: list[str]) -> int:
     t_all = time.time()
     try:
         tiny = out / "tiny"
-        times["make tiny model"] = _run("make tiny model", ["make-tiny-model", "--out", str(tiny), *TINY_SHAPE], log)
+        shape = [f"seed={args.seed}" if a.startswith("seed=") else a for a in TINY_SHAPE]
+        times["make tiny model"] = _run("make tiny model", ["make-tiny-model", "--out", str(tiny), *shape], log)
         stages["make tiny model"] = str(tiny)
 
         eval_cfg = Path(__file__).resolve().parents[1] / "configs" / "eval_default.yaml"
@@ -238,7 +257,9 @@ def cli_main(argv: list[str]) -> int:
 
         evals = [("untrained", evaluate("eval untrained", tiny, "eval_untrained", args.baseline_eval))]
 
-        times["SFT"] = _run("SFT", ["sft", f"model.path={tiny}", f"output_dir={out}", "run_name=sft", *args.sft], log)
+        seeds = [f"train.seed={args.seed}", f"data.seed={args.seed}"]
+        sft_args = [*seeds, *args.sft]
+        times["SFT"] = _run("SFT", ["sft", f"model.path={tiny}", f"output_dir={out}", "run_name=sft", *sft_args], log)
         sft = json.loads((out / "sft" / "summary.json").read_text())
         sft_model = Path(sft["final_model"])
         stages["SFT"] = str(sft_model)
@@ -249,8 +270,9 @@ def cli_main(argv: list[str]) -> int:
         if not args.skip_rl:
             # The SFT model answers most of these problems right, so most groups are flat (all correct):
             # DiRL's filter would need many refill rounds per step here; train on every group instead.
-            times["RL"] = _run("RL", ["rl", f"model.path={sft_model}", f"output_dir={out}", "run_name=rl",
-                                       "eval.enabled=false", "train.filter_groups=false", *args.rl], log)
+            # 80 steps: RL's lead over the same seconds of more SFT grows with its length (30 steps: even).
+            rl_args = ["eval.enabled=false", "train.filter_groups=false", "train.steps=80", *seeds, *args.rl]
+            times["RL"] = _run("RL", ["rl", f"model.path={sft_model}", f"output_dir={out}", "run_name=rl", *rl_args], log)
             rl = json.loads((out / "rl" / "summary.json").read_text())
             rl_model = Path(rl["final_model"])
             stages["RL"] = str(rl_model)
@@ -258,7 +280,7 @@ def cli_main(argv: list[str]) -> int:
             if not args.no_control:
                 control = control_settings(out / "sft", sft, times["SFT"], times["RL"])
                 times["control"] = _run("control", [
-                    "sft", f"model.path={sft_model}", f"output_dir={out}", "run_name=sft_control", *args.sft,
+                    "sft", f"model.path={sft_model}", f"output_dir={out}", "run_name=sft_control", *sft_args,
                     f"train.max_steps={control['steps']}", f"optim.lr={control['lr']}", "optim.schedule=constant",
                     "optim.warmup_steps=0", "train.resume=never", f"train.seed={control['seed']}"], log)
                 ctl = json.loads((out / "sft_control" / "summary.json").read_text())
@@ -266,6 +288,14 @@ def cli_main(argv: list[str]) -> int:
                 control["seconds"] = times["RL"]
                 control["wall_s"] = round(times["control"], 1)
                 evals.append((CONTROL, evaluate("eval control", Path(ctl["final_model"]), "eval_control", [])))
+            if args.speed_reward:
+                times["RL (speed)"] = _run("RL (speed)", [
+                    "rl", f"model.path={sft_model}", f"output_dir={out}", "run_name=rl_speed", *rl_args,
+                    "rewards.weights.accuracy=0", "rewards.weights.speed=1"], log)
+                rl_speed = json.loads((out / "rl_speed" / "summary.json").read_text())
+                stages["RL (speed)"] = str(rl_speed["final_model"])
+                evals.append((SPEED, evaluate("eval SFT + RL (speed)", Path(rl_speed["final_model"]), "eval_rl_speed",
+                                              [])))
     except StageError as e:
         print(f"dirl quickstart: {e}", file=sys.stderr)
         return 1
@@ -273,6 +303,7 @@ def cli_main(argv: list[str]) -> int:
     report = write_report(out, stages, evals, sft, rl, times, control)
     summary = {
         "output_dir": str(out),
+        "seed": args.seed,
         "seconds": round(time.time() - t_all, 1),
         "stages": stages,
         "stage_seconds": {k: round(v, 1) for k, v in times.items()},

@@ -93,7 +93,7 @@ class SFTDataConfig:
     digits: int = 2  # synthetic only
     # synthetic only: the worked solutions come from a teacher whose boxed sum slips (its digits units
     # first) with this probability (dirl/data/synthetic.py): the SFT ceiling that RL can pass
-    teacher_error: float = 0.5
+    teacher_error: float = 0.3
     max_length: int = 128  # tokens per packed row (the forward holds twice as many: [x_t ; x_0])
     messages_field: str = "messages"
     prompt_field: str = "prompt"
