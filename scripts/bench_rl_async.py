@@ -36,17 +36,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def resolve_model(arg: str, work: Path) -> Path:
-    from dirl.train.checkpoint import newest_checkpoint
-
-    if arg:
-        return Path(arg)
-    found = newest_checkpoint(ROOT / "runs", kinds=("sft",)) or newest_checkpoint("runs", kinds=("sft",))
-    if found is not None:
-        return found
-    from dirl.model.tiny import make_tiny_model
-
-    return make_tiny_model(work / "tiny")
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_rl import resolve_model  # noqa: E402  (the same checkpoint choice as the RL benchmark)
 
 
 def run_mode(model_dir: Path, work: Path, staleness: int, steps: int, seed: int, extra: list[str]) -> dict:
