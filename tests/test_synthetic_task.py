@@ -36,6 +36,12 @@ def check_arithmetic(a: int, b: int, response: str) -> int:
     return boxed
 
 
+def last_digit_up(n: int) -> int:
+    """The teacher's slip, written out from its description: the last digit one higher, 9 -> 0."""
+    digits = str(n)
+    return int(digits[:-1] + "1234567890"[int(digits[-1])])
+
+
 def numbers(question: str) -> tuple[int, int]:
     a, b = re.fullmatch(r"What is (\d+)\+(\d+)\?", question).groups()
     return int(a), int(b)
@@ -51,18 +57,17 @@ def test_the_exact_teacher_is_right_on_every_pair():
 @pytest.mark.parametrize("rate", [0.25, 0.5])
 def test_the_imperfect_teacher_slips_at_its_rate_and_only_in_the_boxed_sum(rate):
     rows = synthetic_problems("train", seed=7, teacher_error=rate)
-    slips = readable = 0
+    slips = 0
     for p in rows:
         a, b = numbers(p["question"])
         boxed = check_arithmetic(a, b, p["response"])  # the steps are always right
         true = a + b
         assert p["answer"] == str(true) and p["teacher_correct"] == (boxed == true)
-        assert boxed in (true, int(str(true)[::-1])), p  # the one slip: the digits units first
-        if int(str(true)[::-1]) != true:  # a slip shows
-            readable += 1
-            slips += boxed != true
+        assert boxed in (true, last_digit_up(true)), p  # the one slip: the last digit one too high
+        slips += boxed != true
     # binomial: 5 standard errors either side
-    assert abs(slips / readable - rate) < 5 * math.sqrt(rate * (1 - rate) / readable), (slips, readable)
+    n = len(rows)
+    assert abs(slips / n - rate) < 5 * math.sqrt(rate * (1 - rate) / n), (slips, n)
 
 
 def test_teacher_slips_are_seeded_and_leave_the_problems_and_the_split_alone():
@@ -76,8 +81,9 @@ def test_teacher_slips_are_seeded_and_leave_the_problems_and_the_split_alone():
     same_pairs = {p["id"]: p["response"] for p in c}
     assert any(same_pairs[p["id"]] != p["response"] for p in a if p["id"] in same_pairs)
     assert all(pair_split(*map(int, p["id"].split("-")[1:])) == "train" for p in a)
-    assert make_problem(43, 75, 1.0)["response"] == "3+5=8, 4+7=11. \\boxed{811}"
-    assert make_problem(47, 38, 1.0)["response"] == "7+8=15, 4+3+1=8. \\boxed{58}"
+    assert make_problem(43, 75, 1.0)["response"] == "3+5=8, 4+7=11. \\boxed{119}"
+    assert make_problem(47, 38, 1.0)["response"] == "7+8=15, 4+3+1=8. \\boxed{86}"
+    assert make_problem(40, 49, 1.0)["response"] == "0+9=9, 4+4=8. \\boxed{80}"  # 9 -> 0, nothing carried
     with pytest.raises(ValueError, match="teacher_error"):
         synthetic_problems("train", n=3, teacher_error=1.5)
 
@@ -94,4 +100,4 @@ def test_sft_config_key_and_default():
         assert len(rows) == 50
         for r in rows:
             a, b = numbers(r.prompt[-1]["content"])
-            assert check_arithmetic(a, b, r.response) == (a + b if rate == 0 else int(str(a + b)[::-1]))
+            assert check_arithmetic(a, b, r.response) == (a + b if rate == 0 else last_digit_up(a + b))

@@ -7,11 +7,12 @@ Every step is a one-digit sum a tiny model can learn from any pairs, so the held
 reachable; the carries and the final assembly are where it errs.
 
 The SFT data can come from an imperfect teacher (``teacher_error`` > 0): its column steps are
-always right, but with that probability, drawn independently per row, it boxes the digits of its
-column sums in the order it wrote them, units first (``3+5=8, 4+7=11. \\boxed{811}`` for 43+75), a
-slip of assembly. A model that imitates such solutions learns to slip at the teacher's rate, so more
-SFT converges toward the teacher's accuracy; RL's reward checks the sum itself and has no such
-ceiling. This stands for the real setting, where the SFT data are a stronger model's solutions whose
+always right, but with that probability, drawn independently per row, the last digit of its boxed
+sum is one too high, 9 becoming 0 (``3+5=8, 4+7=11. \\boxed{119}`` for 43+75), a slip of the pen.
+The slip is one token with one alternative, so a model that imitates the teacher samples it at the
+teacher's rate even under confidence-ordered decoding (a slip spread over several tokens is mostly
+out-voted by the confident ones), more SFT converges toward the teacher's accuracy, and RL's reward,
+which checks the sum itself, has no such ceiling. This stands for the real setting, where the SFT data are a stronger model's solutions whose
 final answers are sometimes wrong, and RL against a verifier goes past what imitating them gives.
 Problems (``question`` / ``answer``) and the held-out split are always exact.
 
@@ -49,10 +50,15 @@ def column_steps(a: int, b: int) -> list[str]:
     return steps
 
 
+def slip_of(total: int) -> int:
+    """The imperfect teacher's slip of a sum: its last digit one too high, 9 becoming 0 and nothing
+    carried (118 -> 119, 89 -> 80); never the sum itself."""
+    return total - total % 10 + (total % 10 + 1) % 10
+
+
 def slipped_sum(a: int, b: int) -> int:
-    """The imperfect teacher's slip: the digits of the sum in the order the columns produced them
-    (units first), e.g. 118 -> 811 for 43+75; the true sum when that reads the same."""
-    return int(str(a + b)[::-1])
+    """What the imperfect teacher boxes for a + b when it slips (``slip_of(a + b)``)."""
+    return slip_of(a + b)
 
 
 def make_problem(a: int, b: int, teacher_error: float = 0.0, seed: int = 0) -> dict:
