@@ -89,12 +89,12 @@ class SFTDataConfig:
     source: str = "synthetic"
     split: str = "train"
     subset: str = ""  # `datasets` configuration name
-    num_samples: int = 4000  # 0: every row; synthetic: how many distinct train problems
+    num_samples: int = 7000  # 0: every row; synthetic: how many distinct train problems (7,283 exist)
     digits: int = 2  # synthetic only
-    # synthetic only: the worked solutions come from a teacher whose boxed sum slips (its digits units
-    # first) with this probability (dirl/data/synthetic.py): the SFT ceiling that RL can pass
+    # synthetic only: the worked solutions come from a teacher whose boxed sum slips (its last digit
+    # one too high) with this probability (dirl/data/synthetic.py): the SFT ceiling that RL can pass
     teacher_error: float = 0.3
-    max_length: int = 128  # tokens per packed row (the forward holds twice as many: [x_t ; x_0])
+    max_length: int = 96  # tokens per packed row (the forward holds twice as many: [x_t ; x_0])
     messages_field: str = "messages"
     prompt_field: str = "prompt"
     response_field: str = "response"
@@ -104,7 +104,7 @@ class SFTDataConfig:
 
 @dataclass
 class SFTTrainConfig:
-    max_steps: int = 600  # 0: derive from num_epochs
+    max_steps: int = 800  # 0: derive from num_epochs
     num_epochs: float = 0.0
     global_batch_size: int = 16  # packed rows per optimizer step, over all ranks
     micro_batch_size: int = 16  # rows per forward on one rank
@@ -122,7 +122,7 @@ class SFTConfig:
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        lr=2e-3, weight_decay=0.0, schedule="cosine", warmup_steps=20, min_lr_ratio=0.1, max_grad_norm=1.0))
+        lr=1e-3, weight_decay=0.0, schedule="cosine", warmup_steps=20, min_lr_ratio=0.1, max_grad_norm=1.0))
     dist: DistConfig = field(default_factory=DistConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output_dir: str = "runs"
