@@ -72,8 +72,12 @@ def row_of(path: Path) -> dict:
     def tps(name: str):
         return None if name not in ev else ev[name].get("tokens_per_step")
 
+    def slip(name: str):
+        return None if name not in ev or "teacher_slip" not in ev[name] else 100 * ev[name]["teacher_slip"]
+
     seed = s.get("seed")
     return {"path": str(path), "seed": seed, "sft": acc(SFT), "rl": acc(RL), "ctl": acc(CTL), "speed": acc(SPEED),
+            "slips": " / ".join(fmt(slip(x)) for x in (SFT, RL, CTL)),
             "tps_rl": tps(RL), "tps_speed": tps(SPEED), "minutes": default_s / 60,
             "n": ev[RL]["num_problems"], "k": ev[RL]["samples_per_problem"]}
 
@@ -107,8 +111,9 @@ def main() -> int:
 
     misses = []
     speed = any(r["speed"] is not None for r in rows)
-    head = "| seed | SFT | SFT + RL | more SFT (control) | RL − SFT | RL − control | minutes |"
-    rule = "|---:|---:|---:|---:|---:|---:|---:|"
+    head = ("| seed | SFT | SFT + RL | more SFT (control) | RL − SFT | RL − control | the teacher's slip, % "
+            "(SFT / RL / control) | minutes |")
+    rule = "|---:|---:|---:|---:|---:|---:|---:|---:|"
     if speed:
         head += " RL (speed) | tokens/step RL → speed |"
         rule += "---:|---:|"
@@ -118,7 +123,7 @@ def main() -> int:
         over = None if r["ctl"] is None else r["rl"] - r["ctl"]
         r["gain"], r["over"] = gain, over
         line = (f"| {fmt(r['seed'], 'd') if isinstance(r['seed'], int) else '?'} | {fmt(r['sft'])}% | {fmt(r['rl'])}% | "
-                f"{fmt(r['ctl'])}% | {gain:+.1f} | {fmt(over, '+.1f')} | {r['minutes']:.1f} |")
+                f"{fmt(r['ctl'])}% | {gain:+.1f} | {fmt(over, '+.1f')} | {r['slips']} | {r['minutes']:.1f} |")
         if speed:
             line += f" {fmt(r['speed'])}% | {fmt(r['tps_rl'], '.2f')} → {fmt(r['tps_speed'], '.2f')} |"
         lines.append(line)
@@ -149,7 +154,7 @@ def main() -> int:
 
     for label, f in (("mean", lambda v: sum(v) / len(v)), ("min", min), ("max", max)):
         line = (f"| {label} | {stat('sft', f, '.1f')}% | {stat('rl', f, '.1f')}% | {stat('ctl', f, '.1f')}% | "
-                f"{stat('gain', f, '+.1f')} | {stat('over', f, '+.1f')} | {stat('minutes', f, '.1f')} |")
+                f"{stat('gain', f, '+.1f')} | {stat('over', f, '+.1f')} | | {stat('minutes', f, '.1f')} |")
         if speed:
             line += f" {stat('speed', f, '.1f')}% | {stat('tps_rl', f, '.2f')} → {stat('tps_speed', f, '.2f')} |"
         lines.append(line)
