@@ -28,8 +28,8 @@ reward checks the sum; the control shows the difference.
 ``--seed S`` changes every seed of the run (the tiny model's initialisation, the SFT data, noise and
 order, the RL prompts and samples; the evaluation problems stay the same), ``--speed-reward`` adds an
 RL run with the speed reward of SPEC section 7 (``rewards.weights``: accuracy 0, speed 1) from the
-same SFT model, as many steps as the RL stage, evaluated like the others. ``scripts/check_quickstart_gain.py`` runs several seeds
-and checks the claims of docs/QUICKSTART.md.
+same SFT model, as many steps as the RL stage, evaluated like the others.
+``scripts/check_quickstart_gain.py`` runs several seeds and checks the claims of docs/QUICKSTART.md.
 
 Options forward ``key=value`` overrides to one stage (``--sft train.max_steps=50``), so a reduced
 pipeline (CI, a quick look) is the same code path as the full one.
@@ -181,8 +181,9 @@ def write_report(out: Path, stages: dict, evals: list[tuple[str, dict]], sft: di
                          f"{delta('SFT + RL', pk):+.1f} with RL")
             lines += ["", line + ". More SFT imitates worked solutions; RL learns from a 0/1 reward on its own "
                       "samples of prompts it has no solutions for (docs/QUICKSTART.md discusses the comparison)."]
-    lines += ["", "The teacher's slip: the boxed sum with its last digit one too high, as the teacher's slipped SFT rows "
-              "have it (data.teacher_error, dirl/data/synthetic.py); SFT learns it, RL's reward does not pay for it.", "", "## Curves", ""]
+    lines += ["", "The teacher's slip: a boxed sum whose last digit is one too high, the mistake of the teacher's "
+              "slipped SFT solutions (data.teacher_error, dirl/data/synthetic.py); SFT learns it, RL's reward does "
+              "not pay for it.", "", "## Curves", ""]
     if plot:
         lines += ["![held-out accuracy](accuracy.png)", ""]
     for title, rel in (("SFT loss", "sft/loss.png"), ("RL reward, accuracy and length per step", "rl/curves.png")):

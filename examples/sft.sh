@@ -4,8 +4,8 @@
 #   bash examples/sft.sh
 #       the embedded default, on CPU, in about 3 minutes on 2 idle cores: a tiny SDAR-architecture
 #       model made on the spot (model.tiny.*), 7,000 problems of the synthetic arithmetic train split
-#       (worked column steps, an imperfect teacher's) packed into rows of 96 tokens, 800 steps; prints the final checkpoint
-#       (SDAR layout) at the end.
+#       (worked column steps, an imperfect teacher's) packed into rows of 96 tokens, 800 steps;
+#       prints the final checkpoint (SDAR layout) at the end.
 #       Outputs under runs/sft-<time>/: config.yaml, metrics.jsonl, tensorboard/, loss.png,
 #       checkpoints/, summary.json
 #   bash examples/sft.sh train.max_steps=100 model.path=/path/to/tiny       (the default with overrides)

@@ -21,7 +21,7 @@ def chance_margin(p1: float, p2: float, problems: int, samples: int, z: float = 
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2700)  # about 5 minutes on 2 idle cores, three times that on one slow core
+@pytest.mark.timeout(2700)  # about 7 minutes on 2 idle cores, three times that on one slow core
 def test_reduced_quickstart_pipeline(tmp_path):
     out = tmp_path / "qs"
     # A shorter SFT stage (600 of the default's 800 steps: seed 0 has reached the teacher's ceiling by
@@ -102,4 +102,3 @@ def check_quickstart_outputs(out) -> None:
     assert after_sft["exact"] > 0.4 > before["exact"]
     report = (out / "report.md").read_text()
     assert "SFT + RL" in report and "accuracy.png" in report and "Control: the same" in report
-

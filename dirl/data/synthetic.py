@@ -12,8 +12,8 @@ sum is one too high, 9 becoming 0 (``3+5=8, 4+7=11. \\boxed{119}`` for 43+75), a
 The slip is one token with one alternative, so a model that imitates the teacher samples it at the
 teacher's rate even under confidence-ordered decoding (a slip spread over several tokens is mostly
 out-voted by the confident ones), more SFT converges toward the teacher's accuracy, and RL's reward,
-which checks the sum itself, has no such ceiling. This stands for the real setting, where the SFT data are a stronger model's solutions whose
-final answers are sometimes wrong, and RL against a verifier goes past what imitating them gives.
+which checks the sum itself, has no such ceiling. This stands for the real setting, where the SFT
+data are a stronger model's solutions whose final answers are sometimes wrong, and RL against a verifier goes past what imitating them gives.
 Problems (``question`` / ``answer``) and the held-out split are always exact.
 
 Every pair (a, b) belongs to exactly one split,
