@@ -28,7 +28,8 @@ reward checks the sum; the control shows the difference.
 ``--seed S`` changes every seed of the run (the tiny model's initialisation, the SFT data, noise and
 order, the RL prompts and samples; the evaluation problems stay the same), ``--speed-reward`` adds an
 RL run with the speed reward of SPEC section 7 (``rewards.weights``: accuracy 0, speed 1) from the
-same SFT model, as many steps as the RL stage, evaluated like the others.
+same SFT model, as many steps as the RL stage, evaluated like the others. ``--block-size B`` makes
+the tiny model with another block size (default 4); SFT, RL and eval follow the checkpoint's.
 ``scripts/check_quickstart_gain.py`` runs several seeds and checks the claims of docs/QUICKSTART.md.
 
 Options forward ``key=value`` overrides to one stage (``--sft train.max_steps=50``), so a reduced
@@ -50,6 +51,15 @@ from typing import Optional
 # The tiny model's shape; the SFT stage trains this model (see configs/sft_default.yaml).
 TINY_SHAPE = ["hidden_size=128", "num_hidden_layers=3", "num_attention_heads=4", "num_key_value_heads=2",
               "head_dim=32", "intermediate_size=512", "max_position_embeddings=1024", "block_size=4", "seed=0"]
+
+
+def tiny_shape(seed: int = 0, block_size: int = 4) -> list[str]:
+    """The ``dirl make-tiny-model`` arguments of the run: :data:`TINY_SHAPE` with its seed and block
+    size replaced (SFT, RL and eval read the block size from the checkpoint)."""
+    if block_size < 1:
+        raise ValueError(f"--block-size: must be a positive integer, got {block_size}")
+    new = {"seed": seed, "block_size": block_size}
+    return [f"{a.split('=')[0]}={new[a.split('=')[0]]}" if a.split("=")[0] in new else a for a in TINY_SHAPE]
 
 
 class StageError(RuntimeError):
@@ -248,10 +258,14 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--speed-reward", action="store_true",
                    help="also run RL with the speed reward (SPEC section 7: accuracy and tokens per step) from the "
                    "SFT model, evaluated like the others")
+    p.add_argument("--block-size", type=int, default=4,
+                   help="the tiny model's block size B (default 4); SFT, RL and eval follow the model's")
     p.add_argument("--skip-rl", action="store_true", help="stop after SFT and its evaluation")
     p.add_argument("--no-control", action="store_true",
                    help="skip the control (SFT continued for as long as RL took, then evaluated)")
     args = p.parse_args(argv)
+    if args.block_size < 1:
+        p.error(f"--block-size: must be a positive integer, got {args.block_size}")
 
     out = Path(args.out or f"runs/quickstart-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -261,7 +275,7 @@ def cli_main(argv: list[str]) -> int:
     t_all = time.time()
     try:
         tiny = out / "tiny"
-        shape = [f"seed={args.seed}" if a.startswith("seed=") else a for a in TINY_SHAPE]
+        shape = tiny_shape(args.seed, args.block_size)
         times["make tiny model"] = _run("make tiny model", ["make-tiny-model", "--out", str(tiny), *shape], log)
         stages["make tiny model"] = str(tiny)
 

@@ -77,17 +77,19 @@ SDAR_SHAPE = dict(hidden_size=256, num_hidden_layers=5, num_attention_heads=8, n
                   intermediate_size=768, max_position_embeddings=8192)
 
 
-def plain_cached_forward_cost(model, prompt_len: int, new_tokens: int, forwards_per_block: int = 1) -> float:
-    """Seconds per forward of a plain cached decoder step: ``B`` tokens against transformers'
-    ``DynamicCache`` of everything before them, SDPA, no explicit mask, logits of the block; one
-    forward per block at every context length the engine passes through."""
+def plain_cached_forward_cost(model, prompt_len: int, new_tokens: int, forwards_per_block: int = 1,
+                              batch: int = 1) -> float:
+    """Seconds per forward of a plain cached decoder step: ``B`` tokens (of each of ``batch`` rows)
+    against transformers' ``DynamicCache`` of everything before them, SDPA, no explicit mask, logits
+    of the block; ``forwards_per_block`` forwards per block at every context length the engine
+    passes through."""
     from transformers import DynamicCache
 
     hf = model.hf
     impl = hf.config._attn_implementation
     hf.set_attn_implementation("sdpa")
     B = model.block_size
-    ids = torch.randint(5, model.config.vocab_size, (1, prompt_len + new_tokens + B))
+    ids = torch.randint(5, model.config.vocab_size, (batch, prompt_len + new_tokens + B))
     try:
         with torch.inference_mode():
             cache = DynamicCache(config=hf.config)

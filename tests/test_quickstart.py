@@ -102,3 +102,24 @@ def check_quickstart_outputs(out) -> None:
     assert after_sft["exact"] > 0.4 > before["exact"]
     report = (out / "report.md").read_text()
     assert "SFT + RL" in report and "accuracy.png" in report and "Control: the same" in report
+
+
+def test_block_size_option_makes_the_tiny_model_with_it(tmp_path, capsys):
+    """``--block-size`` reaches the tiny model (SFT, RL and eval read it from the checkpoint), the
+    rest of the shape stays, and a bad value stops before any stage runs."""
+    from dirl.model.tiny_cli import cli_main as make_tiny
+    from dirl.quickstart import TINY_SHAPE, cli_main, tiny_shape
+
+    shape = tiny_shape(seed=3, block_size=8)
+    assert "block_size=8" in shape and "seed=3" in shape
+    assert [a for a in shape if not a.startswith(("block_size=", "seed="))] == \
+        [a for a in TINY_SHAPE if not a.startswith(("block_size=", "seed="))]
+    assert tiny_shape() == TINY_SHAPE
+    assert make_tiny(["--out", str(tmp_path / "tiny"), *shape]) == 0
+    cfg = json.loads((tmp_path / "tiny" / "config.json").read_text())
+    assert cfg["block_size"] == 8
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--out", str(tmp_path / "qs"), "--block-size", "0"])
+    assert e.value.code == 2
+    assert "--block-size: must be a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "qs").exists()
