@@ -123,6 +123,8 @@ def main() -> int:
     ap.add_argument("--lengths", default="128,512,2048,4096", help="section 1: new tokens per sequence")
     ap.add_argument("--forward-tokens", type=int, default=2048, help="section 2: new tokens of the one prompt")
     ap.add_argument("--naive-max", type=int, default=1024, help="section 1: longest naive run")
+    ap.add_argument("--plain-batch", action="store_true",
+                    help="section 1: also time a plain cached forward (DynamicCache, no mask) at batch 1 and 8")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip (1,2,3,4)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -188,6 +190,18 @@ def main() -> int:
             else:
                 naive_s = f"{'-':>10} {'-':>15}"
             print(f"{n:>10} {c1:>11.3f} {c8:>11.3f} {c1 / c8:>9.2f}x {naive_s}  {same}")
+            if args.plain_batch:
+                # the same batch as a plain cached forward (transformers' DynamicCache, SDPA, no mask),
+                # as many forwards per block as the engine made, and the engine's own cost per forward
+                e1, e8 = Engine(sdar), Engine(sdar, max_batch_size=8)
+                _, te1 = cpu_timed(lambda: e1.generate(one))
+                _, te8 = cpu_timed(lambda: e8.generate(make_requests(sv, 8, n)))
+                fpb = max(1, round(e1.forwards / -(-n // sdar.block_size)))
+                p1 = plain_cached_forward_cost(sdar, len(one[0].input_ids), n, forwards_per_block=fpb)
+                p8 = plain_cached_forward_cost(sdar, len(one[0].input_ids), n, forwards_per_block=fpb, batch=8)
+                print(f"{'':>10} per forward (CPU ms): engine b=1 {te1 / e1.forwards * 1e3:.2f}, b=8 "
+                      f"{te8 / e8.forwards * 1e3:.2f}; plain cached forward b=1 {p1 * 1e3:.2f}, b=8 {p8 * 1e3:.2f} "
+                      f"(plain b=1 / b=8 per token: {8 * p1 / p8:.2f}x)")
         if len(per_tok) >= 2:
             import math
 

@@ -6,7 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n N` runs N workers side by side: one thread each (and for the processes they start),
+    # or the workers' OpenMP pools fight over the cores
+    if not os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
