@@ -70,6 +70,13 @@ def _seed():
     torch.manual_seed(0)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests marked ``first`` (the longest) go first, in their order; the rest keep theirs. Under
+    ``pytest -n`` a worker starts on each at once and the others fill in beside them, instead of
+    one worker finishing the longest test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("first") is None)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Names the tests skipped for want of ../shared (printed as the run's last line, below pytest's
     counts, by pytest_unconfigure), so a green run without the benchmark copies cannot pass for a

@@ -78,6 +78,7 @@ RL_ARGS = ["runs_dir=/nonexistent", "train.steps=2", "train.prompts_per_step=2",
 
 
 @pytest.mark.slow
+@pytest.mark.first
 def test_rl_two_nodes_train_as_one_job(tmp_path, tiny_dir):
     """examples/rl.sh as two one-process "nodes": each rank starts its own rollout server (colocated),
     and the job ends with the parameters of a 2-process single-node run."""

@@ -21,6 +21,7 @@ def chance_margin(p1: float, p2: float, problems: int, samples: int, z: float = 
 
 
 @pytest.mark.slow
+@pytest.mark.first
 @pytest.mark.timeout(2700)  # about 7 minutes on 2 idle cores, three times that on one slow core
 def test_reduced_quickstart_pipeline(tmp_path):
     out = tmp_path / "qs"
