@@ -10,13 +10,15 @@
 3. Tokens per forward and per step, static vs dynamic decoding, a batch of sequences (tiny model).
 4. HTTP throughput (``dirl serve`` subprocess, one batch-form call and the client) vs the same
    engine in this process (tiny model).
+5. Continuous batching: rows admitted mid-run decoded with their prompts in the running rows'
+   forward (padded to them) or in a forward of their own (the engine's default), tiny model.
 
 Targets (exit status 1, each missed target named): batch 8 at 2,048 tokens >= 3x cheaper per token
 than batch 1; engine cost per forward within 5% of the plain cached forward (its first forward of a
 block also carries the previous block's commit); engine >= 5x faster
 than naive at 1,024 tokens; HTTP within 1.3x of in-process.
 
-Sections 3-4 use the tiny model made on the spot with its lm_head scaled up (``--sharpen``) so that
+Sections 3-5 use the tiny model made on the spot with its lm_head scaled up (``--sharpen``) so that
 distributions are peaked like a trained model's; or ``--model DIR``.
 
     python scripts/bench_rollout.py [--threads 1] [--model DIR] [--quick] [--skip 3,4]
@@ -125,7 +127,7 @@ def main() -> int:
     ap.add_argument("--naive-max", type=int, default=1024, help="section 1: longest naive run")
     ap.add_argument("--plain-batch", action="store_true",
                     help="section 1: also time a plain cached forward (DynamicCache, no mask) at batch 1 and 8")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip (1,2,3,4)")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip (1,2,3,4,5)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -190,6 +192,8 @@ def main() -> int:
             else:
                 naive_s = f"{'-':>10} {'-':>15}"
             print(f"{n:>10} {c1:>11.3f} {c8:>11.3f} {c1 / c8:>9.2f}x {naive_s}  {same}")
+            if len(c1s) > 1:
+                print(f"{'':>10} each repeat, b=1 / b=8: {', '.join(f'{a / b:.2f}x' for a, b in zip(c1s, c8s))}")
             if args.plain_batch:
                 # the same batch as a plain cached forward (transformers' DynamicCache, SDPA, no mask),
                 # as many forwards per block as the engine made, and the engine's own cost per forward
@@ -264,6 +268,29 @@ def main() -> int:
             name = strategy.replace("low_confidence_", "") + (f" tau={tau}" if "dynamic" in strategy else "")
             print(f"{name:>24} {eng.tokens_kept / eng.row_forwards:>12.2f} {per_step:>9.2f} {eng.forwards:>9} "
                   f"{ntok(res) / t:>8.1f}")
+
+    # 5. continuous batching: the rows admitted mid-run -------------------------------------------
+    if "5" not in skip:
+        nreq, new = (64, 24) if args.quick else (800, 48)
+        bs = 64
+        prompts = make_requests(V, nreq, new, prompt_len=22, seed=200)
+        print(f"\n## 5. continuous batching: {nreq} requests of 22-25 prompt tokens, {new // 3}-{new} new tokens, "
+              f"sampled (T 1), max batch {bs}: admitted rows' prompts in the running rows' forward "
+              f"(padded to them) or in a forward of their own; CPU s, median of {max(1, args.repeat)}")
+        for i, r in enumerate(prompts):  # rows finish at different steps, as with stop tokens
+            r.do_sample, r.seed, r.max_new_tokens = True, i, new // 3 + (7 * i) % (new - new // 3 + 1)
+        runs: dict = {}
+        for _ in range(max(1, args.repeat)):
+            for name, thr in (("padded", 10 ** 9), ("own forward", 64)):
+                eng = Engine(model, tok, max_batch_size=bs, split_prefill_tokens=thr)
+                out, t = cpu_timed(lambda: eng.generate(prompts))
+                runs.setdefault(name, []).append((t, eng.forwards, eng.query_tokens, [r["token_ids"] for r in out]))
+        print(f"{'admitted rows':>14} {'CPU s':>7} {'forwards':>9} {'query tokens':>13}")
+        for name, rs in runs.items():
+            print(f"{name:>14} {statistics.median(x[0] for x in rs):>7.2f} {rs[0][1]:>9} {rs[0][2]:>13}")
+        ratio = statistics.median(x[0] for x in runs["own forward"]) / statistics.median(x[0] for x in runs["padded"])
+        print(f"own forward / padded: {ratio:.2f}x the time; same tokens: "
+              f"{runs['own forward'][0][3] == runs['padded'][0][3]}")
 
     # 4. HTTP vs in-process -----------------------------------------------------------------------
     if "4" not in skip:

@@ -92,6 +92,26 @@ def test_batch_composition_does_not_change_results(sharp, tiny):
     same(together, reordered)
 
 
+@pytest.mark.parametrize("max_batch", [2, 3])
+def test_admitted_rows_get_a_forward_of_their_own_with_the_same_results(sharp, tiny, max_batch):
+    """Rows admitted mid-run carry their prompts; with the split on (threshold 0) they get a forward
+    of their own instead of padding the running rows to their length. Tokens, step maps and
+    log-probs are those of one padded forward and of the naive decoder; fewer query tokens are
+    computed, in more forwards."""
+    _, tok = tiny
+    reqs = requests(sharp, [3, 17, 5, 30, 9, 22, 2], max_new=14, do_sample=True, temperature=1.0)
+    for i, r in enumerate(reqs):
+        r.seed = 50 + i
+    split = Engine(sharp, tok, max_batch_size=max_batch, split_prefill_tokens=0)
+    padded = Engine(sharp, tok, max_batch_size=max_batch, split_prefill_tokens=10 ** 9)
+    a, b = split.generate(reqs), padded.generate(reqs)
+    same(a, b)
+    same(a, naive_generate(sharp, reqs, tok))
+    assert split.forwards > padded.forwards
+    assert split.query_tokens < padded.query_tokens
+    assert split.row_forwards == padded.row_forwards
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(sharp, tiny):
     _, tok = tiny
     reqs = requests(sharp, [3, 8, 5, 10], max_new=24, do_sample=True, temperature=1.3, top_k=20, top_p=0.95)

@@ -21,7 +21,12 @@ How one forward is laid out (every active sequence is one row of the batch):
   additive, built once per forward and shared by every layer: :class:`~dirl.model.attention.GroupedQueryMask`).
 
 Rows that finish leave the batch at once and waiting requests take their place (continuous
-batching), so one ``generate`` call may hold many more requests than ``max_batch_size``.
+batching), so one ``generate`` call may hold many more requests than ``max_batch_size``. A forward
+pads every row to its longest clean part, and a row just admitted carries its whole prompt: when
+that would pad the running rows by ``split_prefill_tokens`` (64) query tokens or more, the new rows
+(the last rows of the cache) get a forward of their own in that step. The numbers are the same
+either way, since each row attends only its own keys; on the quick-start's evaluation load it halves
+the time (scripts/bench_rollout.py section 5).
 """
 
 from __future__ import annotations
@@ -86,17 +91,18 @@ class _BlockLayer(_HFLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         owner = self.owner
         n = key_states.shape[0]
-        self._ensure(key_states, n)
-        kb, vb = self.keys, self.values
+        r0 = owner._r0
+        self._ensure(key_states, r0 + n)
+        kb, vb = self.keys[r0:r0 + n], self.values[r0:r0 + n]  # views: the writes land in the cache
         if owner._index is None:
             o = owner._offset
-            kb[:n, :, o:o + owner._lq] = key_states
-            vb[:n, :, o:o + owner._lq] = value_states
+            kb[:, :, o:o + owner._lq] = key_states
+            vb[:, :, o:o + owner._lq] = value_states
         else:
             idx = owner._index[:, None, :, None].expand(n, key_states.shape[1], owner._lq, key_states.shape[3])
-            kb[:n].scatter_(2, idx, key_states)
-            vb[:n].scatter_(2, idx, value_states)
-        return kb[:n, :, : owner._kv_len], vb[:n, :, : owner._kv_len]
+            kb.scatter_(2, idx, key_states)
+            vb.scatter_(2, idx, value_states)
+        return kb[:, :, : owner._kv_len], vb[:, :, : owner._kv_len]
 
     def keep_rows(self, idx: torch.Tensor, n: int) -> None:
         for t in (self.keys, self.values):
@@ -123,7 +129,8 @@ class BlockKVCache(_HFCache):
 
     The attention layers call ``update(key, value, layer_idx)``: it writes the forward's keys/values
     at every row's own offset (``lengths[r]``) and returns the keys of ``[0, max(lengths) + Lq)``.
-    :meth:`prepare` must be called before each forward and :meth:`advance` after it. Keys are
+    :meth:`prepare` must be called before each forward and :meth:`advance` after it. A forward may
+    cover a window of consecutive rows (``prepare(lq, r0, n)``); the others are left as they are. Keys are
     preallocated (grown by 1.5x when needed) instead of concatenated every forward. The decoder
     gets the mask ready-made (per-token metadata), so it asks the cache for nothing else.
     """
@@ -141,6 +148,7 @@ class BlockKVCache(_HFCache):
         self.capacity = 0
         self._lq = 0
         self._kv_len = 0
+        self._r0, self._n = 0, 0  # the row window of the current forward
         self._offset: Optional[int] = None
         self._index: Optional[torch.Tensor] = None
 
@@ -181,21 +189,32 @@ class BlockKVCache(_HFCache):
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
     # -- one forward -------------------------------------------------------------------------
-    def prepare(self, lq: int) -> int:
-        """Set up the writes of a forward of ``lq`` query tokens per row; returns the key length."""
-        lengths = self.lengths.tolist()
+    def prepare(self, lq: int, r0: int = 0, n: Optional[int] = None) -> int:
+        """Set up the writes of a forward of ``lq`` query tokens per row, of the rows
+        ``[r0, r0 + n)`` (default: all); returns the key length."""
+        n = self.rows - r0 if n is None else n
+        window = self.lengths[r0:r0 + n]
+        lengths = window.tolist()
+        self._r0, self._n = r0, n
         self._lq = lq
         self._kv_len = (max(lengths) if lengths else 0) + lq
         if lengths and all(x == lengths[0] for x in lengths):
             self._offset, self._index = lengths[0], None
         else:
             self._offset = None
-            self._index = self.lengths[:, None] + torch.arange(lq, device=self.device)[None, :]
+            self._index = window[:, None] + torch.arange(lq, device=self.device)[None, :]
         return self._kv_len
 
+    def window_lengths(self) -> torch.Tensor:
+        """The cached lengths of the rows of the current forward."""
+        return self.lengths[self._r0:self._r0 + self._n]
+
     def advance(self, committed: torch.Tensor) -> None:
-        """After a forward: each row keeps ``committed[r]`` of its query tokens (its clean part)."""
-        self.lengths = self.lengths + committed.to(self.device)
+        """After a forward: each row of its window keeps ``committed[r]`` of its query tokens (its
+        clean part)."""
+        lengths = self.lengths.clone()
+        lengths[self._r0:self._r0 + self._n] += committed.to(self.device)
+        self.lengths = lengths
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         return self.layers[layer_idx].update(key_states, value_states)
@@ -235,6 +254,7 @@ class Engine:
         confidence_threshold: float = 0.9,
         max_batch_size: int = 64,
         max_context: Optional[int] = None,
+        split_prefill_tokens: int = 64,
     ):
         if unmasking_strategy not in STRATEGIES:
             raise ValueError(f"unknown unmasking strategy {unmasking_strategy!r} (expected one of {', '.join(STRATEGIES)})")
@@ -246,6 +266,10 @@ class Engine:
         self.unmasking_strategy = unmasking_strategy
         self.confidence_threshold = float(confidence_threshold)
         self.max_batch_size = int(max_batch_size)
+        # Rows just admitted carry their whole prompt into their first forward; the others carry a
+        # block at most. One forward pads every row to the longest, so when the padding the running
+        # rows would get is at least this many tokens, the new rows get a forward of their own.
+        self.split_prefill_tokens = int(split_prefill_tokens)
         if max_context is None:
             max_context = getattr(model.config, "max_position_embeddings", None)
         self.max_context = max_context
@@ -325,7 +349,7 @@ class Engine:
             seqs_now = [r.seq for r in rows]
             if params is None:
                 params = sampling_params(seqs_now, device)
-            logits = self._forward(rows, block_ids, cache)
+            logits = self._forward_rows(rows, block_ids, cache, len(new))
             keep, tokens, lps, step = denoise_step(
                 logits, block_ids, masked, seqs_now, self.unmasking_strategy,
                 self.confidence_threshold, self.denoising_steps, params,
@@ -366,9 +390,23 @@ class Engine:
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------------------
-    def _forward(self, rows: list[_Row], block_ids: torch.Tensor, cache: BlockKVCache) -> torch.Tensor:
-        """One forward of every row's clean part + current block; logits ``[N, B, V]`` (fp32) of the
-        current blocks. The clean parts stay in the cache."""
+    def _forward_rows(self, rows: list[_Row], block_ids: torch.Tensor, cache: BlockKVCache, new: int) -> torch.Tensor:
+        """Logits of every row's current block: one forward, or two when the ``new`` rows (the last
+        ones, just admitted with their prompts) would pad the running rows by at least
+        ``split_prefill_tokens`` query tokens. Same numbers either way (each row attends only its own
+        keys)."""
+        k = len(rows) - new
+        if new and k:
+            old_c = max(len(r.pending) for r in rows[:k])
+            new_c = max(len(r.pending) for r in rows[k:])
+            if k * (new_c - old_c) >= self.split_prefill_tokens:
+                return torch.cat([self._forward(rows[:k], block_ids[:k], cache, 0),
+                                  self._forward(rows[k:], block_ids[k:], cache, k)])
+        return self._forward(rows, block_ids, cache, 0)
+
+    def _forward(self, rows: list[_Row], block_ids: torch.Tensor, cache: BlockKVCache, r0: int) -> torch.Tensor:
+        """One forward of the clean part + current block of the rows ``[r0, r0 + len(rows))``; logits
+        ``[N, B, V]`` (fp32) of their current blocks. The clean parts stay in the cache."""
         device = block_ids.device
         B = self.block_size
         n = len(rows)
@@ -402,8 +440,8 @@ class Engine:
             noisy = torch.tensor(noisy_rows, dtype=torch.long, device=device)
         blk = torch.div(pos, B, rounding_mode="floor")
         q_meta = TokenMeta(doc=doc, pos=pos, blk=blk, noisy=noisy, grp=blk * noisy)
-        kv_len = cache.prepare(lq)
-        k_meta = self._key_meta(q_meta, cache.lengths, kv_len)
+        kv_len = cache.prepare(lq, r0, n)
+        k_meta = self._key_meta(q_meta, cache.window_lengths(), kv_len)
         hidden = self.model.hidden_states(input_ids, q_meta, k_meta=k_meta, cache=cache, backend="sdpa",
                                           fold_query_heads=True)
         cache.advance(offsets)
