@@ -10,7 +10,7 @@ import pytest
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `pytest -n N` runs N workers side by side: one thread each (and for the processes they start),
     # or the workers' OpenMP pools fight over the cores
-    if not os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+    if not os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() or int(os.environ["OMP_NUM_THREADS"]) < 1:
         os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402

@@ -130,9 +130,9 @@ class BlockKVCache(_HFCache):
     The attention layers call ``update(key, value, layer_idx)``: it writes the forward's keys/values
     at every row's own offset (``lengths[r]``) and returns the keys of ``[0, max(lengths) + Lq)``.
     :meth:`prepare` must be called before each forward and :meth:`advance` after it. A forward may
-    cover a window of consecutive rows (``prepare(lq, r0, n)``); the others are left as they are. Keys are
-    preallocated (grown by 1.5x when needed) instead of concatenated every forward. The decoder
-    gets the mask ready-made (per-token metadata), so it asks the cache for nothing else.
+    cover a window of consecutive rows (``prepare(lq, r0, n)``); the others are left as they are.
+    Keys are preallocated (grown by 1.5x when needed) instead of concatenated every forward. The
+    decoder gets the mask ready-made (per-token metadata), so it asks the cache for nothing else.
     """
 
     def __init__(self, num_layers: int, device: torch.device, max_rows: Optional[int] = None):
