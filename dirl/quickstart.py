@@ -56,10 +56,12 @@ TINY_SHAPE = ["hidden_size=128", "num_hidden_layers=3", "num_attention_heads=4",
 def tiny_shape(seed: int = 0, block_size: int = 4) -> list[str]:
     """The ``dirl make-tiny-model`` arguments of the run: :data:`TINY_SHAPE` with its seed and block
     size replaced (SFT, RL and eval read the block size from the checkpoint)."""
-    if block_size < 1:
-        raise ValueError(f"--block-size: must be a positive integer, got {block_size}")
     new = {"seed": seed, "block_size": block_size}
-    return [f"{a.split('=')[0]}={new[a.split('=')[0]]}" if a.split("=")[0] in new else a for a in TINY_SHAPE]
+    out = []
+    for arg in TINY_SHAPE:
+        key = arg.split("=", 1)[0]
+        out.append(f"{key}={new[key]}" if key in new else arg)
+    return out
 
 
 class StageError(RuntimeError):

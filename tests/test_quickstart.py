@@ -22,7 +22,7 @@ def chance_margin(p1: float, p2: float, problems: int, samples: int, z: float = 
 
 @pytest.mark.slow
 @pytest.mark.first
-@pytest.mark.timeout(2700)  # about 7 minutes on 2 idle cores, three times that on one slow core
+@pytest.mark.timeout(2700)  # about 7 minutes alone on 2 idle cores, 11-12 in a `pytest -n 2` worker
 def test_reduced_quickstart_pipeline(tmp_path):
     out = tmp_path / "qs"
     # A shorter SFT stage (600 of the default's 800 steps: seed 0 has reached the teacher's ceiling by

@@ -13,7 +13,8 @@ The slip is one token with one alternative, so a model that imitates the teacher
 teacher's rate even under confidence-ordered decoding (a slip spread over several tokens is mostly
 out-voted by the confident ones), more SFT converges toward the teacher's accuracy, and RL's reward,
 which checks the sum itself, has no such ceiling. This stands for the real setting, where the SFT
-data are a stronger model's solutions whose final answers are sometimes wrong, and RL against a verifier goes past what imitating them gives.
+data are a stronger model's solutions whose final answers are sometimes wrong, and RL against a
+verifier goes past what imitating them gives.
 Problems (``question`` / ``answer``) and the held-out split are always exact.
 
 Every pair (a, b) belongs to exactly one split,
@@ -56,17 +57,12 @@ def slip_of(total: int) -> int:
     return total - total % 10 + (total % 10 + 1) % 10
 
 
-def slipped_sum(a: int, b: int) -> int:
-    """What the imperfect teacher boxes for a + b when it slips (``slip_of(a + b)``)."""
-    return slip_of(a + b)
-
-
 def make_problem(a: int, b: int, teacher_error: float = 0.0, seed: int = 0) -> dict:
     """The problem and its worked response. With ``teacher_error`` > 0 the response is the imperfect
     teacher's (the boxed sum slips with that probability; the draw depends on ``seed`` and the pair
     only); ``answer`` is always the true sum, ``teacher_correct`` says whether the boxed sum is it."""
     slip = teacher_error > 0 and random.Random(f"teacher:{seed}:{a}+{b}").random() < teacher_error
-    given = slipped_sum(a, b) if slip else a + b
+    given = slip_of(a + b) if slip else a + b
     question = f"What is {a}+{b}?"
     response = ", ".join(column_steps(a, b)) + f". \\boxed{{{given}}}"
     return {"question": question, "answer": str(a + b), "prompt": question, "response": response,
