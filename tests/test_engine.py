@@ -112,6 +112,27 @@ def test_admitted_rows_get_a_forward_of_their_own_with_the_same_results(sharp, t
     assert split.row_forwards == padded.row_forwards
 
 
+@pytest.mark.parametrize("strategy", ["low_confidence_dynamic", "low_confidence_static"])
+def test_packed_rows_give_the_padded_results_with_fewer_linear_tokens(sharp, tiny, strategy):
+    """Rows out of phase (prompt lengths 1-8 start mid-block; sampling keeps different numbers of
+    tokens a step) commit their blocks in different forwards. Packed, the decoder's linear layers run
+    only on the real tokens; tokens, step maps and log-probs are those of the padded forwards and
+    of the naive decoder, with the same forwards and attention layout."""
+    _, tok = tiny
+    reqs = requests(sharp, [1, 2, 3, 5, 6, 7, 8, 4], max_new=26, do_sample=True, temperature=1.0)
+    for i, r in enumerate(reqs):
+        r.seed = 70 + i
+    kw = dict(unmasking_strategy=strategy, denoising_steps=2)
+    packed, padded = (Engine(sharp, tok, max_batch_size=5, pack_rows=p, **kw) for p in (True, False))
+    a, b = packed.generate(reqs), padded.generate(reqs)
+    same(a, b)
+    same(a, naive_generate(sharp, reqs, tok, **kw))
+    assert (packed.forwards, packed.row_forwards, packed.query_tokens) == \
+        (padded.forwards, padded.row_forwards, padded.query_tokens)
+    assert padded.linear_tokens == padded.query_tokens
+    assert packed.linear_tokens < packed.query_tokens
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(sharp, tiny):
     _, tok = tiny
     reqs = requests(sharp, [3, 8, 5, 10], max_new=24, do_sample=True, temperature=1.3, top_k=20, top_p=0.95)

@@ -285,11 +285,52 @@ def _chunk_attention(q, key, value, idx, q_meta, k_meta, scale, gqa):
                                                             enable_gqa=gqa)
 
 
+class PackedRows:
+    """Rows of unequal lengths laid end to end, for a forward whose linear layers should not compute
+    padding: the decoder gets the ``T`` real tokens as one row ``[1, T]``; attention unpacks the
+    queries to the padded layout ``[n, lq]`` that ``mask`` (any SDPA mask object of this module, built
+    on that layout) describes, attends, and packs the output again. Row ``r`` holds ``lengths[r]``
+    real tokens at the start of its padded row; the padding queries' outputs are dropped. The
+    numbers of the real tokens are those of the padded forward: every token's linear work is its own,
+    and attention sees the same queries, keys and mask."""
+
+    def __init__(self, lengths: torch.Tensor, lq: int, mask=None):
+        self.n, self.lq = int(lengths.shape[0]), int(lq)
+        self.lengths = lengths
+        cols = torch.arange(self.lq, device=lengths.device)
+        #: positions of the real tokens in the flattened padded layout ``[n * lq]``, row by row
+        self.index = (cols[None, :] < lengths[:, None]).view(-1).nonzero().flatten()
+        self.total = int(self.index.numel())
+        self.mask = mask
+
+    def with_mask(self, mask) -> "PackedRows":
+        out = PackedRows.__new__(PackedRows)
+        out.__dict__.update(self.__dict__)
+        out.mask = mask
+        return out
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, lq, ...]`` -> ``[1, T, ...]``: the real tokens, row by row."""
+        return x.reshape(self.n * self.lq, *x.shape[2:]).index_select(0, self.index)[None]
+
+    def unpack_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[1, H, T, D]`` -> ``[n, H, lq, D]``, zeros at the padding."""
+        h, d = x.shape[1], x.shape[3]
+        out = x.new_zeros(self.n * self.lq, h, d)
+        out.index_copy_(0, self.index, x[0].transpose(0, 1))
+        return out.view(self.n, self.lq, h, d).transpose(1, 2)
+
+
 def sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention function (registered as ``dirl_sdpa``): torch SDPA on the grouped KV
     heads as they are (``enable_gqa``; transformers' own SDPA path copies K/V once per query head
     whenever a mask is given), with the boolean block-diffusion mask or a :class:`ChunkedMask`.
-    ``query [B, Hq, Lq, D]``, ``key``/``value [B, Hkv, Lk, D]``; returns ``[B, Lq, Hq, D]``."""
+    ``query [B, Hq, Lq, D]``, ``key``/``value [B, Hkv, Lk, D]``; returns ``[B, Lq, Hq, D]``. With
+    :class:`PackedRows` the query is ``[1, Hq, T, D]`` (rows laid end to end) and so is the output."""
+    if isinstance(attention_mask, PackedRows):
+        out, _ = sdpa_attention(module, attention_mask.unpack_heads(query), key, value, attention_mask.mask, dropout,
+                                scaling, **kwargs)
+        return attention_mask.pack(out), None
     if isinstance(attention_mask, (ChunkedMask, GroupedQueryMask)):
         if dropout and module.training:
             raise ValueError("attention dropout is not supported with chunked queries or folded query groups")

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from dirl.config import SDAR_MODEL_TYPE, WEIGHT_FILES, ConfigError, read_checkpoint_config
-from dirl.model.attention import SDPA_IMPL, Backend, TokenMeta, build_mask, register_attention, resolve_backend
+from dirl.model.attention import (SDPA_IMPL, Backend, PackedRows, TokenMeta, build_mask, register_attention,
+                                  resolve_backend)
 
 SDAR_ARCHITECTURE = "SDARForCausalLM"
 QWEN_MASK_TOKEN = "<|MASK|>"
@@ -130,6 +131,7 @@ class SDARModel(nn.Module):
         query_chunk: Optional[int] = None,
         fold_query_heads: bool = False,
         split_noisy: Optional[bool] = None,
+        packed: Optional[PackedRows] = None,
     ):
         """Final (normed) hidden states ``[B, L, H]``.
 
@@ -145,6 +147,10 @@ class SDARModel(nn.Module):
         recomputed in the backward pass (:mod:`dirl.model.split`; same numbers, memory of the clean
         part plus one group); None: when a forward under autograd would keep more activations than
         :data:`~dirl.model.split.DEFAULT_SPLIT_MIN_BYTES` and no activation checkpointing is on.
+
+        ``packed`` (SDPA): the rows of ``input_ids``/``meta`` have padding at their ends
+        (:class:`~dirl.model.attention.PackedRows`); the decoder runs on the real tokens only, laid
+        end to end, and the result is ``[1, T, H]`` in that order.
         """
         be = self.backend(backend)
         self._use_backend(be)
@@ -160,6 +166,11 @@ class SDARModel(nn.Module):
             cfg = self.config
             groups = int(cfg.num_attention_heads) // int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         mask = build_mask(meta, k_meta, backend=be, query_chunk=query_chunk, query_groups=groups, dtype=self.dtype)
+        pos = meta.pos
+        if packed is not None:
+            if be != "sdpa":
+                raise ValueError("packed rows need the sdpa attention backend")
+            input_ids, pos, mask = packed.pack(input_ids), packed.pack(meta.pos), packed.with_mask(mask)
         if be != "flex":
             # a ready mask per layer type: transformers then builds none of its own
             mask = {"full_attention": mask, "sliding_attention": mask}
@@ -171,7 +182,7 @@ class SDARModel(nn.Module):
         out = self.hf.model(
             input_ids=input_ids,
             attention_mask=mask,
-            position_ids=meta.pos,
+            position_ids=pos,
             use_cache=False,
             **kwargs,
         )

@@ -27,6 +27,12 @@ that would pad the running rows by ``split_prefill_tokens`` (64) query tokens or
 (the last rows of the cache) get a forward of their own in that step. The numbers are the same
 either way, since each row attends only its own keys; on the quick-start's evaluation load it halves
 the time (scripts/bench_rollout.py section 5).
+
+Rows out of phase commit in different forwards, so a forward usually mixes rows of 2B query tokens
+with rows of B. The decoder's linear layers then run on the real tokens only, the rows laid end to
+end (:class:`~dirl.model.attention.PackedRows`); attention unpacks them to the padded layout its
+mask describes, and the cache writes only the real tokens' keys. Same numbers as the padded
+forward (``pack_rows=False``), fewer tokens through the projections and the MLP.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from dirl.model.attention import TokenMeta
+from dirl.model.attention import PackedRows, TokenMeta
 from dirl.rollout.decoding import STRATEGIES, SamplingSettings, Sequence, denoise_step, sampling_params
 
 PAD_DOC = -1
@@ -90,11 +96,15 @@ class _BlockLayer(_HFLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         owner = self.owner
-        n = key_states.shape[0]
         r0 = owner._r0
+        n = owner._n if owner._packed is not None else key_states.shape[0]
         self._ensure(key_states, r0 + n)
         kb, vb = self.keys[r0:r0 + n], self.values[r0:r0 + n]  # views: the writes land in the cache
-        if owner._index is None:
+        if owner._packed is not None:  # [1, Hkv, T, D]: each real token to its row's slot
+            rows, slots = owner._packed
+            self.keys[rows, :, slots] = key_states[0].transpose(0, 1)
+            self.values[rows, :, slots] = value_states[0].transpose(0, 1)
+        elif owner._index is None:
             o = owner._offset
             kb[:, :, o:o + owner._lq] = key_states
             vb[:, :, o:o + owner._lq] = value_states
@@ -151,6 +161,7 @@ class BlockKVCache(_HFCache):
         self._r0, self._n = 0, 0  # the row window of the current forward
         self._offset: Optional[int] = None
         self._index: Optional[torch.Tensor] = None
+        self._packed: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (row, slot) of each packed token
 
     # -- views (for inspection and tests) -------------------------------------------------------
     @property
@@ -189,15 +200,23 @@ class BlockKVCache(_HFCache):
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
     # -- one forward -------------------------------------------------------------------------
-    def prepare(self, lq: int, r0: int = 0, n: Optional[int] = None) -> int:
+    def prepare(self, lq: int, r0: int = 0, n: Optional[int] = None, packed: Optional[torch.Tensor] = None) -> int:
         """Set up the writes of a forward of ``lq`` query tokens per row, of the rows
-        ``[r0, r0 + n)`` (default: all); returns the key length."""
+        ``[r0, r0 + n)`` (default: all); returns the key length. ``packed``: the real tokens of each
+        row (the first ``packed[r]`` of its ``lq``), when the forward lays its rows end to end
+        (:class:`~dirl.model.attention.PackedRows`): only those are written."""
         n = self.rows - r0 if n is None else n
         window = self.lengths[r0:r0 + n]
         lengths = window.tolist()
         self._r0, self._n = r0, n
         self._lq = lq
         self._kv_len = (max(lengths) if lengths else 0) + lq
+        self._packed = None
+        if packed is not None:
+            rows = torch.repeat_interleave(torch.arange(r0, r0 + n, device=self.device), packed)
+            starts = torch.cumsum(packed, 0) - packed
+            cols = torch.arange(int(packed.sum()), device=self.device) - torch.repeat_interleave(starts, packed)
+            self._packed = (rows, self.lengths[rows] + cols)
         if lengths and all(x == lengths[0] for x in lengths):
             self._offset, self._index = lengths[0], None
         else:
@@ -255,6 +274,7 @@ class Engine:
         max_batch_size: int = 64,
         max_context: Optional[int] = None,
         split_prefill_tokens: int = 64,
+        pack_rows: bool = True,
     ):
         if unmasking_strategy not in STRATEGIES:
             raise ValueError(f"unknown unmasking strategy {unmasking_strategy!r} (expected one of {', '.join(STRATEGIES)})")
@@ -270,16 +290,21 @@ class Engine:
         # block at most. One forward pads every row to the longest, so when the padding the running
         # rows would get is at least this many tokens, the new rows get a forward of their own.
         self.split_prefill_tokens = int(split_prefill_tokens)
+        # A row that commits a block carries 2B query tokens, the others B: the decoder's linear
+        # layers then run on the real tokens only (attention still sees the padded layout).
+        self.pack_rows = bool(pack_rows)
         if max_context is None:
             max_context = getattr(model.config, "max_position_embeddings", None)
         self.max_context = max_context
         pad = getattr(model.config, "pad_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
         # statistics since construction: model forwards, rows over all forwards, query tokens over all
-        # forwards (padding included), tokens kept
+        # forwards (padding included: what attention computes), tokens through the linear layers
+        # (padding left out when rows are packed), tokens kept
         self.forwards = 0
         self.row_forwards = 0
         self.query_tokens = 0
+        self.linear_tokens = 0
         self.tokens_kept = 0
 
     # ------------------------------------------------------------------------------------------
@@ -440,19 +465,27 @@ class Engine:
             noisy = torch.tensor(noisy_rows, dtype=torch.long, device=device)
         blk = torch.div(pos, B, rounding_mode="floor")
         q_meta = TokenMeta(doc=doc, pos=pos, blk=blk, noisy=noisy, grp=blk * noisy)
-        kv_len = cache.prepare(lq, r0, n)
+        # rows of unequal length (some commit a block, others do not): the decoder's linear layers
+        # run on the real tokens only, laid end to end; attention pads them back for the mask
+        lens = offsets + B
+        packed = PackedRows(lens, lq) if self.pack_rows and c > 0 and int(lens.min()) < lq else None
+        kv_len = cache.prepare(lq, r0, n, packed=lens if packed is not None else None)
         k_meta = self._key_meta(q_meta, cache.window_lengths(), kv_len)
         hidden = self.model.hidden_states(input_ids, q_meta, k_meta=k_meta, cache=cache, backend="sdpa",
-                                          fold_query_heads=True)
+                                          fold_query_heads=True, packed=packed)
         cache.advance(offsets)
         for r in rows:
             r.pending = []
-        if c > 0:
+        if packed is not None:
+            first = torch.cumsum(lens, 0) - lens + offsets  # each row's current block in the packed row
+            hidden = hidden[0].index_select(0, (first[:, None] + ar[None, :]).flatten()).view(n, B, -1)
+        elif c > 0:
             idx = (offsets[:, None] + ar[None, :])[:, :, None].expand(n, B, hidden.shape[-1])
             hidden = hidden.gather(1, idx)
+        self.query_tokens += n * lq
+        self.linear_tokens += packed.total if packed is not None else n * lq
         self.forwards += 1
         self.row_forwards += n
-        self.query_tokens += n * lq
         return self.model.lm_head(hidden).float()
 
     def _key_meta(self, q: TokenMeta, lengths: torch.Tensor, kv_len: int) -> TokenMeta:
