@@ -124,3 +124,45 @@ def test_block_size_option_makes_the_tiny_model_with_it(tmp_path, capsys):
     assert e.value.code == 2
     assert "--block-size: must be a positive integer, got 0" in capsys.readouterr().err
     assert not (tmp_path / "qs").exists()
+
+
+@pytest.mark.slow
+def test_speed_reward_stage_trains_on_the_speed_reward(tmp_path):
+    """``--speed-reward``: a second RL run from the same SFT model whose rewards are the speed reward
+    of SPEC section 7 (accuracy weight 0, speed 1), evaluated and reported like the others. Reduced
+    stages; the reward's values are checked by hand in tests/test_rewards.py."""
+    out = tmp_path / "qs"
+    small_eval = ["data.synthetic_size=8", "num_samples=2"]
+    cmd = [sys.executable, "-m", "dirl.cli", "quickstart", "--out", str(out), "--no-control", "--speed-reward",
+           "--sft", "train.max_steps=40", "logging.progress_bar=false", "--rl", "train.steps=2",
+           "logging.progress_bar=false", "rollout.decoding.confidence_threshold=0.2",  # a barely trained
+           "--eval", *small_eval, "--baseline-eval", *small_eval]  # model keeps several tokens a step only so
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = {d: yaml.safe_load((out / d / "config.yaml").read_text()) for d in ("rl", "rl_speed")}
+    assert runs["rl_speed"]["model"]["path"] == runs["rl"]["model"]["path"]  # both from the SFT model
+    assert {k: v for k, v in runs["rl_speed"]["rewards"]["weights"].items() if v} == {"speed": 1}
+    assert {k: v for k, v in runs["rl"]["rewards"]["weights"].items() if v} == {"accuracy": 1}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"]["RL (speed)"].startswith(str(out / "rl_speed"))
+    speed_eval = summary["eval"]["SFT + RL (speed reward)"]
+    assert (speed_eval["num_problems"], speed_eval["samples_per_problem"]) == (8, 2)
+    assert speed_eval["tokens_per_step"] >= 1
+    assert "SFT + RL (speed reward)" in (out / "report.md").read_text()
+
+    def samples(run: str) -> list[tuple[bool, float, float]]:
+        rows = [json.loads(ln) for ln in (out / run / "samples.jsonl").read_text().splitlines() if ln.strip()]
+        return [x for g in rows for x in zip(g["correct"], g["rewards"], g["tokens_per_step"], strict=True)]
+
+    def speed_by_hand(correct: bool, tps: float, B: int = 4) -> float:
+        # SPEC section 7: c(t; T, v_min, v_max) = v_max - (v_max - v_min)(1 - cos(pi t / T)) / 2,
+        # t = clip(s - 1, 0, B - 1); correct: c(t; B - 1, 1.0, 0.5), wrong: c(t; B - 1, -0.5, 0.0)
+        t = min(max(tps - 1, 0.0), B - 1)
+        v_min, v_max = (1.0, 0.5) if correct else (-0.5, 0.0)
+        return v_max - (v_max - v_min) * (1 - math.cos(math.pi * t / (B - 1))) / 2
+
+    assert all(x == float(c) for c, x, _ in samples("rl"))  # accuracy only: 0 or 1
+    speed = samples("rl_speed")
+    assert len(speed) == 2 * 8 * 8
+    assert all(abs(x - speed_by_hand(c, s)) < 1e-9 for c, x, s in speed), speed
+    assert any(s > 1 for _, _, s in speed)  # some samples kept several tokens a step: the reward moved

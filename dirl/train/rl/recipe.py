@@ -52,6 +52,7 @@ from dirl.config import ConfigError, run_config_command
 from dirl.data.chat import stop_token_ids
 from dirl.model.sdar import load_model, load_tokenizer
 from dirl.model.tiny import count_parameters
+from dirl.rewards import tokens_per_step
 from dirl.rollout.launch import ModelFacts, Servers, open_servers, stop_on_signals
 from dirl.train.checkpoint import (
     load_checkpoint,
@@ -462,7 +463,8 @@ def _finite_or_nan(x: float) -> float:
 
 
 def write_samples(run: RLRun, done: int, stats: CollectStats, kept: list[Group]) -> None:
-    """One ``samples.jsonl`` line per rewarded group of the step (main process, ``log_samples``)."""
+    """One ``samples.jsonl`` line per rewarded group of the step (main process, ``log_samples``): its
+    rewards, correctness and tokens per step (SPEC section 7; None without a step map) per sample."""
     if run.samples_path is None:
         return
     kept_ids = {id(g) for g in kept}
@@ -470,7 +472,10 @@ def write_samples(run: RLRun, done: int, stats: CollectStats, kept: list[Group])
         for g in stats.all_groups:
             f.write(json.dumps({"step": done, "round": g.round, "problem_id": g.problem["id"],
                                 "answer": g.problem["answer"], "kept": id(g) in kept_ids, "rewards": g.rewards,
-                                "correct": g.correct, "first_response": g.trajectories[0].get("text", "")}) + "\n")
+                                "correct": g.correct,
+                                "tokens_per_step": [tokens_per_step(t.get("step_map"), t.get("response_length"))
+                                                    for t in g.trajectories],
+                                "first_response": g.trajectories[0].get("text", "")}) + "\n")
 
 
 def held_out_eval(run: RLRun) -> dict:
