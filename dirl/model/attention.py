@@ -294,20 +294,12 @@ class PackedRows:
     numbers of the real tokens are those of the padded forward: every token's linear work is its own,
     and attention sees the same queries, keys and mask."""
 
-    def __init__(self, lengths: torch.Tensor, lq: int, mask=None):
+    def __init__(self, lengths: torch.Tensor, lq: int, mask):
         self.n, self.lq = int(lengths.shape[0]), int(lq)
-        self.lengths = lengths
         cols = torch.arange(self.lq, device=lengths.device)
         #: positions of the real tokens in the flattened padded layout ``[n * lq]``, row by row
         self.index = (cols[None, :] < lengths[:, None]).view(-1).nonzero().flatten()
-        self.total = int(self.index.numel())
         self.mask = mask
-
-    def with_mask(self, mask) -> "PackedRows":
-        out = PackedRows.__new__(PackedRows)
-        out.__dict__.update(self.__dict__)
-        out.mask = mask
-        return out
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """``[n, lq, ...]`` -> ``[1, T, ...]``: the real tokens, row by row."""

@@ -131,7 +131,7 @@ class SDARModel(nn.Module):
         query_chunk: Optional[int] = None,
         fold_query_heads: bool = False,
         split_noisy: Optional[bool] = None,
-        packed: Optional[PackedRows] = None,
+        packed: Optional[torch.Tensor] = None,
     ):
         """Final (normed) hidden states ``[B, L, H]``.
 
@@ -148,9 +148,9 @@ class SDARModel(nn.Module):
         part plus one group); None: when a forward under autograd would keep more activations than
         :data:`~dirl.model.split.DEFAULT_SPLIT_MIN_BYTES` and no activation checkpointing is on.
 
-        ``packed`` (SDPA): the rows of ``input_ids``/``meta`` have padding at their ends
-        (:class:`~dirl.model.attention.PackedRows`); the decoder runs on the real tokens only, laid
-        end to end, and the result is ``[1, T, H]`` in that order.
+        ``packed`` (SDPA): the number of real tokens of each row of ``input_ids``/``meta``, the rest
+        of the row being padding at its end; the decoder runs on the real tokens only, laid end to
+        end (:class:`~dirl.model.attention.PackedRows`), and the result is ``[1, T, H]`` in that order.
         """
         be = self.backend(backend)
         self._use_backend(be)
@@ -170,7 +170,8 @@ class SDARModel(nn.Module):
         if packed is not None:
             if be != "sdpa":
                 raise ValueError("packed rows need the sdpa attention backend")
-            input_ids, pos, mask = packed.pack(input_ids), packed.pack(meta.pos), packed.with_mask(mask)
+            rows = PackedRows(packed, meta.pos.shape[1], mask)
+            input_ids, pos, mask = rows.pack(input_ids), rows.pack(meta.pos), rows
         if be != "flex":
             # a ready mask per layer type: transformers then builds none of its own
             mask = {"full_attention": mask, "sliding_attention": mask}

@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from dirl.model.attention import PackedRows, TokenMeta
+from dirl.model.attention import TokenMeta
 from dirl.rollout.decoding import STRATEGIES, SamplingSettings, Sequence, denoise_step, sampling_params
 
 PAD_DOC = -1
@@ -468,8 +468,8 @@ class Engine:
         # rows of unequal length (some commit a block, others do not): the decoder's linear layers
         # run on the real tokens only, laid end to end; attention pads them back for the mask
         lens = offsets + B
-        packed = PackedRows(lens, lq) if self.pack_rows and c > 0 and int(lens.min()) < lq else None
-        kv_len = cache.prepare(lq, r0, n, packed=lens if packed is not None else None)
+        packed = lens if self.pack_rows and c > 0 and int(lens.min()) < lq else None
+        kv_len = cache.prepare(lq, r0, n, packed=packed)
         k_meta = self._key_meta(q_meta, cache.window_lengths(), kv_len)
         hidden = self.model.hidden_states(input_ids, q_meta, k_meta=k_meta, cache=cache, backend="sdpa",
                                           fold_query_heads=True, packed=packed)
@@ -483,7 +483,7 @@ class Engine:
             idx = (offsets[:, None] + ar[None, :])[:, :, None].expand(n, B, hidden.shape[-1])
             hidden = hidden.gather(1, idx)
         self.query_tokens += n * lq
-        self.linear_tokens += packed.total if packed is not None else n * lq
+        self.linear_tokens += int(lens.sum()) if packed is not None else n * lq
         self.forwards += 1
         self.row_forwards += n
         return self.model.lm_head(hidden).float()
