@@ -126,8 +126,9 @@ def main() -> int:
     ap.add_argument("--lengths", default="128,512,2048,4096", help="section 1: new tokens per sequence")
     ap.add_argument("--forward-tokens", type=int, default=2048, help="section 2: new tokens of the one prompt")
     ap.add_argument("--naive-max", type=int, default=1024, help="section 1: longest naive run")
-    ap.add_argument("--padded-rows", action="store_true",
-                    help="section 1: also run batch 8 with rows padded for the linear layers (pack_rows=False)")
+    ap.add_argument("--layouts", action="store_true",
+                    help="section 1: also run batch 8 with one batched attention call and the dense mask "
+                         "(ragged_attention=False), rows packed for the linear layers and padded")
     ap.add_argument("--plain-batch", action="store_true",
                     help="section 1: also time a plain cached forward (DynamicCache, no mask) at batch 1 and 8")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip (1,2,3,4,5)")
@@ -176,16 +177,20 @@ def main() -> int:
         per_tok = {}
         for n in lengths:
             one = make_requests(sv, 1, n)
-            c1s, c8s, c8ps = [], [], []
+            c1s, c8s = [], []
+            c8l: dict[str, list] = {}
             for _ in range(max(1, args.repeat)):  # interleaved: load from other jobs hits both alike
                 a1, t1 = cpu_timed(lambda: Engine(sdar).generate(one))
                 a8, t8 = cpu_timed(lambda: Engine(sdar, max_batch_size=8).generate(make_requests(sv, 8, n)))
                 c1s.append(t1 / ntok(a1) * 1e3)
                 c8s.append(t8 / ntok(a8) * 1e3)
-                if args.padded_rows:
-                    a8p, t8p = cpu_timed(lambda: Engine(sdar, max_batch_size=8, pack_rows=False).generate(
-                        make_requests(sv, 8, n)))
-                    c8ps.append((t8p / ntok(a8p) * 1e3, [r["token_ids"] for r in a8p] == [r["token_ids"] for r in a8]))
+                for name, pack in (("dense mask, rows packed", True), ("dense mask, rows padded", False)):
+                    if not args.layouts:
+                        break
+                    ax, tx = cpu_timed(lambda: Engine(sdar, max_batch_size=8, ragged_attention=False,
+                                                      pack_rows=pack).generate(make_requests(sv, 8, n)))
+                    c8l.setdefault(name, []).append(
+                        (tx / ntok(ax) * 1e3, [r["token_ids"] for r in ax] == [r["token_ids"] for r in a8]))
             c1, c8 = statistics.median(c1s), statistics.median(c8s)
             per_tok[n] = (c1, c8)
             naive_s, same = "", ""
@@ -201,11 +206,10 @@ def main() -> int:
             print(f"{n:>10} {c1:>11.3f} {c8:>11.3f} {c1 / c8:>9.2f}x {naive_s}  {same}")
             if len(c1s) > 1:
                 print(f"{'':>10} each repeat, b=1 / b=8: {', '.join(f'{a / b:.2f}x' for a, b in zip(c1s, c8s))}")
-            if c8ps:
-                c8p = statistics.median(x[0] for x in c8ps)
-                print(f"{'':>10} b=8 with rows padded for the linear layers (pack_rows=False): {c8p:.3f} ms per "
-                      f"token, b=1 / b=8 {c1 / c8p:.2f}x; packed / padded {c8 / c8p:.2f}x; same tokens: "
-                      f"{all(x[1] for x in c8ps)}")
+            for name, xs in c8l.items():
+                cx = statistics.median(x[0] for x in xs)
+                print(f"{'':>10} b=8, one attention call with the {name}: {cx:.3f} ms per token, b=1 / b=8 "
+                      f"{c1 / cx:.2f}x; ragged rows (default) / this {c8 / cx:.2f}x; same tokens: {all(x[1] for x in xs)}")
             if args.plain_batch:
                 # the same batch as a plain cached forward (transformers' DynamicCache, SDPA, no mask),
                 # as many forwards per block as the engine made, and the engine's own cost per forward
@@ -292,22 +296,27 @@ def main() -> int:
         for i, r in enumerate(prompts):  # rows finish at different steps, as with stop tokens
             r.do_sample, r.seed, r.max_new_tokens = True, i, new // 3 + (7 * i) % (new - new // 3 + 1)
         runs: dict = {}
-        configs = (("padded", 10 ** 9, False), ("own forward", 64, False), ("own forward, packed", 64, True))
+        configs = (("padded", 10 ** 9, False, False), ("own forward", 64, False, False),
+                   ("own forward, packed", 64, True, False), ("ragged rows", 64, True, True))
         for _ in range(max(1, args.repeat)):
-            for name, thr, pack in configs:
-                eng = Engine(model, tok, max_batch_size=bs, split_prefill_tokens=thr, pack_rows=pack)
+            for name, thr, pack, ragged in configs:
+                eng = Engine(model, tok, max_batch_size=bs, split_prefill_tokens=thr, pack_rows=pack,
+                             ragged_attention=ragged)
                 out, t = cpu_timed(lambda: eng.generate(prompts))
                 runs.setdefault(name, []).append((t, eng.forwards, eng.query_tokens, eng.linear_tokens,
                                                   [r["token_ids"] for r in out]))
-        print("(packed: rows that commit a block carry 2x its tokens, the others 1x; the linear layers run on "
-              "the real tokens only)")
+        print("(one attention call with the dense mask of the padded layout, except 'ragged rows', the default: "
+              "each row's queries attend its own keys, no padding anywhere, no split forwards; packed: rows that "
+              "commit a block carry 2x its tokens, the others 1x, the linear layers run on the real tokens only)")
         print(f"{'admitted rows':>20} {'CPU s':>7} {'forwards':>9} {'query tokens':>13} {'linear tokens':>14}")
         med = {name: statistics.median(x[0] for x in rs) for name, rs in runs.items()}
         for name, rs in runs.items():
             print(f"{name:>20} {med[name]:>7.2f} {rs[0][1]:>9} {rs[0][2]:>13} {rs[0][3]:>14}")
         toks = [rs[0][4] for rs in runs.values()]
         print(f"own forward / padded: {med['own forward'] / med['padded']:.2f}x the time; packed / padded: "
-              f"{med['own forward, packed'] / med['padded']:.2f}x; same tokens: {all(t == toks[0] for t in toks)}")
+              f"{med['own forward, packed'] / med['padded']:.2f}x; ragged rows / padded: "
+              f"{med['ragged rows'] / med['padded']:.2f}x, / packed {med['ragged rows'] / med['own forward, packed']:.2f}x; "
+              f"same tokens: {all(t == toks[0] for t in toks)}")
 
     # 4. HTTP vs in-process -----------------------------------------------------------------------
     if "4" not in skip:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dirl.config import ConfigError
-from dirl.model.attention import block_causal_meta
+from dirl.model.attention import RaggedRows, TokenMeta, block_causal_meta, dense_mask
 from dirl.model.sdar import load_model
 from dirl.rollout.backend import GenerateRequest
 from dirl.rollout.engine import Engine
@@ -102,8 +102,9 @@ def test_admitted_rows_get_a_forward_of_their_own_with_the_same_results(sharp, t
     reqs = requests(sharp, [3, 17, 5, 30, 9, 22, 2], max_new=14, do_sample=True, temperature=1.0)
     for i, r in enumerate(reqs):
         r.seed = 50 + i
-    split = Engine(sharp, tok, max_batch_size=max_batch, split_prefill_tokens=0)
-    padded = Engine(sharp, tok, max_batch_size=max_batch, split_prefill_tokens=10 ** 9)
+    kw = dict(max_batch_size=max_batch, ragged_attention=False)  # with ragged rows nothing is padded
+    split = Engine(sharp, tok, split_prefill_tokens=0, **kw)
+    padded = Engine(sharp, tok, split_prefill_tokens=10 ** 9, **kw)
     a, b = split.generate(reqs), padded.generate(reqs)
     same(a, b)
     same(a, naive_generate(sharp, reqs, tok))
@@ -123,7 +124,8 @@ def test_packed_rows_give_the_padded_results_with_fewer_linear_tokens(sharp, tin
     for i, r in enumerate(reqs):
         r.seed = 70 + i
     kw = dict(unmasking_strategy=strategy, denoising_steps=2)
-    packed, padded = (Engine(sharp, tok, max_batch_size=5, pack_rows=p, **kw) for p in (True, False))
+    packed, padded = (Engine(sharp, tok, max_batch_size=5, pack_rows=p, ragged_attention=False, **kw)
+                      for p in (True, False))
     a, b = packed.generate(reqs), padded.generate(reqs)
     same(a, b)
     same(a, naive_generate(sharp, reqs, tok, **kw))
@@ -131,6 +133,67 @@ def test_packed_rows_give_the_padded_results_with_fewer_linear_tokens(sharp, tin
         (padded.forwards, padded.row_forwards, padded.query_tokens)
     assert padded.linear_tokens == padded.query_tokens
     assert packed.linear_tokens < packed.query_tokens
+
+
+@pytest.mark.parametrize("strategy", ["low_confidence_dynamic", "low_confidence_static"])
+def test_ragged_rows_give_the_mask_results_with_no_padding(sharp, tiny, strategy):
+    """Each row attending only its own keys (the default) gives the tokens, step maps and log-probs of
+    the batched forward with the dense mask and of the naive decoder: rows out of phase, rows
+    admitted mid-run with prompts of several blocks (block-causal prefill), rows that leave early.
+    Attention then computes only real tokens, in no more forwards."""
+    _, tok = tiny
+    reqs = requests(sharp, [1, 2, 3, 13, 6, 7, 21, 4, 9], max_new=26, do_sample=True, temperature=1.0)
+    for i, r in enumerate(reqs):
+        r.seed = 90 + i
+        r.max_new_tokens = 10 + 3 * i
+    # and rows in step: prompts of the same blocks (a batched block-causal prefill), commits together
+    reqs += requests(sharp, [13, 13, 14, 15], max_new=12, seed0=20) + requests(sharp, [12] * 4, max_new=12, seed0=30)
+    kw = dict(unmasking_strategy=strategy, denoising_steps=2, max_batch_size=4)
+    ragged, masked = Engine(sharp, tok, **kw), Engine(sharp, tok, ragged_attention=False, **kw)
+    a, b = ragged.generate(reqs), masked.generate(reqs)
+    same(a, b)
+    same(a, naive_generate(sharp, reqs, tok, **{k: v for k, v in kw.items() if k != "max_batch_size"}))
+    assert ragged.forwards <= masked.forwards
+    assert ragged.row_forwards == masked.row_forwards
+    assert ragged.query_tokens == ragged.linear_tokens == masked.linear_tokens
+    assert ragged.query_tokens < masked.query_tokens
+
+
+def test_ragged_rows_bounds_are_the_attention_rule():
+    """The key bounds of :class:`RaggedRows` against :func:`dense_mask` on metadata written out here
+    for the engine's layout: cached clean keys, then each row's pending clean blocks and its noisy
+    current block, then padding (a doc of its own)."""
+    B, n = 4, 5
+    pending = [0, 4, 12, 0, 4]
+    cached = [8, 4, 0, 12, 8]
+    lq = max(pending) + B
+    kv = max(cached) + lq
+    q = {f: torch.zeros(n, lq, dtype=torch.long) for f in ("doc", "pos", "noisy")}
+    k = {f: torch.zeros(n, kv, dtype=torch.long) for f in ("doc", "pos", "noisy")}
+    for r in range(n):
+        p, c = pending[r], cached[r]
+        for t in range(lq):
+            real = t < p + B
+            q["doc"][r, t] = 0 if real else -1
+            q["pos"][r, t] = c + t if real else 0
+            q["noisy"][r, t] = int(p <= t < p + B)
+        for j in range(kv):
+            real = j < c + p + B
+            k["doc"][r, j] = 0 if real else -1
+            k["pos"][r, j] = j if real else 0
+            k["noisy"][r, j] = int(c + p <= j < c + p + B)
+    metas = []
+    for d in (q, k):
+        blk = d["pos"] // B
+        metas.append(TokenMeta(doc=d["doc"], pos=d["pos"], blk=blk, noisy=d["noisy"], grp=blk * d["noisy"]))
+    rule = dense_mask(*metas)
+    rows = RaggedRows(pending, torch.tensor(cached), B, groups=2, kv_len=kv)
+    bounds = rows.dense()
+    for r in range(n):
+        real = pending[r] + B
+        assert torch.equal(bounds[r, 0, :real], rule[r, 0, :real]), r
+        assert not bounds[r, 0, real:].any()
+    assert rows.packed and rows.current_mask is not None
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(sharp, tiny):

@@ -313,12 +313,143 @@ class PackedRows:
         return out.view(self.n, self.lq, h, d).transpose(1, 2)
 
 
+class RaggedRows:
+    """A decoding forward of the rollout engine with no padding anywhere: each row attends only its
+    own keys, and nothing is computed for tokens a row does not have.
+
+    Row ``r`` brings ``pending[r]`` clean tokens (whole blocks: the prompt blocks of its prefill, or
+    the block it commits; often none) and its current (noisy) block of ``B`` tokens, and has
+    ``cached[r]`` committed tokens in the KV cache, which the forward's tokens follow. In that layout
+    the rule of :func:`allowed` comes down to one key bound per query: clean block ``i`` of the
+    pending part sees the keys ``[0, cached[r] + (i + 1) B)``, the current block sees
+    ``[0, cached[r] + pending[r] + B)`` (every clean key and itself). So:
+
+    * the current blocks of all rows attend in one batched SDPA call, the query heads of a KV head
+      folded along the query axis (as in :class:`GroupedQueryMask`), with an additive ``[n, 1, 1, K]``
+      mask only where rows end at different keys (none when they all end at ``K``);
+    * a row with a pending part attends it in a call of its own over its own keys (no mask for a
+      single block; the block-causal bounds for a prefill).
+
+    With ``packed`` the rows are laid end to end (``[1, T]``, as with :class:`PackedRows`), otherwise
+    every row has the same number of tokens and the layout is ``[n, lq]``. :meth:`dense` gives the
+    boolean mask these bounds stand for, which the tests compare with :func:`dense_mask`."""
+
+    def __init__(self, pending: list[int], cached: torch.Tensor, block: int, groups: int, kv_len: int,
+                 dtype: torch.dtype = torch.float32):
+        self.device = device = cached.device
+        self.n, self.B, self.groups, self.kv_len = len(pending), int(block), int(groups), int(kv_len)
+        self.pending = [int(p) for p in pending]
+        self.cached = cached.tolist()
+        B = self.B
+        lens = [p + B for p in self.pending]
+        self.lq = max(lens)
+        self.packed = min(lens) < self.lq
+        self.dtype = dtype
+        lens_t = torch.tensor(lens, dtype=torch.long, device=device)
+        ar = torch.arange(B, device=device)
+        if self.packed:
+            cols = torch.arange(self.lq, device=device)
+            #: positions of the real tokens in the flattened padded layout ``[n * lq]``, row by row
+            self.index = (cols[None, :] < lens_t[:, None]).view(-1).nonzero().flatten()
+            self.starts = (torch.cumsum(lens_t, 0) - lens_t).tolist()
+            # each row's current block in the packed row
+            self.current = (torch.tensor(self.starts, device=device) + torch.tensor(self.pending, device=device)
+                            )[:, None].add(ar[None, :]).flatten()
+        ends = cached + lens_t  # every row's last key + 1
+        keys = torch.arange(self.kv_len, device=device)
+        self.current_mask = None
+        if bool((ends != self.kv_len).any()):
+            self.current_mask = torch.zeros(self.n, 1, 1, self.kv_len, dtype=dtype, device=device).masked_fill_(
+                (keys[None, :] >= ends[:, None])[:, None, None, :], float("-inf"))
+        # the pending parts: one call per row when packed, else one batched call (same pending count)
+        self.pending_calls: list[tuple[Optional[int], int, int, Optional[torch.Tensor]]] = []
+        if self.packed:
+            for r, p in enumerate(self.pending):
+                if p:
+                    klen = self.cached[r] + p
+                    self.pending_calls.append((r, self.starts[r], klen, self._pending_mask(p, [self.cached[r]], klen)))
+        elif self.pending[0]:
+            p = self.pending[0]
+            klen = max(self.cached) + p
+            self.pending_calls.append((None, 0, klen, self._pending_mask(p, self.cached, klen)))
+
+    def _pending_mask(self, p: int, cached: list[int], klen: int) -> Optional[torch.Tensor]:
+        """Additive mask of ``p`` pending tokens of rows with ``cached`` committed tokens over ``klen``
+        keys (folded query axis); None when every query sees every key."""
+        if p == self.B and all(c + p == klen for c in cached):
+            return None
+        device = self.device
+        c = torch.tensor(cached, dtype=torch.long, device=device)
+        t = torch.arange(p, device=device)
+        bound = c[:, None] + (torch.div(t, self.B, rounding_mode="floor") + 1)[None, :] * self.B  # [rows, p]
+        if p == self.B:  # one block: one bound per row
+            bound = bound[:, :1]
+        else:
+            bound = bound.repeat(1, self.groups)
+        keys = torch.arange(klen, device=device)
+        return torch.zeros(len(cached), 1, bound.shape[1], klen, dtype=self.dtype, device=device).masked_fill_(
+            (keys[None, None, :] >= bound[:, :, None])[:, None], float("-inf"))
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, lq, ...]`` -> ``[1, T, ...]`` (the real tokens, row by row) when packed; else as is."""
+        if not self.packed:
+            return x
+        return x.reshape(self.n * self.lq, *x.shape[2:]).index_select(0, self.index)[None]
+
+    def dense(self) -> torch.Tensor:
+        """The boolean ``[n, 1, lq, kv_len]`` mask of the padded layout these bounds implement
+        (padding queries attend nothing), for comparison with :func:`dense_mask`."""
+        keys = torch.arange(self.kv_len)
+        out = torch.zeros(self.n, 1, self.lq, self.kv_len, dtype=torch.bool)
+        for r, (p, c) in enumerate(zip(self.pending, self.cached)):
+            for t in range(p + self.B):
+                bound = c + (t // self.B + 1) * self.B if t < p else c + p + self.B
+                out[r, 0, t] = keys < bound
+        return out
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+        """``query``: ``[1, Hq, T, D]`` (packed) or ``[n, Hq, lq, D]``; ``key``/``value``
+        ``[n, Hkv, kv_len, D]``. Returns the output in the query's token layout, ``[.., L, Hq, D]``."""
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        _, hq, _, d = query.shape
+        hkv, g, n, B = key.shape[1], self.groups, self.n, self.B
+        if hq != hkv * g:
+            raise ValueError(f"RaggedRows for {g} query heads per KV head, got {hq} / {hkv}")
+        if self.packed:
+            q = query[0].index_select(1, self.current).view(hq, n, B, d).transpose(0, 1)
+        else:
+            q = query[:, :, self.pending[0]:]
+        o = sdpa(q.reshape(n, hkv, g * B, d), key, value, attn_mask=self.current_mask, scale=scale)
+        o = o.view(n, hq, B, -1).transpose(1, 2)  # [n, B, Hq, Dv]
+        dv = o.shape[-1]
+        if self.packed:
+            out = query.new_empty(1, query.shape[2], hq, dv)
+            out[0].index_copy_(0, self.current, o.reshape(n * B, hq, dv))
+        else:
+            out = query.new_empty(n, self.lq, hq, dv)
+            out[:, self.pending[0]:] = o
+        for r, start, klen, mask in self.pending_calls:
+            if r is None:  # every row, the same number of pending tokens
+                p = self.pending[0]
+                q = query[:, :, :p].reshape(n, hkv, g * p, d)
+                o = sdpa(q, key[:, :, :klen], value[:, :, :klen], attn_mask=mask, scale=scale)
+                out[:, :p] = o.view(n, hq, p, dv).transpose(1, 2)
+            else:
+                p = self.pending[r]
+                q = query[:, :, start:start + p].reshape(1, hkv, g * p, d)
+                o = sdpa(q, key[r:r + 1, :, :klen], value[r:r + 1, :, :klen], attn_mask=mask, scale=scale)
+                out[0, start:start + p] = o.view(hq, p, dv).transpose(0, 1)
+        return out
+
+
 def sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention function (registered as ``dirl_sdpa``): torch SDPA on the grouped KV
     heads as they are (``enable_gqa``; transformers' own SDPA path copies K/V once per query head
     whenever a mask is given), with the boolean block-diffusion mask or a :class:`ChunkedMask`.
     ``query [B, Hq, Lq, D]``, ``key``/``value [B, Hkv, Lk, D]``; returns ``[B, Lq, Hq, D]``. With
     :class:`PackedRows` the query is ``[1, Hq, T, D]`` (rows laid end to end) and so is the output."""
+    if isinstance(attention_mask, RaggedRows):
+        return attention_mask.attend(query, key, value, scaling), None
     if isinstance(attention_mask, PackedRows):
         out, _ = sdpa_attention(module, attention_mask.unpack_heads(query), key, value, attention_mask.mask, dropout,
                                 scaling, **kwargs)

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from dirl.config import SDAR_MODEL_TYPE, WEIGHT_FILES, ConfigError, read_checkpoint_config
-from dirl.model.attention import (SDPA_IMPL, Backend, PackedRows, TokenMeta, build_mask, register_attention,
-                                  resolve_backend)
+from dirl.model.attention import (SDPA_IMPL, Backend, PackedRows, RaggedRows, TokenMeta, build_mask,
+                                  register_attention, resolve_backend)
 
 SDAR_ARCHITECTURE = "SDARForCausalLM"
 QWEN_MASK_TOKEN = "<|MASK|>"
@@ -132,6 +132,7 @@ class SDARModel(nn.Module):
         fold_query_heads: bool = False,
         split_noisy: Optional[bool] = None,
         packed: Optional[torch.Tensor] = None,
+        ragged: Optional[RaggedRows] = None,
     ):
         """Final (normed) hidden states ``[B, L, H]``.
 
@@ -151,9 +152,18 @@ class SDARModel(nn.Module):
         ``packed`` (SDPA): the number of real tokens of each row of ``input_ids``/``meta``, the rest
         of the row being padding at its end; the decoder runs on the real tokens only, laid end to
         end (:class:`~dirl.model.attention.PackedRows`), and the result is ``[1, T, H]`` in that order.
+
+        ``ragged`` (SDPA, with ``cache``; the rollout engine's decoding forwards): the attention layout
+        ready-made (:class:`~dirl.model.attention.RaggedRows`, which stands for the rule of ``meta``
+        and the cached keys); no mask is built, ``k_meta`` is not needed, and when its rows are
+        ``packed`` the result is ``[1, T, H]`` as above.
         """
         be = self.backend(backend)
         self._use_backend(be)
+        if ragged is not None:
+            if be != "sdpa" or cache is None:
+                raise ValueError("ragged rows need the sdpa attention backend and a KV cache")
+            return self._run(ragged.pack(input_ids), ragged.pack(meta.pos), ragged, be, cache)
         if be == "sdpa" and cache is None and k_meta is None and self._should_split(meta, split_noisy):
             from dirl.model.split import split_hidden_states
 
@@ -161,10 +171,7 @@ class SDARModel(nn.Module):
                 self._cache_kwarg = _cache_kwarg(self.hf.model)
             return split_hidden_states(self.hf.model, input_ids, meta, query_chunk=query_chunk,
                                        cache_kwarg=self._cache_kwarg)
-        groups = 1
-        if fold_query_heads and be == "sdpa":
-            cfg = self.config
-            groups = int(cfg.num_attention_heads) // int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        groups = self.query_groups if fold_query_heads and be == "sdpa" else 1
         mask = build_mask(meta, k_meta, backend=be, query_chunk=query_chunk, query_groups=groups, dtype=self.dtype)
         pos = meta.pos
         if packed is not None:
@@ -172,6 +179,15 @@ class SDARModel(nn.Module):
                 raise ValueError("packed rows need the sdpa attention backend")
             rows = PackedRows(packed, meta.pos.shape[1], mask)
             input_ids, pos, mask = rows.pack(input_ids), rows.pack(meta.pos), rows
+        return self._run(input_ids, pos, mask, be, cache)
+
+    @property
+    def query_groups(self) -> int:
+        """Query heads per KV head."""
+        cfg = self.config
+        return int(cfg.num_attention_heads) // int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+
+    def _run(self, input_ids: torch.Tensor, pos: torch.Tensor, mask: Any, be: str, cache: Any) -> torch.Tensor:
         if be != "flex":
             # a ready mask per layer type: transformers then builds none of its own
             mask = {"full_attention": mask, "sliding_attention": mask}

@@ -14,25 +14,25 @@ How one forward is laid out (every active sequence is one row of the batch):
   always holds exactly positions ``[0, block_start)`` of its sequence.
 * Rows sit at different positions and commit at different steps. :class:`BlockKVCache` gives every
   row its own length: new keys are written at each row's own offset, and slots past a row's
-  length are marked as padding (a doc of their own), so nobody attends them. Padding queries
-  attend only padding keys.
-* Every forward gets an explicit mask built from per-token metadata (:class:`TokenMeta`).
-  The query heads sharing a KV head attend as one batch against that head's keys (the mask is
-  additive, built once per forward and shared by every layer: :class:`~dirl.model.attention.GroupedQueryMask`).
+  length are padding that nobody attends.
+* Each row attends only its own keys (:class:`~dirl.model.attention.RaggedRows`, the default): in
+  this layout the attention rule is one key bound per query, so the current blocks of all rows
+  attend in one batched SDPA call (the query heads sharing a KV head folded into one batch of
+  queries, a mask only for rows that end before the longest), and a row's clean part (a commit, or
+  its prompt blocks) in a call of its own. No mask is built from per-token metadata, and rows of
+  unequal lengths are laid end to end for the linear layers, so nothing is computed for padding.
+  ``ragged_attention=False`` gives the general path instead: one batched call with the dense mask
+  of the padded layout, built from per-token metadata (:class:`TokenMeta`; additive, built once per
+  forward and shared by every layer: :class:`~dirl.model.attention.GroupedQueryMask`), rows packed
+  for the linear layers only (``pack_rows``). Both give the same numbers (tested).
 
 Rows that finish leave the batch at once and waiting requests take their place (continuous
-batching), so one ``generate`` call may hold many more requests than ``max_batch_size``. A forward
-pads every row to its longest clean part, and a row just admitted carries its whole prompt: when
-that would pad the running rows by ``split_prefill_tokens`` (64) query tokens or more, the new rows
-(the last rows of the cache) get a forward of their own in that step. The numbers are the same
-either way, since each row attends only its own keys; on the quick-start's evaluation load it halves
-the time (scripts/bench_rollout.py section 5).
-
-Rows out of phase commit in different forwards, so a forward usually mixes rows of 2B query tokens
-with rows of B. The decoder's linear layers then run on the real tokens only, the rows laid end to
-end (:class:`~dirl.model.attention.PackedRows`); attention unpacks them to the padded layout its
-mask describes, and the cache writes only the real tokens' keys. Same numbers as the padded
-forward (``pack_rows=False``), fewer tokens through the projections and the MLP.
+batching), so one ``generate`` call may hold many more requests than ``max_batch_size``. On the
+dense-mask path a forward pads every row to its longest clean part, and a row just admitted carries
+its whole prompt: when that would pad the running rows by ``split_prefill_tokens`` (64) query tokens
+or more, the new rows (the last rows of the cache) get a forward of their own in that step (ragged
+rows pad nothing, so they never split). The numbers are the same either way, since each row attends
+only its own keys (scripts/bench_rollout.py section 5).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from dirl.model.attention import TokenMeta
+from dirl.model.attention import RaggedRows, TokenMeta
 from dirl.rollout.decoding import STRATEGIES, SamplingSettings, Sequence, denoise_step, sampling_params
 
 PAD_DOC = -1
@@ -275,6 +275,7 @@ class Engine:
         max_context: Optional[int] = None,
         split_prefill_tokens: int = 64,
         pack_rows: bool = True,
+        ragged_attention: bool = True,
     ):
         if unmasking_strategy not in STRATEGIES:
             raise ValueError(f"unknown unmasking strategy {unmasking_strategy!r} (expected one of {', '.join(STRATEGIES)})")
@@ -293,6 +294,11 @@ class Engine:
         # A row that commits a block carries 2B query tokens, the others B: the decoder's linear
         # layers then run on the real tokens only (attention still sees the padded layout).
         self.pack_rows = bool(pack_rows)
+        # Each row attends only its own keys, its current block batched with the other rows' and its
+        # clean part in a call of its own (RaggedRows): no mask built from metadata, no padding
+        # computed anywhere (rows are then always packed, and never split). False: one batched call
+        # with the dense mask of the padded layout (pack_rows decides the linear layers').
+        self.ragged_attention = bool(ragged_attention)
         if max_context is None:
             max_context = getattr(model.config, "max_position_embeddings", None)
         self.max_context = max_context
@@ -421,7 +427,7 @@ class Engine:
         ``split_prefill_tokens`` query tokens. Same numbers either way (each row attends only its own
         keys)."""
         k = len(rows) - new
-        if new and k:
+        if new and k and not self.ragged_attention:
             old_c = max(len(r.pending) for r in rows[:k])
             new_c = max(len(r.pending) for r in rows[k:])
             if k * (new_c - old_c) >= self.split_prefill_tokens:
@@ -468,11 +474,16 @@ class Engine:
         # rows of unequal length (some commit a block, others do not): the decoder's linear layers
         # run on the real tokens only, laid end to end; attention pads them back for the mask
         lens = offsets + B
-        packed = lens if self.pack_rows and c > 0 and int(lens.min()) < lq else None
+        pack = self.pack_rows or self.ragged_attention
+        packed = lens if pack and c > 0 and int(lens.min()) < lq else None
         kv_len = cache.prepare(lq, r0, n, packed=packed)
-        k_meta = self._key_meta(q_meta, cache.window_lengths(), kv_len)
-        hidden = self.model.hidden_states(input_ids, q_meta, k_meta=k_meta, cache=cache, backend="sdpa",
-                                          fold_query_heads=True, packed=packed)
+        if self.ragged_attention:
+            ragged = RaggedRows(pend, cache.window_lengths(), B, self.model.query_groups, kv_len, self.model.dtype)
+            hidden = self.model.hidden_states(input_ids, q_meta, cache=cache, backend="sdpa", ragged=ragged)
+        else:
+            k_meta = self._key_meta(q_meta, cache.window_lengths(), kv_len)
+            hidden = self.model.hidden_states(input_ids, q_meta, k_meta=k_meta, cache=cache, backend="sdpa",
+                                              fold_query_heads=True, packed=packed)
         cache.advance(offsets)
         for r in rows:
             r.pending = []
@@ -482,7 +493,7 @@ class Engine:
         elif c > 0:
             idx = (offsets[:, None] + ar[None, :])[:, :, None].expand(n, B, hidden.shape[-1])
             hidden = hidden.gather(1, idx)
-        self.query_tokens += n * lq
+        self.query_tokens += int(lens.sum()) if self.ragged_attention else n * lq
         self.linear_tokens += int(lens.sum()) if packed is not None else n * lq
         self.forwards += 1
         self.row_forwards += n
