@@ -356,10 +356,12 @@ class RaggedRows:
             self.current = (torch.tensor(self.starts, device=device) + torch.tensor(self.pending, device=device)
                             )[:, None].add(ar[None, :]).flatten()
         ends = cached + lens_t  # every row's last key + 1
-        keys = torch.arange(self.kv_len, device=device)
+        #: keys the current blocks attend: up to the longest row's end (the cache may return more)
+        self.k_end = int(ends.max())
+        keys = torch.arange(self.k_end, device=device)
         self.current_mask = None
-        if bool((ends != self.kv_len).any()):
-            self.current_mask = torch.zeros(self.n, 1, 1, self.kv_len, dtype=dtype, device=device).masked_fill_(
+        if bool((ends != self.k_end).any()):
+            self.current_mask = torch.zeros(self.n, 1, 1, self.k_end, dtype=dtype, device=device).masked_fill_(
                 (keys[None, :] >= ends[:, None])[:, None, None, :], float("-inf"))
         # the pending parts: one call per row when packed, else one batched call (same pending count)
         self.pending_calls: list[tuple[Optional[int], int, int, Optional[torch.Tensor]]] = []
@@ -409,7 +411,7 @@ class RaggedRows:
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
         """``query``: ``[1, Hq, T, D]`` (packed) or ``[n, Hq, lq, D]``; ``key``/``value``
-        ``[n, Hkv, kv_len, D]``. Returns the output in the query's token layout, ``[.., L, Hq, D]``."""
+        ``[n, Hkv, kv_len, D]`` (the current blocks attend the first ``k_end``). Returns the output in the query's token layout, ``[.., L, Hq, D]``."""
         sdpa = torch.nn.functional.scaled_dot_product_attention
         _, hq, _, d = query.shape
         hkv, g, n, B = key.shape[1], self.groups, self.n, self.B
@@ -419,7 +421,8 @@ class RaggedRows:
             q = query[0].index_select(1, self.current).view(hq, n, B, d).transpose(0, 1)
         else:
             q = query[:, :, self.pending[0]:]
-        o = sdpa(q.reshape(n, hkv, g * B, d), key, value, attn_mask=self.current_mask, scale=scale)
+        o = sdpa(q.reshape(n, hkv, g * B, d), key[:, :, :self.k_end], value[:, :, :self.k_end],
+                 attn_mask=self.current_mask, scale=scale)
         o = o.view(n, hq, B, -1).transpose(1, 2)  # [n, B, Hq, Dv]
         dv = o.shape[-1]
         if self.packed:
