@@ -153,47 +153,89 @@ def test_ragged_rows_give_the_mask_results_with_no_padding(sharp, tiny, strategy
     a, b = ragged.generate(reqs), masked.generate(reqs)
     same(a, b)
     same(a, naive_generate(sharp, reqs, tok, **{k: v for k, v in kw.items() if k != "max_batch_size"}))
+    # a batch that starts with prompts of the same number of whole blocks: one batched prefill
+    first = requests(sharp, [12, 13, 14, 15], max_new=10, seed0=40)
+    same(Engine(sharp, tok, **kw).generate(first), Engine(sharp, tok, ragged_attention=False, **kw).generate(first))
     assert ragged.forwards <= masked.forwards
     assert ragged.row_forwards == masked.row_forwards
     assert ragged.query_tokens == ragged.linear_tokens == masked.linear_tokens
     assert ragged.query_tokens < masked.query_tokens
 
 
-def test_ragged_rows_bounds_are_the_attention_rule():
-    """The key bounds of :class:`RaggedRows` against :func:`dense_mask` on metadata written out here
-    for the engine's layout: cached clean keys, then each row's pending clean blocks and its noisy
-    current block, then padding (a doc of its own)."""
-    B, n = 4, 5
-    pending = [0, 4, 12, 0, 4]
-    cached = [8, 4, 0, 12, 8]
-    lq = max(pending) + B
-    kv = max(cached) + lq
+def _engine_layout_rule(pending, cached, B, kv):
+    """The dense rule mask of the engine's padded layout, from metadata written out here: cached
+    clean keys, then each row's pending clean blocks and its noisy current block, then padding (a
+    doc of its own)."""
+    n, lq = len(pending), max(pending) + B
     q = {f: torch.zeros(n, lq, dtype=torch.long) for f in ("doc", "pos", "noisy")}
     k = {f: torch.zeros(n, kv, dtype=torch.long) for f in ("doc", "pos", "noisy")}
-    for r in range(n):
-        p, c = pending[r], cached[r]
+    for r, (p, c) in enumerate(zip(pending, cached)):
         for t in range(lq):
-            real = t < p + B
-            q["doc"][r, t] = 0 if real else -1
-            q["pos"][r, t] = c + t if real else 0
+            q["doc"][r, t] = 0 if t < p + B else -1
+            q["pos"][r, t] = c + t if t < p + B else 0
             q["noisy"][r, t] = int(p <= t < p + B)
         for j in range(kv):
-            real = j < c + p + B
-            k["doc"][r, j] = 0 if real else -1
-            k["pos"][r, j] = j if real else 0
+            k["doc"][r, j] = 0 if j < c + p + B else -2
+            k["pos"][r, j] = j if j < c + p + B else 0
             k["noisy"][r, j] = int(c + p <= j < c + p + B)
-    metas = []
-    for d in (q, k):
-        blk = d["pos"] // B
-        metas.append(TokenMeta(doc=d["doc"], pos=d["pos"], blk=blk, noisy=d["noisy"], grp=blk * d["noisy"]))
-    rule = dense_mask(*metas)
-    rows = RaggedRows(pending, torch.tensor(cached), B, groups=2, kv_len=kv)
-    bounds = rows.dense()
-    for r in range(n):
-        real = pending[r] + B
-        assert torch.equal(bounds[r, 0, :real], rule[r, 0, :real]), r
-        assert not bounds[r, 0, real:].any()
-    assert rows.packed and rows.current_mask is not None
+    metas = [TokenMeta(doc=d["doc"], pos=d["pos"], blk=d["pos"] // B, noisy=d["noisy"], grp=(d["pos"] // B) * d["noisy"])
+             for d in (q, k)]
+    return dense_mask(*metas)
+
+
+@pytest.mark.parametrize("kv_heads,groups", [(2, 2), (1, 4), (3, 1)])
+def test_ragged_rows_attend_as_the_rule_says(kv_heads, groups):
+    """:class:`RaggedRows.attend` against plain SDPA on the padded layout, K/V repeated per query
+    head, under the rule's dense mask (fp64, real tokens only): rows with and without a commit, a
+    prefill of several blocks, unequal and equal cached lengths, packed and unpacked layouts, block
+    sizes 1, 3 and 4, value width unlike the key width."""
+    rng = torch.Generator().manual_seed(kv_heads * 10 + groups)
+    cases = [([0, 4, 12, 0, 4], [8, 4, 0, 12, 8], 4), ([0, 0, 0], [4, 8, 0], 4), ([0, 0], [4, 4], 4),
+             ([4, 4], [0, 8], 4), ([4, 4], [8, 8], 4), ([12, 12], [0, 4], 4), ([12], [0], 4), ([0], [0], 4),
+             ([4, 0], [0, 4], 4), ([0, 2, 0], [3, 1, 2], 1), ([6, 0, 3], [3, 9, 0], 3)]
+    for _ in range(12):
+        n, B = int(torch.randint(1, 6, (1,), generator=rng)), int(torch.randint(1, 5, (1,), generator=rng))
+        cases.append(([B * int(x) for x in torch.randint(0, 4, (n,), generator=rng) * torch.randint(0, 2, (n,), generator=rng)],
+                      [B * int(x) for x in torch.randint(0, 6, (n,), generator=rng)], B))
+    seen = set()
+    for pending, cached, B in cases:
+        n, lq = len(pending), max(pending) + B
+        kv = max(cached) + lq
+        hq = kv_heads * groups
+        dt = torch.float64
+        q_pad = torch.randn(n, hq, lq, 8, dtype=dt, generator=rng)
+        key = torch.randn(n, kv_heads, kv + 3, 8, dtype=dt, generator=rng)[:, :, :kv]  # a view, as from the cache
+        value = torch.randn(n, kv_heads, kv + 3, 6, dtype=dt, generator=rng)[:, :, :kv]
+        rows = RaggedRows(pending, torch.tensor(cached), B, groups, kv, dt)
+        real = torch.tensor([[t < p + B for t in range(lq)] for p in pending])
+        q = q_pad.transpose(1, 2)[real][None].transpose(1, 2) if rows.packed else q_pad
+        out = rows.attend(q, key, value, None)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q_pad, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1),
+            attn_mask=_engine_layout_rule(pending, cached, B, kv)).transpose(1, 2)[real]
+        got = out[0] if rows.packed else out[real]
+        assert torch.allclose(got, ref, atol=1e-12), (pending, cached, B)
+        seen.add((rows.packed, rows.current_mask is not None))
+    assert seen == {(True, True), (True, False), (False, True), (False, False)}
+
+
+def test_folded_attention_takes_strided_kernel_outputs(monkeypatch):
+    """CUDA's memory-efficient SDPA kernel returns its output as a transpose (``[B, L, H, D]`` in
+    memory). The folded paths must reshape, not view: the same values in that layout give the same
+    result."""
+    from dirl.model.attention import GroupedQueryMask
+
+    rows = RaggedRows([0, 4, 12], torch.tensor([8, 4, 0]), 4, groups=2, kv_len=24)  # 4 + 8 + 16 tokens
+    q, k, v = torch.randn(1, 4, 28, 8), torch.randn(3, 2, 24, 8), torch.randn(3, 2, 24, 8)
+    grouped = GroupedQueryMask(torch.rand(3, 1, 5, 24) > 0.3, groups=2)
+    qg = torch.randn(3, 4, 5, 8)
+    want = rows.attend(q, k, v, None), grouped.attend(qg, k, v, None)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+    got = rows.attend(q, k, v, None), grouped.attend(qg, k, v, None)
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(sharp, tiny):

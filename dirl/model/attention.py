@@ -183,7 +183,7 @@ class GroupedQueryMask:
             raise ValueError(f"GroupedQueryMask for {self.groups} query heads per KV head, got {hq} / {hkv}")
         q = query.reshape(b, hkv, self.groups * lq, d)
         out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=self.additive, scale=scale)
-        return out.view(b, hq, lq, out.shape[-1])
+        return out.reshape(b, hq, lq, out.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,8 +331,8 @@ class RaggedRows:
       single block; the block-causal bounds for a prefill).
 
     With ``packed`` the rows are laid end to end (``[1, T]``, as with :class:`PackedRows`), otherwise
-    every row has the same number of tokens and the layout is ``[n, lq]``. :meth:`dense` gives the
-    boolean mask these bounds stand for, which the tests compare with :func:`dense_mask`."""
+    every row has the same number of tokens and the layout is ``[n, lq]``. The tests compare
+    :meth:`attend` with SDPA under :func:`dense_mask` on the padded layout."""
 
     def __init__(self, pending: list[int], cached: torch.Tensor, block: int, groups: int, kv_len: int,
                  dtype: torch.dtype = torch.float32):
@@ -398,17 +398,6 @@ class RaggedRows:
             return x
         return x.reshape(self.n * self.lq, *x.shape[2:]).index_select(0, self.index)[None]
 
-    def dense(self) -> torch.Tensor:
-        """The boolean ``[n, 1, lq, kv_len]`` mask of the padded layout these bounds implement
-        (padding queries attend nothing), for comparison with :func:`dense_mask`."""
-        keys = torch.arange(self.kv_len)
-        out = torch.zeros(self.n, 1, self.lq, self.kv_len, dtype=torch.bool)
-        for r, (p, c) in enumerate(zip(self.pending, self.cached)):
-            for t in range(p + self.B):
-                bound = c + (t // self.B + 1) * self.B if t < p else c + p + self.B
-                out[r, 0, t] = keys < bound
-        return out
-
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
         """``query``: ``[1, Hq, T, D]`` (packed) or ``[n, Hq, lq, D]``; ``key``/``value``
         ``[n, Hkv, kv_len, D]`` (the current blocks attend the first ``k_end``). Returns the output in the query's token layout, ``[.., L, Hq, D]``."""
@@ -423,7 +412,7 @@ class RaggedRows:
             q = query[:, :, self.pending[0]:]
         o = sdpa(q.reshape(n, hkv, g * B, d), key[:, :, :self.k_end], value[:, :, :self.k_end],
                  attn_mask=self.current_mask, scale=scale)
-        o = o.view(n, hq, B, -1).transpose(1, 2)  # [n, B, Hq, Dv]
+        o = o.reshape(n, hq, B, -1).transpose(1, 2)  # [n, B, Hq, Dv] (reshape: CUDA kernels may return strided)
         dv = o.shape[-1]
         if self.packed:
             out = query.new_empty(1, query.shape[2], hq, dv)
@@ -436,12 +425,12 @@ class RaggedRows:
                 p = self.pending[0]
                 q = query[:, :, :p].reshape(n, hkv, g * p, d)
                 o = sdpa(q, key[:, :, :klen], value[:, :, :klen], attn_mask=mask, scale=scale)
-                out[:, :p] = o.view(n, hq, p, dv).transpose(1, 2)
+                out[:, :p] = o.reshape(n, hq, p, dv).transpose(1, 2)
             else:
                 p = self.pending[r]
                 q = query[:, :, start:start + p].reshape(1, hkv, g * p, d)
                 o = sdpa(q, key[r:r + 1, :, :klen], value[r:r + 1, :, :klen], attn_mask=mask, scale=scale)
-                out[0, start:start + p] = o.view(hq, p, dv).transpose(0, 1)
+                out[0, start:start + p] = o.reshape(hq, p, dv).transpose(0, 1)
         return out
 
 
