@@ -206,7 +206,7 @@ def test_ragged_rows_attend_as_the_rule_says(kv_heads, groups):
         q_pad = torch.randn(n, hq, lq, 8, dtype=dt, generator=rng)
         key = torch.randn(n, kv_heads, kv + 3, 8, dtype=dt, generator=rng)[:, :, :kv]  # a view, as from the cache
         value = torch.randn(n, kv_heads, kv + 3, 6, dtype=dt, generator=rng)[:, :, :kv]
-        rows = RaggedRows(pending, torch.tensor(cached), B, groups, kv, dt)
+        rows = RaggedRows(pending, torch.tensor(cached), B, groups, dt)
         real = torch.tensor([[t < p + B for t in range(lq)] for p in pending])
         q = q_pad.transpose(1, 2)[real][None].transpose(1, 2) if rows.packed else q_pad
         out = rows.attend(q, key, value, None)
@@ -225,7 +225,7 @@ def test_folded_attention_takes_strided_kernel_outputs(monkeypatch):
     result."""
     from dirl.model.attention import GroupedQueryMask
 
-    rows = RaggedRows([0, 4, 12], torch.tensor([8, 4, 0]), 4, groups=2, kv_len=24)  # 4 + 8 + 16 tokens
+    rows = RaggedRows([0, 4, 12], torch.tensor([8, 4, 0]), 4, groups=2)  # 4 + 8 + 16 tokens, keys to 24
     q, k, v = torch.randn(1, 4, 28, 8), torch.randn(3, 2, 24, 8), torch.randn(3, 2, 24, 8)
     grouped = GroupedQueryMask(torch.rand(3, 1, 5, 24) > 0.3, groups=2)
     qg = torch.randn(3, 4, 5, 8)

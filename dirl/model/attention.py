@@ -334,10 +334,10 @@ class RaggedRows:
     every row has the same number of tokens and the layout is ``[n, lq]``. The tests compare
     :meth:`attend` with SDPA under :func:`dense_mask` on the padded layout."""
 
-    def __init__(self, pending: list[int], cached: torch.Tensor, block: int, groups: int, kv_len: int,
+    def __init__(self, pending: list[int], cached: torch.Tensor, block: int, groups: int,
                  dtype: torch.dtype = torch.float32):
         self.device = device = cached.device
-        self.n, self.B, self.groups, self.kv_len = len(pending), int(block), int(groups), int(kv_len)
+        self.n, self.B, self.groups = len(pending), int(block), int(groups)
         self.pending = [int(p) for p in pending]
         self.cached = cached.tolist()
         B = self.B
@@ -356,7 +356,7 @@ class RaggedRows:
             self.current = (torch.tensor(self.starts, device=device) + torch.tensor(self.pending, device=device)
                             )[:, None].add(ar[None, :]).flatten()
         ends = cached + lens_t  # every row's last key + 1
-        #: keys the current blocks attend: up to the longest row's end (the cache may return more)
+        #: keys the current blocks attend: up to the longest row's end (the cache returns at least these)
         self.k_end = int(ends.max())
         keys = torch.arange(self.k_end, device=device)
         self.current_mask = None
@@ -400,7 +400,8 @@ class RaggedRows:
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
         """``query``: ``[1, Hq, T, D]`` (packed) or ``[n, Hq, lq, D]``; ``key``/``value``
-        ``[n, Hkv, kv_len, D]`` (the current blocks attend the first ``k_end``). Returns the output in the query's token layout, ``[.., L, Hq, D]``."""
+        ``[n, Hkv, K, D]`` with ``K >= k_end`` (the current blocks attend the first ``k_end``).
+        Returns the output in the query's token layout, ``[.., L, Hq, D]``."""
         sdpa = torch.nn.functional.scaled_dot_product_attention
         _, hq, _, d = query.shape
         hkv, g, n, B = key.shape[1], self.groups, self.n, self.B

@@ -292,7 +292,8 @@ class Engine:
         # rows would get is at least this many tokens, the new rows get a forward of their own.
         self.split_prefill_tokens = int(split_prefill_tokens)
         # A row that commits a block carries 2B query tokens, the others B: the decoder's linear
-        # layers then run on the real tokens only (attention still sees the padded layout).
+        # layers then run on the real tokens only (on the dense-mask path attention still sees the
+        # padded layout; ragged rows always pack).
         self.pack_rows = bool(pack_rows)
         # Each row attends only its own keys, its current block batched with the other rows' and its
         # clean part in a call of its own (RaggedRows): no mask built from metadata, no padding
@@ -472,13 +473,13 @@ class Engine:
         blk = torch.div(pos, B, rounding_mode="floor")
         q_meta = TokenMeta(doc=doc, pos=pos, blk=blk, noisy=noisy, grp=blk * noisy)
         # rows of unequal length (some commit a block, others do not): the decoder's linear layers
-        # run on the real tokens only, laid end to end; attention pads them back for the mask
+        # run on the real tokens only, laid end to end (the dense-mask path pads them back for its mask)
         lens = offsets + B
         pack = self.pack_rows or self.ragged_attention
         packed = lens if pack and c > 0 and int(lens.min()) < lq else None
         kv_len = cache.prepare(lq, r0, n, packed=packed)
         if self.ragged_attention:
-            ragged = RaggedRows(pend, cache.window_lengths(), B, self.model.query_groups, kv_len, self.model.dtype)
+            ragged = RaggedRows(pend, cache.window_lengths(), B, self.model.query_groups, self.model.dtype)
             hidden = self.model.hidden_states(input_ids, q_meta, cache=cache, backend="sdpa", ragged=ragged)
         else:
             k_meta = self._key_meta(q_meta, cache.window_lengths(), kv_len)
