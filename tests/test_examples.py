@@ -5,26 +5,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ports import rendezvous_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.tiny.hidden_size=64", "model.tiny.num_hidden_layers=2", "model.tiny.head_dim=16",
         "model.tiny.intermediate_size=128"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(script: str, args: list[str], **env) -> subprocess.CompletedProcess:
-    e = dict(os.environ, PYTHON=sys.executable, GPUS_PER_NODE="0", MASTER_PORT=str(_free_port()), **env)
+    e = dict(os.environ, PYTHON=sys.executable, GPUS_PER_NODE="0", MASTER_PORT=str(rendezvous_port()), **env)
     return subprocess.run(["bash", str(ROOT / "examples" / script), *args], capture_output=True, text=True,
                           env=e, timeout=600)
 

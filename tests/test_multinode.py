@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ports import rendezvous_port
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,12 +19,6 @@ TINY = ["model.tiny.hidden_size=64", "model.tiny.num_hidden_layers=2", "model.ti
         "model.tiny.intermediate_size=128"]
 SFT_ARGS = [*TINY, "data.num_samples=48", "data.max_length=96", "train.max_steps=2", "train.global_batch_size=4",
             "train.micro_batch_size=2", "logging.progress_bar=false", "logging.tensorboard=false"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(port: int, **extra) -> dict:
@@ -52,12 +46,12 @@ def _weights(run: Path) -> dict:
 def test_sft_two_nodes_train_as_one_job(tmp_path):
     cfg = tmp_path / "sft.yaml"
     cfg.write_text(f"output_dir: {tmp_path}\n")
-    port = _free_port()
+    port = rendezvous_port()
     nodes = [_launch("sft.sh", [str(cfg), "run_name=nodes", *SFT_ARGS],
                      _env(port, NNODES="2", NODE_RANK=str(r), NPROC_PER_NODE="1")) for r in (0, 1)]
     for p in nodes:
         _finish(p)
-    _finish(_launch("sft.sh", [str(cfg), "run_name=single", *SFT_ARGS], _env(_free_port(), NPROC_PER_NODE="2")))
+    _finish(_launch("sft.sh", [str(cfg), "run_name=single", *SFT_ARGS], _env(rendezvous_port(), NPROC_PER_NODE="2")))
 
     two_nodes, w_nodes = _weights(tmp_path / "nodes")
     one_node, w_single = _weights(tmp_path / "single")
@@ -84,14 +78,14 @@ def test_rl_two_nodes_train_as_one_job(tmp_path, tiny_dir):
     and the job ends with the parameters of a 2-process single-node run."""
     cfg = tmp_path / "rl.yaml"
     cfg.write_text(f"output_dir: {tmp_path}\nmodel:\n  path: {tiny_dir}\n")
-    port = _free_port()
+    port = rendezvous_port()
     path = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])  # the toy reward's module
     nodes = [_launch("rl.sh", [str(cfg), "run_name=nodes", *RL_ARGS],
                      _env(port, NNODES="2", NODE_RANK=str(r), NPROC_PER_NODE="1", PYTHONPATH=path)) for r in (0, 1)]
     for p in nodes:
         _finish(p)
     _finish(_launch("rl.sh", [str(cfg), "run_name=single", *RL_ARGS],
-                    _env(_free_port(), NPROC_PER_NODE="2", PYTHONPATH=path)))
+                    _env(rendezvous_port(), NPROC_PER_NODE="2", PYTHONPATH=path)))
 
     two_nodes, w_nodes = _weights(tmp_path / "nodes")
     one_node, w_single = _weights(tmp_path / "single")

@@ -24,6 +24,7 @@ from dirl.train.rl.groups import FillError, Group, Sampling, collect_groups, rol
 from dirl.train.rl.prompts import PromptSampler, load_problems
 from dirl.train.rl.recipe import train_rl
 from dirl.train.rl.update import make_samples, micro_batches_per_rank, plan_micro_batches
+from ports import rendezvous_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -261,21 +262,13 @@ def test_recorded_logprobs_as_behaviour_policy(tiny_dir, update_samples, tmp_pat
 
 def _torchrun(tiny_dir, samples, out, n_micro, strategy, timeout=240):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(TESTS / "helpers_rl_dist.py"), "--model", str(tiny_dir), "--samples", str(samples),
+           str(rendezvous_port()), str(TESTS / "helpers_rl_dist.py"), "--model", str(tiny_dir), "--samples", str(samples),
            "--out", str(out), "--n-micro", str(n_micro), "--strategy", strategy]
     env = _env()
     env["ACCELERATE_USE_CPU"] = "true"
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return torch.load(out, weights_only=False)
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_gradient_is_the_same_with_two_processes_ddp(tiny_dir, update_samples, tmp_path):

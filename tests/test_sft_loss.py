@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from dirl.train.sft import (
     make_micro_batches,
     nelbo_reference,
 )
+from ports import rendezvous_port
 
 HERE = Path(__file__).resolve().parent
 SMALL = [
@@ -269,17 +269,11 @@ def test_gradient_checkpointing_gives_the_same_gradient():
     assert abs(l0 - l1) < 1e-6 and _max_diff(g0, g1) <= 1e-6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(HERE / "helpers_dist.py"), *args]
+           str(rendezvous_port()), str(HERE / "helpers_dist.py"), *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
