@@ -252,6 +252,18 @@ def setup_accelerator(
     return acc
 
 
+def close_distributed() -> None:
+    """End a command's process group: a last barrier, then ``destroy_process_group``. Left to the
+    interpreter's exit, a rank can tear its group down while another still closes its connections,
+    and torch then aborts that rank ("terminate called without an active exception") after the work
+    is done. No-op without a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 

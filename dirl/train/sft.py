@@ -52,6 +52,7 @@ from dirl.model.tiny import build_tiny_model, count_parameters
 from dirl.train.checkpoint import load_checkpoint, load_model_weights, resume_point, save_checkpoint
 from dirl.train.common import (
     DistConfig,
+    close_distributed,
     GradientStepper,
     MetricsLogger,
     all_reduce_sum,
@@ -474,6 +475,7 @@ def cli_main(argv: list[str]) -> int:
         "default (tiny model, synthetic arithmetic, CPU, a few minutes).")
     cfg = load_sft_config(path, overrides)
     train_sft(cfg)
+    close_distributed()
     return 0
 
 

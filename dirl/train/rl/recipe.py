@@ -64,6 +64,7 @@ from dirl.train.checkpoint import (
 )
 from dirl.train.common import (
     Dist,
+    close_distributed,
     GradientStepper,
     MetricsLogger,
     PhaseTimer,
@@ -762,6 +763,7 @@ def cli_main(argv: list[str]) -> int:
     cfg = load_rl_config(path, overrides)
     stop_on_signals()
     train_rl(cfg)
+    close_distributed()
     return 0
 
 
