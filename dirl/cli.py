@@ -113,5 +113,48 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
 
+def exit_process(code: int) -> None:
+    """End this process with ``code``. A process that ran a torch process group ends with
+    ``os._exit`` once its output is flushed and its atexit handlers have run, without the
+    interpreter's finalisation: gloo's worker threads outlive ``destroy_process_group`` and may
+    still drop the last reference to a tensor of a finished collective; if the main thread is
+    finalising by then, that thread cannot take the GIL, Python ends it with ``pthread_exit``, the
+    unwind meets a ``noexcept`` frame and the rank aborts ("terminate called without an active
+    exception", exit -6) after its work was done. A group still open is closed first (after a
+    success only: a failed rank must not wait in a barrier for ranks that are still working).
+    Everything else exits as usual."""
+    common = sys.modules.get("dirl.train.common")  # imported by every command that can open a group
+    if common is None or not common.process_group_was_used():
+        sys.exit(code)
+    if code == 0:
+        common.close_distributed()  # a no-op once the command closed its group itself
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()  # what a normal exit runs first (rollout servers, pools, logging)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def run() -> None:
+    """The process entry point (the ``dirl`` script and ``python -m dirl.cli``): :func:`main`, then
+    :func:`exit_process`. A bug's traceback is printed before it."""
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - printed here, as the interpreter would
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

@@ -201,4 +201,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from dirl.cli import exit_process
+
+    exit_process(main(sys.argv[1:]))  # closes the process group and skips the interpreter's finalisation

@@ -105,3 +105,6 @@ if __name__ == "__main__":
     p.add_argument("--behaviour", default="old")
     a = p.parse_args()
     run_update(a.model, a.samples, a.out, a.n_micro, a.strategy, a.aggregation, a.behaviour)
+    from dirl.cli import exit_process
+
+    exit_process(0)  # closes the process group and skips the interpreter's finalisation (see there)

@@ -252,6 +252,17 @@ def setup_accelerator(
     return acc
 
 
+_GROUP_USED = False
+
+
+def process_group_was_used() -> bool:
+    """Whether this process has had a torch process group (open now, or closed by
+    :func:`close_distributed`)."""
+    import torch.distributed as dist
+
+    return _GROUP_USED or (dist.is_available() and dist.is_initialized())
+
+
 def close_distributed() -> None:
     """End a command's process group: a last barrier, then ``destroy_process_group``. Left to the
     interpreter's exit, a rank can tear its group down while another still closes its connections,
@@ -259,7 +270,9 @@ def close_distributed() -> None:
     is done. No-op without a process group."""
     import torch.distributed as dist
 
+    global _GROUP_USED
     if dist.is_available() and dist.is_initialized():
+        _GROUP_USED = True
         dist.barrier()
         dist.destroy_process_group()
 
