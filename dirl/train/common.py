@@ -264,10 +264,9 @@ def process_group_was_used() -> bool:
 
 
 def close_distributed() -> None:
-    """End a command's process group: a last barrier, then ``destroy_process_group``. Left to the
-    interpreter's exit, a rank can tear its group down while another still closes its connections,
-    and torch then aborts that rank ("terminate called without an active exception") after the work
-    is done. No-op without a process group."""
+    """End a command's process group: a last barrier (no rank leaves while another still waits on
+    it), then ``destroy_process_group``. No-op without a process group. gloo's worker threads
+    outlive it; the process then ends through ``dirl.cli.exit_process`` (see there)."""
     import torch.distributed as dist
 
     global _GROUP_USED
