@@ -150,6 +150,9 @@ def run() -> None:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if e.code is not None and not isinstance(e.code, int):
             print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C before the command runs (importing it takes seconds)
+        print("dirl: interrupted", file=sys.stderr)
+        code = 130
     except BaseException:  # noqa: BLE001 - printed here, as the interpreter would
         traceback.print_exc()
         code = 1

@@ -86,6 +86,16 @@ def test_the_dirl_entry_point_returns_the_command_code():
     assert r.returncode == 0 and r.stdout.startswith("dirl ")
 
 
+def test_ctrl_c_before_the_command_runs_exits_130_without_a_traceback():
+    """Importing a command takes seconds (torch): an interrupt then is not a bug to print."""
+    body = ("import dirl.cli as c\n"
+            "def interrupted():\n    raise KeyboardInterrupt\n"
+            "c.main = interrupted\nc.run()\n")
+    r = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.strip() == "dirl: interrupted"
+
+
 def test_a_gloo_thread_that_wakes_as_the_process_ends_does_not_abort_it(tmp_path):
     """The race behind the aborts: a gloo worker thread still running Python (here a future's
     callback, woken by the last atexit handler) when the process ends. Left to the interpreter's
