@@ -101,3 +101,54 @@ def test_sft_config_key_and_default():
         for r in rows:
             a, b = numbers(r.prompt[-1]["content"])
             assert check_arithmetic(a, b, r.response) == (a + b if rate == 0 else last_digit_up(a + b))
+
+
+def check_columns_either_order(a: int, b: int, response: str) -> tuple[int, int, int]:
+    """Like ``check_arithmetic``, each column's two digits in either order. Returns the boxed number,
+    the columns whose digits differ and how many of those are written b's digit first."""
+    cols, boxed = reread(response)
+    digits_a, digits_b = str(a)[::-1], str(b)[::-1]
+    carry, differ, swapped = False, 0, 0
+    assert len(cols) == max(len(digits_a), len(digits_b)), response
+    for i, (x, y, plus, s) in enumerate(cols):
+        assert sorted((str(x), str(y))) == sorted((digits_a[i], digits_b[i])), response
+        assert plus == carry and s == x + y + int(plus), response
+        if digits_a[i] != digits_b[i]:
+            differ += 1
+            swapped += str(x) == digits_b[i]
+        carry = s >= 10
+    return boxed, differ, swapped
+
+
+@pytest.mark.parametrize("rate", [0.15, 0.5])
+def test_the_inconsistent_teacher_swaps_column_digits_at_its_rate_and_nothing_else(rate):
+    rows = synthetic_problems("train", seed=4, teacher_error=0.3, teacher_swap=rate)
+    plain = synthetic_problems("train", seed=4, teacher_error=0.3)
+    differ = swapped = 0
+    for p, q in zip(rows, plain):
+        a, b = numbers(p["question"])
+        boxed, d, s = check_columns_either_order(a, b, p["response"])
+        assert (p["question"], p["answer"], p["teacher_correct"]) == (q["question"], q["answer"], q["teacher_correct"])
+        assert boxed == check_arithmetic(a, b, q["response"])  # the same slips as without swaps
+        differ, swapped = differ + d, swapped + s
+    assert abs(swapped / differ - rate) < 5 * math.sqrt(rate * (1 - rate) / differ), (swapped, differ)
+
+
+def test_teacher_swap_examples_seeding_and_config_key():
+    from dirl.config import ConfigError
+    from dirl.train.sft import SFTConfig, load_sft_config, load_sft_examples
+
+    assert make_problem(43, 75, 0.0, 0, 1.0)["response"] == "5+3=8, 7+4=11. \\boxed{118}"
+    assert make_problem(47, 38, 0.0, 0, 1.0)["response"] == "8+7=15, 3+4+1=8. \\boxed{85}"  # the carry stays last
+    assert synthetic_problems("train", n=200, seed=1, teacher_swap=0.3) == synthetic_problems("train", n=200, seed=1, teacher_swap=0.3)
+    assert synthetic_problems("train", n=200, seed=1, teacher_swap=0.3) != synthetic_problems("train", n=200, seed=1)
+    with pytest.raises(ValueError, match="teacher_swap"):
+        synthetic_problems("train", n=3, teacher_swap=-0.5)
+    assert SFTConfig().data.teacher_swap == 0.0  # the default task is the consistent teacher
+    with pytest.raises(ConfigError, match="data.teacher_swap"):
+        load_sft_config(None, ["data.teacher_swap=1.5"])
+    rows = load_sft_examples(load_sft_config(None, ["data.num_samples=300", "data.teacher_swap=1", "data.teacher_error=0"]).data)
+    for r in rows:
+        a, b = numbers(r.prompt[-1]["content"])
+        boxed, differ, swapped = check_columns_either_order(a, b, r.response)
+        assert boxed == a + b and swapped == differ

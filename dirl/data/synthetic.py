@@ -15,6 +15,14 @@ out-voted by the confident ones), more SFT converges toward the teacher's accura
 which checks the sum itself, has no such ceiling. This stands for the real setting, where the SFT
 data are a stronger model's solutions whose final answers are sometimes wrong, and RL against a
 verifier goes past what imitating them gives.
+The teacher can also be inconsistent in style (``teacher_swap`` > 0): with that probability, drawn
+independently per column, it writes the column's two digits in the other order (``5+3=8`` for 3+5;
+the carry stays last: ``3+4+1=8``). Nothing about correctness depends on it, so accuracy has no
+reason to settle the order, but under confidence-thresholded decoding a position that is ``+``'s
+left digit with probability 1 − ``teacher_swap`` and its right digit otherwise waits for a later
+step when that probability is below the threshold: the teacher's open choices cost steps. This
+stands for the stylistic freedom of real solutions (word choice, order of terms), which parallel
+decoding pays for and the speed reward (SPEC section 7) teaches a model to settle.
 Problems (``question`` / ``answer``) and the held-out split are always exact.
 
 Every pair (a, b) belongs to exactly one split,
@@ -28,7 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 Split = Literal["train", "test"]
 TEST_FRACTION_PER_MILLE = 100  # 10% of all pairs are held out
@@ -39,13 +47,16 @@ def pair_split(a: int, b: int) -> Split:
     return "test" if h % 1000 < TEST_FRACTION_PER_MILLE else "train"
 
 
-def column_steps(a: int, b: int) -> list[str]:
+def column_steps(a: int, b: int, swapped: Optional[Sequence[bool]] = None) -> list[str]:
     """Schoolbook addition, one step a column from the units up: ``3+5=8``, then ``4+7=11``; a carry
-    shows as ``+1`` (``7+8=15, 4+3+1=8`` for 47+38)."""
+    shows as ``+1`` (``7+8=15, 4+3+1=8`` for 47+38). ``swapped[i]`` writes column i's digits in the
+    other order (``5+3=8``)."""
     steps, carry = [], 0
     while a or b or not steps:
         x, y = a % 10, b % 10
         s = x + y + carry
+        if swapped is not None and len(steps) < len(swapped) and swapped[len(steps)]:
+            x, y = y, x
         steps.append(f"{x}+{y}" + ("+1" if carry else "") + f"={s}")
         carry, a, b = s // 10, a // 10, b // 10
     return steps
@@ -57,14 +68,20 @@ def slip_of(total: int) -> int:
     return total - total % 10 + (total % 10 + 1) % 10
 
 
-def make_problem(a: int, b: int, teacher_error: float = 0.0, seed: int = 0) -> dict:
+def make_problem(a: int, b: int, teacher_error: float = 0.0, seed: int = 0, teacher_swap: float = 0.0) -> dict:
     """The problem and its worked response. With ``teacher_error`` > 0 the response is the imperfect
     teacher's (the boxed sum slips with that probability; the draw depends on ``seed`` and the pair
-    only); ``answer`` is always the true sum, ``teacher_correct`` says whether the boxed sum is it."""
+    only); with ``teacher_swap`` > 0 each column's digits are written in the other order with that
+    probability (its own draws, so the slips stay those of ``teacher_swap`` = 0). ``answer`` is always
+    the true sum, ``teacher_correct`` says whether the boxed sum is it."""
     slip = teacher_error > 0 and random.Random(f"teacher:{seed}:{a}+{b}").random() < teacher_error
     given = slip_of(a + b) if slip else a + b
+    swapped = None
+    if teacher_swap > 0:
+        rng = random.Random(f"teacher-order:{seed}:{a}+{b}")
+        swapped = [rng.random() < teacher_swap for _ in range(len(str(max(a, b))))]
     question = f"What is {a}+{b}?"
-    response = ", ".join(column_steps(a, b)) + f". \\boxed{{{given}}}"
+    response = ", ".join(column_steps(a, b, swapped)) + f". \\boxed{{{given}}}"
     return {"question": question, "answer": str(a + b), "prompt": question, "response": response,
             "teacher_correct": given == a + b}
 
@@ -75,17 +92,20 @@ def all_pairs(digits: int = 2) -> list[tuple[int, int]]:
 
 
 def synthetic_problems(split: Split = "train", n: Optional[int] = None, seed: int = 0, digits: int = 2,
-                       teacher_error: float = 0.0) -> list[dict]:
+                       teacher_error: float = 0.0, teacher_swap: float = 0.0) -> list[dict]:
     """``n`` problems of ``split`` (all of them when ``n`` is None), in a seeded order, without repeats;
-    responses from the imperfect teacher when ``teacher_error`` > 0 (see the module text)."""
+    responses from the imperfect teacher when ``teacher_error`` or ``teacher_swap`` > 0 (see the
+    module text)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if not 0.0 <= teacher_error <= 1.0:
         raise ValueError(f"teacher_error must be in [0, 1], got {teacher_error!r}")
+    if not 0.0 <= teacher_swap <= 1.0:
+        raise ValueError(f"teacher_swap must be in [0, 1], got {teacher_swap!r}")
     pairs = [p for p in all_pairs(digits) if pair_split(*p) == split]
     random.Random(seed).shuffle(pairs)
     if n is not None:
         if n > len(pairs):
             raise ValueError(f"asked for {n} {split} problems but only {len(pairs)} exist with {digits} digits")
         pairs = pairs[:n]
-    return [dict(make_problem(a, b, teacher_error, seed), id=f"add{digits}-{a}-{b}") for a, b in pairs]
+    return [dict(make_problem(a, b, teacher_error, seed, teacher_swap), id=f"add{digits}-{a}-{b}") for a, b in pairs]

@@ -95,6 +95,9 @@ class SFTDataConfig:
     # synthetic only: the worked solutions come from a teacher whose boxed sum slips (its last digit
     # one too high) with this probability (dirl/data/synthetic.py): the SFT ceiling that RL can pass
     teacher_error: float = 0.3
+    # synthetic only: with this probability, per column, the teacher writes the column's digits in
+    # the other order (5+3=8 for 3+5): open choices that cost decoding steps, for the speed reward
+    teacher_swap: float = 0.0
     max_length: int = 96  # tokens per packed row (the forward holds twice as many: [x_t ; x_0])
     messages_field: str = "messages"
     prompt_field: str = "prompt"
@@ -140,6 +143,8 @@ class SFTConfig:
         check_positive("data.digits", d.digits)
         if not 0.0 <= d.teacher_error <= 1.0:
             raise ConfigError(f"config key 'data.teacher_error': must be in [0, 1], got {d.teacher_error!r}")
+        if not 0.0 <= d.teacher_swap <= 1.0:
+            raise ConfigError(f"config key 'data.teacher_swap': must be in [0, 1], got {d.teacher_swap!r}")
         if d.source != "synthetic" and d.source.endswith((".json", ".jsonl")):
             check_path_exists("data.source", d.source)
         check_positive("train.global_batch_size", t.global_batch_size)
@@ -212,7 +217,7 @@ def load_sft_examples(data: SFTDataConfig):
     limit = data.num_samples or None
     if data.source == "synthetic":
         return synthetic_sft_examples(split=data.split, n=limit, seed=data.seed, digits=data.digits,
-                                      teacher_error=data.teacher_error)
+                                      teacher_error=data.teacher_error, teacher_swap=data.teacher_swap)
     names = FieldNames(messages=data.messages_field, prompt=data.prompt_field, response=data.response_field)
     return read_sft_examples(data.source, split=data.split, names=names, limit=limit, subset=data.subset or None)
 
