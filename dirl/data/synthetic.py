@@ -22,7 +22,8 @@ reason to settle the order, but under confidence-thresholded decoding a position
 left digit with probability 1 − ``teacher_swap`` and its right digit otherwise waits for a later
 step when that probability is below the threshold: the teacher's open choices cost steps. This
 stands for the stylistic freedom of real solutions (word choice, order of terms), which parallel
-decoding pays for and the speed reward (SPEC section 7) teaches a model to settle.
+decoding pays for; docs/QUICKSTART.md measures what RL, with and without the speed reward (SPEC
+section 7), does with it.
 Problems (``question`` / ``answer``) and the held-out split are always exact.
 
 Every pair (a, b) belongs to exactly one split,
