@@ -96,7 +96,7 @@ class SFTDataConfig:
     # one too high) with this probability (dirl/data/synthetic.py): the SFT ceiling that RL can pass
     teacher_error: float = 0.3
     # synthetic only: with this probability, per column, the teacher writes the column's digits in
-    # the other order (5+3=8 for 3+5): open choices that cost decoding steps, for the speed reward
+    # the other order (5+3=8 for 3+5): open choices that cost decoding steps (docs/QUICKSTART.md)
     teacher_swap: float = 0.0
     max_length: int = 96  # tokens per packed row (the forward holds twice as many: [x_t ; x_0])
     messages_field: str = "messages"
