@@ -41,12 +41,15 @@ REWARDS = {"accuracy": [], "speed": ["rewards.weights.accuracy=0", "rewards.weig
                               "rewards.weights.accuracy=0", "rewards.weights.random_ranking=1"]}
 # The control: the speed reward's ranges (correct 0.5 to 1, wrong -0.5 to 0), but the value within the
 # range drawn from the response's tokens and step map instead of its speed.
-CONTROL_MODULE = """import random
+CONTROL_MODULE = """import hashlib
+import json
+import random
 
 
 def random_ranking(c):
     t = c.trajectory
-    rng = random.Random(hash((tuple(t.get("token_ids") or ()), tuple(t.get("step_map") or ()), c.text)))
+    key = json.dumps([list(t.get("token_ids") or ()), list(t.get("step_map") or ())])
+    rng = random.Random(hashlib.sha256(key.encode()).hexdigest())  # the same draw in every run
     return rng.uniform(0.5, 1.0) if c.correct else rng.uniform(-0.5, 0.0)
 """
 
