@@ -670,12 +670,8 @@ class LMDeployBackend:
             REGISTRY.pop(sid)
 
 
-def build_backend(model_dir: str, **kwargs) -> LMDeployBackend:
-    return LMDeployBackend(model_dir, **kwargs)
-
-
 __all__ = [
-    "LMDeployBackend", "build_backend", "check_environment", "options_from_env", "engine_kwargs", "generation_kwargs", "lmdeploy_dtype",
+    "LMDeployBackend", "check_environment", "options_from_env", "engine_kwargs", "generation_kwargs", "lmdeploy_dtype",
     "collect_outputs", "build_trajectory", "BucketEntry", "plan_buckets", "flatten_bucket", "iter_buckets",
     "rebuild_bucket", "local_bucket_request", "decode_flattened_request",
 ]
