@@ -39,7 +39,6 @@ import json
 import math
 import os
 import random
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -188,12 +187,6 @@ def deepspeed_config_dict(dist: DistConfig, micro_batch_size: int, gradient_accu
     return cfg
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup_accelerator(
     dist: DistConfig,
     micro_batch_size: int = 1,
@@ -229,7 +222,9 @@ def setup_accelerator(
     if strategy == "deepspeed":
         if world == 1:  # DeepSpeed wants a process group even for one process
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            # port 0: the one-process store binds a port the OS picks (no window in which a port
+            # found free can be taken by another job before the store binds it)
+            os.environ.setdefault("MASTER_PORT", "0")
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("LOCAL_RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
