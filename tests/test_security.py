@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,30 +36,25 @@ MAX_BODY = 4 << 20
 MARKER = "dirl-security-marker"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ThreadServer:
     def __init__(self, app):
         import uvicorn
 
-        port = _port()
-        self.url = f"http://127.0.0.1:{port}"
+        # the socket is bound and listening before the server starts: no port found free and then
+        # taken by another job, and requests made before uvicorn serves wait in the backlog
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:  # uvicorn sets it once the socket listens
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.01)
 
     def stop(self):
         self.server.should_exit = True
-        self.thread.join(10)
+        self.thread.join()
+        self.sock.close()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
