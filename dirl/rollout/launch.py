@@ -173,12 +173,16 @@ class ServerHandle:
     def wait_ready(self, timeout: float = 120.0) -> "ServerHandle":
         """Wait until ``/health`` answers; raise with the log tail if the process dies or times out."""
         deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2.0) as client:  # one client: certificates load once
+            return self._poll_health(client, deadline, timeout)
+
+    def _poll_health(self, client: httpx.Client, deadline: float, timeout: float) -> "ServerHandle":
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"dirl serve exited with code {self.proc.returncode} during start-up "
                                    f"(log {self.log_path}):\n{self.log_tail()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
+                if client.get(self.url + "/health").status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
