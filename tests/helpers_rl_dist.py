@@ -45,6 +45,15 @@ def hold_from_step(ctx) -> float:
 # -- one update step -----------------------------------------------------------------------------------
 
 
+def zero1_config(out_file) -> Path:
+    """Write the ZeRO-1 config a ``--strategy deepspeed`` run with this ``--out`` reads (written by the
+    launcher before the ranks start, so no rank waits for another's file)."""
+    path = Path(out_file).with_suffix(".ds.json")
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
+                                "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}))
+    return path
+
+
 def run_update(model_dir: str, samples_file: str, out_file: str, n_micro: int, strategy: str,
                aggregation: str = "grpo", behaviour: str = "old", layout: str = "packed") -> None:
     from dirl.model.sdar import load_model
@@ -54,19 +63,9 @@ def run_update(model_dir: str, samples_file: str, out_file: str, n_micro: int, s
     from dirl.train.rl.update import BatchSettings, Sample, plan_micro_batches, update
 
     data = json.loads(Path(samples_file).read_text())
-    ds_cfg = Path(out_file).with_suffix(".ds.json")
     dist_cfg = DistConfig(strategy=strategy)
-    if strategy == "deepspeed":
-        ds = {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
-              "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
-        if int(os.environ.get("RANK", "0")) == 0:
-            ds_cfg.write_text(json.dumps(ds))
-        else:
-            import time
-
-            while not ds_cfg.exists():
-                time.sleep(0.05)
-        dist_cfg = DistConfig(strategy="deepspeed", deepspeed_config=str(ds_cfg))
+    if strategy == "deepspeed":  # the ZeRO-1 config the launching test wrote (see ``zero1_config``)
+        dist_cfg = DistConfig(strategy="deepspeed", deepspeed_config=str(Path(out_file).with_suffix(".ds.json")))
     acc = setup_accelerator(dist_cfg, micro_batch_size=4, gradient_accumulation_steps=n_micro, max_grad_norm=0.0)
     torch.manual_seed(0)
     model = load_model(model_dir, dtype="float32", device=acc.device)

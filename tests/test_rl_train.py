@@ -261,6 +261,10 @@ def test_recorded_logprobs_as_behaviour_policy(tiny_dir, update_samples, tmp_pat
 
 
 def _torchrun(tiny_dir, samples, out, n_micro, strategy, timeout=240):
+    from helpers_rl_dist import zero1_config
+
+    if strategy == "deepspeed":
+        zero1_config(out)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(rendezvous_port()), str(TESTS / "helpers_rl_dist.py"), "--model", str(tiny_dir), "--samples", str(samples),
            "--out", str(out), "--n-micro", str(n_micro), "--strategy", strategy]
