@@ -1,5 +1,6 @@
 """Helpers of the RL tests: toy rewards, and one optimizer step of the RL update run in 1 or 2
-processes (``python -m torch.distributed.run --nproc_per_node 2 tests/helpers_rl_dist.py ...``).
+processes (``python -m torch.distributed.run --nproc_per_node 2 tests/helpers_rl_dist.py ...``; with
+``--strategy deepspeed`` the launcher first writes the ZeRO-1 config with ``zero1_config``).
 
 The step uses plain SGD with lr 1 and no clipping, so the parameter change is exactly minus the
 gradient of the mini-batch: comparing changes compares gradients.
