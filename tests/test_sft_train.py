@@ -80,12 +80,16 @@ def test_two_process_deepspeed_zero1_run_matches_one_process(tmp_path):
 
 def test_one_process_deepspeed_run_matches_the_plain_run(tmp_path):
     """``dist.strategy=deepspeed`` with no launcher: the run makes its own one-process group (on a
-    port the OS picks) and trains exactly as the plain one-process run does."""
+    port the OS picks) and trains exactly as the plain one-process run does. DeepSpeed builds no C++
+    op for it (an empty extensions folder stays empty): its CPU shared-memory collective, which
+    training never calls, would take a compiler and about 45 s (dirl.train.common.skip_deepspeed_shm_op)."""
     single, _ = _single_process_params(tmp_path, TRAIN)
     out = tmp_path / "ds1"
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    extensions = tmp_path / "torch_extensions"
+    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               TORCH_EXTENSIONS_DIR=str(extensions))
     cmd = [sys.executable, str(HERE / "helpers_dist.py"), "train", str(out), *TRAIN, "dist.strategy=deepspeed",
            f"output_dir={tmp_path}", "run_name=ds1"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -94,6 +98,7 @@ def test_one_process_deepspeed_run_matches_the_plain_run(tmp_path):
     assert s["world_size"] == 1 and s["strategy"] == "deepspeed"
     assert (torch.load(out / "params_rank0.pt") - single).abs().max().item() < 1e-4
     assert is_complete(s["final_checkpoint"])
+    assert not extensions.exists() or not any(extensions.rglob("*")), sorted(extensions.rglob("*"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -230,6 +230,7 @@ def setup_accelerator(
             os.environ.setdefault("WORLD_SIZE", "1")
         if cpu:  # Accelerate turns DeepSpeed off when told "cpu"; without CUDA the device is the CPU anyway
             os.environ.pop("ACCELERATE_USE_CPU", None)
+            skip_deepspeed_shm_op()
         ds_cfg = deepspeed_config_dict(dist, micro_batch_size, gas, max_grad_norm, mp)
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_cfg, gradient_accumulation_steps=gas,
                                                      gradient_clipping=ds_cfg["gradient_clipping"])
@@ -245,6 +246,20 @@ def setup_accelerator(
     acc.dirl_strategy = strategy  # type: ignore[attr-defined]
     acc.dirl_micro_batches = gas  # type: ignore[attr-defined]
     return acc
+
+
+def skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed on CPU from building its shared-memory collective op. DeepSpeed's torch comm
+    backend JIT-compiles that C++ op (ninja and a compiler; about 45 s on 2 cores, once per
+    environment) when its process group starts, and fails the run where it cannot compile; yet its
+    only user is ``inference_all_reduce`` (DeepSpeed-Inference tensor parallelism). Training's
+    collectives, ZeRO's included, go through ``torch.distributed`` (gloo here) either way. DeepSpeed
+    builds the op only where ``deepspeed.ops.__compatible_ops__`` marks it compatible; mark it not."""
+    import deepspeed.ops
+
+    ops = deepspeed.ops.__compatible_ops__  # probed on first access, then one dict for the process
+    if isinstance(ops, dict):
+        ops["deepspeed_shm_comm"] = False
 
 
 _GROUP_USED = False
