@@ -82,7 +82,7 @@ def test_one_process_deepspeed_run_matches_the_plain_run(tmp_path):
     """``dist.strategy=deepspeed`` with no launcher: the run makes its own one-process group (on a
     port the OS picks) and trains exactly as the plain one-process run does. DeepSpeed builds no C++
     op for it (an empty extensions folder stays empty): its CPU shared-memory collective, which
-    training never calls, would take a compiler and about 45 s (dirl.train.common.skip_deepspeed_shm_op)."""
+    training never calls, would take a compiler and about 50 s (dirl.train.common.skip_deepspeed_shm_op)."""
     single, _ = _single_process_params(tmp_path, TRAIN)
     out = tmp_path / "ds1"
     env = {k: v for k, v in os.environ.items()

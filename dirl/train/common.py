@@ -250,7 +250,7 @@ def setup_accelerator(
 
 def skip_deepspeed_shm_op() -> None:
     """Keep DeepSpeed on CPU from building its shared-memory collective op. DeepSpeed's torch comm
-    backend JIT-compiles that C++ op (ninja and a compiler; about 45 s on 2 cores, once per
+    backend JIT-compiles that C++ op (ninja and a compiler; about 50 s on 2 cores, once per
     environment) when its process group starts, and fails the run where it cannot compile; yet its
     only user is ``inference_all_reduce`` (DeepSpeed-Inference tensor parallelism). Training's
     collectives, ZeRO's included, go through ``torch.distributed`` (gloo here) either way. DeepSpeed
