@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -119,6 +120,45 @@ def test_names_and_sources(tmp_path):
     (tmp_path / "aime25.jsonl").write_text('{"problem": "p", "answer": "7"}\n')
     assert resolve_source("aime2025", data_dir=str(tmp_path)) == str(tmp_path / "aime25.jsonl")
     assert resolve_source("aime2025", source=str(tmp_path)) == str(tmp_path / "aime25.jsonl")
+
+
+def test_bad_problem_rows_name_their_line(tmp_path):
+    """eval's and RL's problem files: a bad row is one DataError naming file:line (the line of the
+    file, blank lines counted), never a traceback; JSON Lines break at \\n only."""
+    from dirl.data.formats import DataError
+    from dirl.train.rl.config import RLDataConfig
+    from dirl.train.rl.prompts import load_problems
+
+    def loaders(path):
+        return (lambda: load_benchmark("math500", source=str(path)),
+                lambda: load_problems(RLDataConfig(source=str(path))))
+
+    # U+2028 and U+0085 inside a string are text (str.splitlines would break the line there)
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps({"question": "a\u2028b\u0085c", "answer": "5"}, ensure_ascii=False) + "\n",
+                  encoding="utf-8")
+    for load in loaders(ok):
+        (p,) = load()
+        assert p["question"] == "a\u2028b\u0085c" and p["answer"] == "5"
+    good = json.dumps({"question": "q", "answer": "1"})
+    cases = {
+        "missing.jsonl": (good + "\n\n" + json.dumps({"question": "q"}) + "\n", ":3: no answer field"),
+        "list.jsonl": (good + "\n[1, 2]\n", ":2: expected"),
+        "string.jsonl": ('"just a string"\n', ":1: expected"),
+        "bool.jsonl": (json.dumps({"question": "q", "answer": True}) + "\n", ":1: unusable answer True"),
+        "dict.jsonl": (json.dumps({"question": "q", "answer": {"value": 5}}) + "\n", ":1: unusable answer"),
+        "empty.jsonl": (json.dumps({"question": "q", "answer": ""}) + "\n", ":1: empty gold answer"),
+        "question.jsonl": (json.dumps({"question": ["q"], "answer": "1"}) + "\n", ":1: the question must be"),
+        "array.json": ("[" + good + ",\n 3]", ":2: expected a JSON object, got int"),
+        "notjson.jsonl": (good + "\n{oops\n", ":2: invalid JSON"),
+    }
+    for name, (text, msg) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        for load in loaders(path):
+            with pytest.raises(DataError) as e:
+                load()
+            assert str(e.value).startswith(str(path)) and msg in str(e.value), (name, str(e.value))
 
 
 def test_local_formats(tmp_path):
@@ -332,3 +372,21 @@ def test_resume_and_external_server(tmp_path, tiny_dir):
         res = run_eval(_tiny_eval_cfg(tiny_dir, out, f"server.urls=[{srv.url}]", "num_samples=3"))
         assert len(read_responses(out / "responses.jsonl")) == 18
         assert res["benchmarks"]["synthetic"]["samples_per_problem"] == 3
+        # Other problems under the same ids never count as done: the folder refuses them...
+        other = tmp_path / "other.jsonl"
+        other.write_text("".join(json.dumps({"question": f"What is {a}+{a}?", "answer": str(2 * a)}) + "\n"
+                                 for a in (50, 60, 70)))
+        for extra in ("data.synthetic_seed=1", f"data.sources.synthetic={other}"):
+            with pytest.raises(ConfigError, match="problems"):
+                run_eval(_tiny_eval_cfg(tiny_dir, out, f"server.urls=[{srv.url}]", "num_samples=3", extra))
+        # ... and the default folder of each data set is its own, holding its own questions.
+        runs = tmp_path / "runs"
+        for source in (None, other):
+            cfg = _tiny_eval_cfg(tiny_dir, out, "output_dir=''", f"server.urls=[{srv.url}]", f"runs_dir={runs}",
+                                 *([f"data.sources.synthetic={source}"] if source else []))
+            res = run_eval(cfg)
+            rows = read_responses(Path(res["output_dir"]) / "responses.jsonl")
+            want = {p["question"] for p in load_benchmark("synthetic", source=str(source) if source else None,
+                                                          synthetic_size=6)}
+            assert {r["question"] for r in rows} == want and len(rows) == 2 * len(want)
+        assert len(list((runs / "eval").iterdir())) == 2

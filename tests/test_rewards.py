@@ -51,6 +51,18 @@ CASES = [
     ("\\boxed 7.", "7", True),
     ("\\boxed{\\$18.90}", "\\$18.90", True),
     ("\\boxed{1/3}", "0.5", False),
+    # percent golds (OlympiadBench): the number with or without its sign, or as a fraction
+    ("\\boxed{62.5}", "62.5%", True),
+    ("\\boxed{17.5\\%}", "17.5", True),
+    ("\\boxed{0.625}", "62.5%", True),
+    ("\\boxed{900\\%}", "9", True),
+    ("\\boxed{8}", "9\\%", False),
+    ("\\boxed{62.4}", "62.5%", False),
+    # a comma and a space separate a list, not thousands
+    ("\\boxed{1, 234}", "1234", False),
+    ("\\boxed{1,234}", "1234", True),
+    # the instruction's empty box, quoted after the answer, is not the answer
+    ("The answer is \\boxed{5}. I put it within $\\boxed{}$.", "5", True),
 ]
 
 
@@ -64,6 +76,12 @@ def test_extract_answer():
     assert extract_answer("\\boxedx{3}") is None
     assert extract_answer("nothing") is None
     assert extract_answer("") is None
+    assert extract_answer("\\boxed{5} and \\boxed{ }") == "5"  # an empty box is passed over
+    assert extract_answer("\\boxed{}") is None
+    # many unclosed boxes (a degenerate generation) are scanned once, not once per box: this took
+    # hours when each box scanned to the end of the text
+    assert extract_answer("\\boxed{7} " + "\\boxed{" * 50_000) == "7"
+    assert extract_answer("{" * 100_000 + "\\boxed{8}") == "8"
 
 
 def test_gold_answer_and_normalize():
@@ -72,6 +90,11 @@ def test_gold_answer_and_normalize():
     assert gold_answer(["$\\frac{2}{3}$"]) == "\\frac{2}{3}"
     assert gold_answer(["$69$,$84$"]) == "69,84"
     assert gold_answer(42) == "42"
+    for bad in ({"value": 5}, [1, None], None, True, [["a"]]):
+        with pytest.raises(TypeError):
+            gold_answer(bad)
+    with pytest.raises(ValueError):
+        gold_answer(float("nan"))
     assert normalize_answer("\\left( 3, 4 \\right).") == "(3,4)"
     assert normalize_answer("(3)") == "3"
     assert normalize_answer("\\text{(073)}") == "73"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from dirl.data.formats import DataError, iter_json_array, iter_jsonl, read_utf8
 from dirl.rewards.math import gold_answer
 
 DIRL_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within $\\boxed{{}}$."
@@ -99,35 +100,61 @@ def format_prompt(question: str, template: str = DIRL_TEMPLATE) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a local JSONL, JSON (a list, or a dict holding one) or parquet file."""
+def read_located_rows(path: str | Path) -> list[tuple[str, dict]]:
+    """``(where, row)`` for the rows of a local JSONL, JSON (a list, or a dict holding one) or parquet
+    file; ``where`` is ``file:line`` (JSON Lines, a JSON array), ``file:key[i]`` or ``file row i``
+    (parquet, from 0). A row that is not a JSON object, or a line that is not JSON, is a
+    :class:`DataError` naming its line. JSON Lines split at ``\\n`` only: a U+2028 inside a string is
+    text, not a line break."""
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(p).to_pylist()
-    text = p.read_text(encoding="utf-8")
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError:
-            data = None
-        if isinstance(data, list):
-            return [dict(r) for r in data]
-        if isinstance(data, dict):
-            for v in data.values():
-                if isinstance(v, list) and v and isinstance(v[0], dict):
-                    return [dict(r) for r in v]
-            raise ValueError(f"{p}: a JSON object without a list of rows")
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
+        located: list[tuple[str, Any]] = [(f"{p} row {i}", r) for i, r in enumerate(pq.read_table(p).to_pylist())]
+    elif suffix == ".json":
+        text = read_utf8(p)
+        if text.lstrip().startswith("{"):
             try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                raise ValueError(f"{p}:{n}: not a JSON line ({e})") from None
-    return rows
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+            key = next((k for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)), None)
+            if key is None:
+                raise DataError(f"{p}:1: a JSON object without a list of rows")
+            located = [(f"{p}:{key}[{j}]", r) for j, r in enumerate(data[key])]
+        else:
+            located = list(iter_json_array(p))
+    else:
+        located = list(iter_jsonl(p))
+    for where, row in located:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return located
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of :func:`read_located_rows` without their locations."""
+    return [r for _, r in read_located_rows(path)]
+
+
+def problem_question(raw: Any, where: str) -> str:
+    """A problem row's question text; anything but a non-empty string is a :class:`DataError`."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise DataError(f"{where}: the question must be a non-empty string, got {raw!r:.80}")
+    return raw
+
+
+def problem_gold(raw: Any, where: str) -> str:
+    """The gold answer string of a problem row's answer field; an empty or unusable value is a
+    :class:`DataError` naming the row."""
+    try:
+        gold = gold_answer(raw)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{where}: unusable answer {raw!r} ({e})") from None
+    if not gold:
+        raise DataError(f"{where}: empty gold answer")
+    return gold
 
 
 def _parse_hub(source: str, spec: BenchmarkSpec) -> tuple[str, Optional[str], str]:
@@ -141,7 +168,7 @@ def _parse_hub(source: str, spec: BenchmarkSpec) -> tuple[str, Optional[str], st
     return source, config, split
 
 
-def _load_hub(source: str, spec: BenchmarkSpec) -> list[dict]:
+def _load_hub(source: str, spec: BenchmarkSpec) -> list[tuple[str, dict]]:
     name, config, split = _parse_hub(source, spec)
     try:
         import datasets
@@ -155,7 +182,7 @@ def _load_hub(source: str, spec: BenchmarkSpec) -> list[dict]:
             f"{':' + config if config else ''}@{split}): {type(e).__name__}: {e}. "
             f"Point eval's data.data_dir at a folder with {spec.file or 'the file'} or set data.sources.{spec.name}"
         ) from None
-    return [dict(r) for r in ds]
+    return [(f"{name}[{split}] row {i}", dict(r)) for i, r in enumerate(ds)]
 
 
 def resolve_source(name: str, source: Optional[str] = None, data_dir: Optional[str] = None) -> str:
@@ -180,7 +207,7 @@ def _pick(row: dict, names: Iterable[str], fallback: Iterable[str], what: str, w
     for n in list(names) + [f for f in fallback if f not in names]:
         if n in row and row[n] is not None:
             return row[n]
-    raise KeyError(f"{where}: no {what} field (looked for {', '.join(names)}; row keys: {', '.join(row)})")
+    raise DataError(f"{where}: no {what} field (looked for {', '.join(names)}; row keys: {', '.join(map(str, row))})")
 
 
 def _subset(items: list, limit: Optional[int], seed: Optional[int]) -> list:
@@ -215,19 +242,15 @@ def load_benchmark(
         from dirl.data.synthetic import synthetic_problems
 
         rows = synthetic_problems("test", n=synthetic_size, seed=synthetic_seed)
-        where = "synthetic test split"
+        located = [(f"synthetic test split row {i}", r) for i, r in enumerate(rows)]
     else:
         where = resolve_source(spec.name, source, data_dir)
         p = Path(where)
-        rows = read_rows(p) if p.is_file() else _load_hub(where, spec)
+        located = read_located_rows(p) if p.is_file() else _load_hub(where, spec)
     problems = []
-    for i, row in enumerate(rows):
-        loc = f"{where} row {i}"
-        question = str(_pick(row, spec.question_fields, _QUESTION_FALLBACK, "question", loc))
-        raw = _pick(row, spec.answer_fields, _ANSWER_FALLBACK, "answer", loc)
-        gold = gold_answer(raw)
-        if not gold:
-            raise ValueError(f"{loc}: empty gold answer")
+    for i, (loc, row) in enumerate(located):
+        question = problem_question(_pick(row, spec.question_fields, _QUESTION_FALLBACK, "question", loc), loc)
+        gold = problem_gold(_pick(row, spec.answer_fields, _ANSWER_FALLBACK, "answer", loc), loc)
         meta = {k: row[k] for k in spec.meta_fields if k in row}
         if "id" in row and "id" not in meta:
             meta["id"] = row["id"]

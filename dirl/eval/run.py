@@ -189,9 +189,18 @@ def _model_identity(model_dir: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _fingerprint(cfg: EvalConfig, model_id: dict) -> dict:
+def problems_digest(problems: dict[str, list[dict]]) -> str:
+    """A hash of the problems an evaluation asks: benchmark, id, question and gold of each."""
+    h = hashlib.sha256()
+    for name in sorted(problems):
+        for p in problems[name]:
+            h.update(json.dumps([name, p["id"], p["question"], p["answer"]]).encode())
+    return h.hexdigest()[:16]
+
+
+def _fingerprint(cfg: EvalConfig, model_id: dict, problems: dict[str, list[dict]]) -> dict:
     dec = to_dict(cfg.decoding)
-    fp = {"model": model_id, "decoding": dec, "seed": cfg.seed,
+    fp = {"model": model_id, "problems": problems_digest(problems), "decoding": dec, "seed": cfg.seed,
           "backend": cfg.server.backend if not cfg.server.urls else "external"}
     # DiRL-compatible settings, only when set: run folders made without them keep their fingerprint
     if cfg.min_new_tokens:
@@ -429,12 +438,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         else:
             model_id = {"tiny": to_dict(cfg.model.tiny)}
             label = "tiny-untrained"
-    fp = _fingerprint(cfg, model_id)
-    out = Path(cfg.output_dir) if cfg.output_dir else Path(cfg.runs_dir) / "eval" / f"{label}-{_hash(fp)}"
-    state = _check_state(out, fp, cfg.resume)
-    save_config(cfg, out / "config.yaml")
-
-    # 2. problems and what is left to do
+    # 2. the problems (their texts and golds are part of the run's identity: responses stored for
+    # other problems are never counted as this run's)
     k = cfg.num_samples
     problems: dict[str, list[dict]] = {}
     for b in cfg.data.benchmarks:
@@ -447,6 +452,12 @@ def run_eval(cfg: EvalConfig) -> dict:
                                             synthetic_seed=cfg.data.synthetic_seed)
         except (RuntimeError, OSError, KeyError, ValueError) as e:
             raise ConfigError(f"config key 'data.benchmarks': cannot load '{name}': {e}") from None
+    fp = _fingerprint(cfg, model_id, problems)
+    out = Path(cfg.output_dir) if cfg.output_dir else Path(cfg.runs_dir) / "eval" / f"{label}-{_hash(fp)}"
+    state = _check_state(out, fp, cfg.resume)
+    save_config(cfg, out / "config.yaml")
+
+    # what is left to do
     resp_path = out / RESPONSES
     records = read_responses(resp_path)
     have = {(r["benchmark"], str(r["problem_id"]), int(r["sample"])) for r in records}
@@ -472,6 +483,8 @@ def run_eval(cfg: EvalConfig) -> dict:
             verdicts = grader.grade_many(pairs)
             for r, v in zip(records, verdicts):
                 r["correct"] = bool(v) and (not cfg.truncated_is_wrong or r.get("finish_reason") != "length")
+                r["answer"] = extract_answer(r["text"])  # the extraction may have changed too
+                r["has_answer"] = r["answer"] is not None
             tmp = resp_path.with_suffix(".tmp")
             with tmp.open("w", encoding="utf-8") as f:
                 for r in records:

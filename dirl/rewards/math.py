@@ -29,6 +29,8 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
+import numbers
 import os
 import queue
 import re
@@ -57,26 +59,27 @@ _START_TIMEOUT = 120.0  # seconds for a worker to import math-verify (slow on a 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox|framebox)(?![A-Za-z])")
 
 
-def _match_braces(text: str, start: int) -> Optional[int]:
-    """Index just past the ``}`` that closes the ``{`` at ``start`` (escaped braces skipped)."""
-    depth = 0
-    i, n = start, len(text)
+def _closing_braces(text: str) -> dict[int, int]:
+    """For every ``{`` of ``text`` that is closed, the index just past its ``}`` (escaped braces
+    ``\\{`` and ``\\}`` are literal, not grouping). One pass, so a response of many unclosed boxes
+    costs linear time."""
+    out: dict[int, int] = {}
+    stack: list[int] = []
+    i, n = 0, len(text)
     while i < n:
         c = text[i]
-        if c == "\\":  # \{ and \} are literal braces, not grouping
+        if c == "\\":
             i += 2
             continue
         if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
+            stack.append(i)
+        elif c == "}" and stack:
+            out[stack.pop()] = i + 1
         i += 1
-    return None
+    return out
 
 
-def _box_content(text: str, pos: int) -> Optional[str]:
+def _box_content(text: str, pos: int, closing: dict[int, int]) -> Optional[str]:
     """Content of the box command whose name ends at ``pos``, or None when it is not closed."""
     n = len(text)
     i = pos
@@ -93,7 +96,7 @@ def _box_content(text: str, pos: int) -> Optional[str]:
     if i >= n:
         return None
     if text[i] == "{":
-        end = _match_braces(text, i)
+        end = closing.get(i)
         if end is None:
             return None
         return text[i + 1 : end - 1].strip()
@@ -105,13 +108,18 @@ def _box_content(text: str, pos: int) -> Optional[str]:
 
 
 def extract_answer(response: str) -> Optional[str]:
-    """The content of the last complete ``\\boxed{...}`` of ``response`` (None when there is none)."""
+    """The content of the last complete, non-empty ``\\boxed{...}`` of ``response`` (None when there
+    is none). An unclosed box (a cut response) and an empty one (``\\boxed{}`` quoted from the
+    instruction) are passed over for the one before."""
     if not response:
         return None
     starts = [m.end() for m in _BOX_RE.finditer(response)]
+    if not starts:
+        return None
+    closing = _closing_braces(response)
     for pos in reversed(starts):
-        content = _box_content(response, pos)
-        if content is not None:
+        content = _box_content(response, pos, closing)
+        if content:
             return content
     return None
 
@@ -123,13 +131,17 @@ def gold_answer(ground_truth: GroundTruth) -> str:
     (OlympiadBench's ``final_answer``) is joined with commas; ``$`` delimiters are removed.
     """
     if isinstance(ground_truth, (list, tuple)):
+        if any(isinstance(g, (list, tuple)) for g in ground_truth):
+            raise TypeError("a ground truth list must hold strings or numbers, not lists")
         parts = [gold_answer(g) for g in ground_truth]
         return ", ".join(p for p in parts if p)
-    if isinstance(ground_truth, bool):
+    if isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, numbers.Real)):
         raise TypeError("a ground truth must be a string, a number or a list of strings")
-    if isinstance(ground_truth, (int, float)):
+    if isinstance(ground_truth, numbers.Real):
+        if not math.isfinite(ground_truth):
+            raise ValueError("a ground truth number must be finite")
         return str(ground_truth)
-    s = str(ground_truth)
+    s = ground_truth
     if "####" in s:
         s = s.rsplit("####", 1)[1].strip().replace(",", "")
     s = s.strip()
@@ -167,12 +179,15 @@ def normalize_answer(s: str) -> str:
         s = s.replace(sp, "")
     for deg in ("^{\\circ}", "^\\circ", "°", "\\circ", "\\degree"):
         s = s.replace(deg, "")
+    spaced_commas = re.search(r",\s", s) is not None  # "1, 234" is a list of two numbers, not 1234
     s = re.sub(r"\s+", "", s)
     s = s.rstrip(".")
+    if s.endswith("%") and len(s) > 1:  # "62.5\%" == "62.5" (math-verify reads it as 0.625, also accepted)
+        s = s[:-2] if s.endswith("\\%") else s[:-1]
     m = _PAREN_NUM_RE.match(s)
     if m:  # "(073)" -> "073"
         s = m.group(1)
-    if _THOUSANDS_RE.match(s):
+    if not spaced_commas and _THOUSANDS_RE.match(s):
         s = s.replace(",", "")
     if _INT_RE.match(s):
         s = str(int(s))  # "025" == "25", "+3" == "3"
@@ -187,7 +202,7 @@ def _cheap_decision(pred: Optional[str], gold: str) -> Optional[bool]:
     np_, ng = normalize_answer(pred), normalize_answer(gold)
     if np_ == ng and np_ != "":
         return True
-    if _INT_RE.match(np_) and _INT_RE.match(ng):
+    if _INT_RE.match(np_) and _INT_RE.match(ng) and "%" not in pred + gold:  # 900% is 9 to math-verify
         return int(np_) == int(ng)
     if len(pred) > MAX_ANSWER_CHARS:  # a runaway "answer": not worth a symbolic comparison
         return False

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dirl.config import ConfigError
-from dirl.data.benchmarks import read_rows
+from dirl.data.benchmarks import problem_gold, problem_question, read_located_rows
 from dirl.data.chat import prompt_ids
-from dirl.data.formats import iter_hf_dataset
+from dirl.data.formats import DataError, iter_hf_dataset
 from dirl.data.synthetic import synthetic_problems
-from dirl.rewards.math import gold_answer
 from dirl.train.rl.config import RLDataConfig
 
 _QUESTION_KEYS = ("question", "problem", "prompt")
@@ -25,27 +24,27 @@ def _pick(row: dict, key: str, fallbacks: tuple[str, ...], what: str, where: str
     for k in keys:
         if k in row and row[k] is not None:
             return row[k]
-    raise ConfigError(f"data row {where}: no {what} field (looked for {', '.join(keys)}; "
-                      f"set data.{what}_key); the row has {', '.join(sorted(map(str, row)))}")
+    raise DataError(f"{where}: no {what} field (looked for {', '.join(keys)}; "
+                    f"set data.{what}_key); the row has {', '.join(sorted(map(str, row)))}")
 
 
 def load_problems(data: RLDataConfig) -> list[dict]:
     """Problems as ``{"id", "index", "question", "answer", "messages"}`` (answer: the gold string)."""
     if data.source == "synthetic":
         rows = synthetic_problems(data.split, n=data.limit, seed=0, digits=data.digits)  # type: ignore[arg-type]
-        where = f"synthetic[{data.split}]"
+        located = [(f"synthetic[{data.split}] row {i}", r) for i, r in enumerate(rows)]
     else:
         p = Path(data.source)
-        rows = read_rows(p) if p.is_file() else [r for _, r in iter_hf_dataset(data.source, data.split,
-                                                                                 data.subset or None)]
+        located = read_located_rows(p) if p.is_file() else list(iter_hf_dataset(data.source, data.split,
+                                                                                   data.subset or None))
         if data.limit is not None:
-            rows = rows[:data.limit]
-        where = data.source
+            located = located[:data.limit]
     out = []
-    for i, row in enumerate(rows):
-        loc = f"{where} #{i}"
-        q = str(_pick(row, data.question_key, _QUESTION_KEYS, "question", loc))
-        gold = gold_answer(_pick(row, data.answer_key, _ANSWER_KEYS, "answer", loc))
+    for i, (loc, row) in enumerate(located):
+        if not isinstance(row, dict):
+            raise DataError(f"{loc}: expected an object with a question and an answer, got {type(row).__name__}")
+        q = problem_question(_pick(row, data.question_key, _QUESTION_KEYS, "question", loc), loc)
+        gold = problem_gold(_pick(row, data.answer_key, _ANSWER_KEYS, "answer", loc), loc)
         msgs = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
         msgs.append({"role": "user", "content": data.prompt_template.replace("{question}", q)})
         out.append({"id": str(row.get("id", i)), "index": i, "question": q, "answer": gold, "messages": msgs})
