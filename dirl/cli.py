@@ -22,7 +22,7 @@ from dirl.config import ConfigError
 # name -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("dirl.quickstart", "the embedded default end to end: tiny model, SFT, eval, RL, eval"),
-    "make-tiny-model": ("dirl.model.tiny_cli", "write the embedded default model and tokenizer (SDAR layout)"),
+    "make-tiny-model": ("dirl.model.tiny_cli", "write the embedded default model (or another tiny shape) and its tokenizer, SDAR layout"),
     "sft": ("dirl.train.sft", "supervised fine-tuning (random-masking blockwise NELBO): dirl sft CONFIG [k=v ...]"),
     "rl": ("dirl.train.rl.recipe", "reinforcement learning (DiPO/GRPO, DAPO): dirl rl CONFIG [k=v ...]"),
     "eval": ("dirl.eval.run", "evaluate on math benchmarks: dirl eval CONFIG [k=v ...]"),

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -51,6 +53,15 @@ class TinyModelConfig:
     block_size: int = 4
     tie_word_embeddings: bool = False
     seed: int = 0
+
+
+def embedded_tiny_shape() -> TinyModelConfig:
+    """The embedded default model's shape (the quick-start's, what ``dirl sft`` trains with no
+    model.path, what ``dirl make-tiny-model`` writes with no shape arguments): hidden 128, 3 layers,
+    4 heads / 2 KV heads, intermediate 512, 765,248 parameters. :class:`TinyModelConfig`'s own
+    defaults are a smaller 2-layer model (0.32M) that the tests and a freshly made model of
+    ``dirl rl`` / ``dirl eval`` (no trained checkpoint found) use."""
+    return TinyModelConfig(num_hidden_layers=3, intermediate_size=512)
 
 
 @dataclass
@@ -188,7 +199,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise bad
     if origin is Literal:
-        if value in args:
+        if isinstance(value, bool):  # YAML reads an unquoted no / off / yes / on as a boolean
+            spelled = [a for a in args if isinstance(a, str) and a.lower() in (
+                ("no", "off", "false") if not value else ("yes", "on", "true"))]
+            if len(spelled) == 1:
+                return spelled[0]
+        if value in args and not (isinstance(value, bool) and not any(a is value for a in args)):
             return value
         raise ConfigError(
             f"config key '{key}': expected one of {', '.join(repr(a) for a in args)}, got {value!r}"
@@ -242,13 +258,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise bad
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            out = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                out = float(value)
             except ValueError:
                 raise bad from None
-        raise bad
+        else:
+            raise bad
+        if not math.isfinite(out):  # nan / inf: no setting means that
+            raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+        return out
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -289,21 +309,82 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
-        node = nxt
-    node[parts[-1]] = value
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return tp
 
 
-def parse_overrides(items: list[str]) -> dict:
-    tree: dict = {}
+def _type_at(cls: Any, parts: list[str]) -> Any:
+    """The declared type of the dotted key ``parts`` under the dataclass ``cls`` (through sections
+    and dict fields), or None when the path names no field (the build reports it)."""
+    tp = cls
+    for part in parts:
+        tp = _unwrap_optional(tp)
+        if is_dataclass(tp):
+            hints = _hints(tp)
+            if part not in hints:
+                return None
+            tp = hints[part]
+        elif typing.get_origin(tp) is dict:
+            args = typing.get_args(tp)
+            tp = args[1] if len(args) == 2 else Any
+        else:
+            return None
+    return tp
+
+
+def _is_text_type(tp: Any) -> bool:
+    """A str field, or a Literal of strings only."""
+    tp = _unwrap_optional(tp)
+    if tp is str:
+        return True
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) is Literal and bool(args) and all(isinstance(a, str) for a in args)
+
+
+def _override_value(text: str, tp: Any) -> Any:
+    """An override's value for a field of type ``tp``. A text field takes the text as written
+    (``run_name=0012`` stays 0012, ``data.prompt_template=Q: {question}`` is not a YAML mapping), a
+    quoted text is read as a YAML string (``"a\\nb"`` has a newline) and ``null`` is None where the
+    field allows None; a plain integer is decimal; everything else is read as YAML (numbers,
+    booleans, lists, mappings)."""
+    if _unwrap_optional(tp) is int and re.fullmatch(r"\s*[+-]?\d+\s*", text):
+        return int(text)  # decimal, where YAML 1.1 reads 0012 as the octal 10
+    if tp is None or not _is_text_type(tp):
+        return _parse_scalar(text)
+    t = text.strip()
+    if len(t) >= 2 and t[0] == t[-1] and t[0] in "'\"":
+        v = _parse_scalar(t)
+        if isinstance(v, str):
+            return v
+    if t in ("null", "~") and _unwrap_optional(tp) is not tp:
+        return None
+    return t
+
+
+def _merge_typed(tp: Any, base: dict, extra: dict) -> dict:
+    """``extra`` over ``base`` for the dataclass ``tp``: a section (a dataclass field) is merged
+    key by key; any other value, a dict or list field included, replaces the old one whole (a
+    ``rewards.weights`` mapping given is the weights, not an addition to the default ones)."""
+    out = dict(base)
+    for k, v in extra.items():
+        sub = _unwrap_optional(_type_at(tp, [str(k)])) if tp is not None else None
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and sub is not None and is_dataclass(sub):
+            out[k] = _merge_typed(sub, out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def apply_overrides(cls: Any, data: dict, items: list[str]) -> dict:
+    """``key.sub=value`` overrides applied in order onto ``data`` (the config tree of ``cls``). A
+    dotted key sets one field, or one entry of a dict field (``rewards.weights.speed=0.2`` keeps
+    the other weights); a mapping given for a section merges into it; values are read for the
+    field's type (:func:`_override_value`)."""
+    out = dict(data)
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
@@ -311,17 +392,22 @@ def parse_overrides(items: list[str]) -> dict:
         k = k.strip().lstrip("-")
         if not k:
             raise ConfigError(f"override '{item}' has an empty key")
-        _set_path(tree, k, _parse_scalar(v))
-    return tree
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+        parts = k.split(".")
+        value = _override_value(v, _type_at(cls, parts))
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            nxt = dict(nxt) if isinstance(nxt, dict) else ({} if nxt is None else nxt)
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"config key '{k}': '{'.'.join(parts[:depth + 1])}' is not a section")
+            node[part] = nxt
+            node = nxt
+        last, section = parts[-1], _unwrap_optional(_type_at(cls, parts))
+        if isinstance(value, dict) and isinstance(node.get(last), dict) and section is not None \
+                and is_dataclass(section):
+            node[last] = _merge_typed(section, node[last], value)
         else:
-            out[k] = v
+            node[last] = value
     return out
 
 
@@ -345,13 +431,14 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                run_defaults: bool = False) -> T:
+                run_defaults: bool = False, base: Any = None) -> T:
     """Build ``cls`` from an optional YAML file plus ``key.sub=value`` overrides, validated. With
     ``run_defaults`` a section given in the file or on the command line is merged onto ``cls()``'s
-    own value of it (``SFTConfig().optim`` ...) rather than onto the section class's bare defaults."""
-    data = to_dict(cls()) if run_defaults else {}
-    data = _merge(data, read_yaml(path) if path else {})
-    data = _merge(data, parse_overrides(overrides or []))
+    own value of it (``SFTConfig().optim`` ...) rather than onto the section class's bare defaults;
+    ``base`` (an instance of ``cls``) is the starting point instead of ``cls()``."""
+    data = to_dict(base) if base is not None else (to_dict(cls()) if run_defaults else {})
+    data = _merge_typed(cls, data, read_yaml(path) if path else {})
+    data = apply_overrides(cls, data, overrides or [])
     cfg = _build(cls, data)
     validate = getattr(cfg, "validate", None)
     if callable(validate):
@@ -388,7 +475,7 @@ def replace(cfg: T, **changes: Any) -> T:
 def check_positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
     if value is None:
         return
-    if value < 0 or (value == 0 and not allow_zero):
+    if value != value or value < 0 or (value == 0 and not allow_zero):  # NaN fails too
         raise ConfigError(f"config key '{key}': must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import pytest
 
@@ -64,12 +65,50 @@ def test_yaml_and_overrides(tmp_path):
         ("", ["steps"], "not of the form key.sub=value"),
         ("optim: 3\n", [], "config key 'optim': expected a mapping"),
         ("steps: [1\n", [], "is not valid YAML"),
+        ("", ["optim.lr=nan"], "config key 'optim.lr': expected a finite number"),
+        ("optim:\n  lr: .inf\n", [], "config key 'optim.lr': expected a finite number"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, overrides, match):
     with pytest.raises(ConfigError) as e:
         load_config(Job, write(tmp_path, text), overrides)
     assert match in one_line(e)
+
+
+@dataclass
+class Sec:
+    mode: Literal["auto", "no", "bf16"] = "auto"
+    note: Optional[str] = None
+
+
+@dataclass
+class Typed:
+    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})
+    sec: Sec = field(default_factory=Sec)
+    name: str = "run"
+    template: str = "{question}"
+    steps: int = 10
+
+
+def test_values_are_read_for_their_field_type(tmp_path):
+    """A text field keeps an override's text as written (YAML would read 0012 as the octal 10, and
+    "Q: {question}" as a mapping); a quoted text is a YAML string; a mapping given for a dict field
+    replaces the default mapping, a dotted key sets one entry; YAML's unquoted no is the choice no."""
+    cfg = load_config(Typed, None, ["name=0012", "template=Q: {question}", "sec.note=exp #3"], run_defaults=True)
+    assert (cfg.name, cfg.template, cfg.sec.note) == ("0012", "Q: {question}", "exp #3")
+    cfg = load_config(Typed, None, ['template="a\\n{question}"', "sec.note=null", "name=", "steps=0012"])
+    assert (cfg.template, cfg.sec.note, cfg.name, cfg.steps) == ("a\n{question}", None, "", 12)
+    for how in (["weights={cosine: 1.0}"], []):
+        path = write(tmp_path, "weights: {cosine: 1.0}\n") if not how else None
+        assert load_config(Typed, path, how, run_defaults=True).weights == {"cosine": 1.0}
+    cfg = load_config(Typed, None, ["weights.speed=0.2"], run_defaults=True)
+    assert cfg.weights == {"accuracy": 1.0, "speed": 0.2}
+    # a section given as a mapping still merges into the section
+    cfg = load_config(Typed, write(tmp_path, "sec: {mode: no}\n"), ["sec={note: x}"], run_defaults=True)
+    assert (cfg.sec.mode, cfg.sec.note) == ("no", "x")
+    assert load_config(Typed, None, ["sec.mode=no"]).sec.mode == "no"
+    with pytest.raises(ConfigError, match="expected one of"):
+        load_config(Typed, None, ["sec.mode=yes"])
 
 
 def test_missing_config_file(tmp_path):

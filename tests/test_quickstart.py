@@ -139,6 +139,9 @@ def test_block_size_option_makes_the_tiny_model_with_it(tmp_path, capsys):
     assert [a for a in shape if not a.startswith(("block_size=", "seed="))] == \
         [a for a in TINY_SHAPE if not a.startswith(("block_size=", "seed="))]
     assert tiny_shape() == TINY_SHAPE
+    from dirl.config import TinyModelConfig, embedded_tiny_shape, load_config
+
+    assert load_config(TinyModelConfig, None, TINY_SHAPE) == embedded_tiny_shape()  # one shape, stated twice
     assert make_tiny(["--out", str(tmp_path / "tiny"), *shape]) == 0
     cfg = json.loads((tmp_path / "tiny" / "config.json").read_text())
     assert cfg["block_size"] == 8

@@ -106,6 +106,37 @@ def test_one_process_deepspeed_run_matches_the_plain_run(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+def test_a_fresh_start_keeps_an_earlier_runs_checkpoints_apart(tmp_path):
+    """train.resume=never in a run folder with checkpoints: they are set aside (kept), the new
+    run's own checkpoints are pruned only among themselves, and its summary names one that exists.
+    Resuming past the run's steps, from a missing path or from the other command's checkpoint is
+    one ConfigError naming the key, before any step."""
+    from dirl.config import ConfigError
+
+    def run(*extra):
+        cfg = load_sft_config(None, SMALL + [f"output_dir={tmp_path}", "run_name=r", "train.global_batch_size=4",
+                                             "train.micro_batch_size=4", "train.keep_last=2", *extra])
+        return train_sft(cfg)
+
+    run("train.max_steps=6", "train.save_every=2")
+    run_dir = tmp_path / "r"
+    assert [s for s, _ in list_checkpoints(run_dir)] == [4, 6]
+    summary = run("train.max_steps=3", "train.save_every=1", "train.resume=never")
+    assert [s for s, _ in list_checkpoints(run_dir)] == [2, 3]
+    assert Path(summary["final_model"]).is_dir() and "step_00000003" in summary["final_model"]
+    (aside,) = run_dir.glob("checkpoints.replaced-*")
+    assert sorted(d.name for d in aside.iterdir()) == ["step_00000004", "step_00000006"]
+    with pytest.raises(ConfigError, match="config key 'train.max_steps': the run resumes from step 3"):
+        run("train.max_steps=2")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="config key 'train.resume': '.*empty' is neither"):
+        run(f"train.resume={tmp_path / 'empty'}")
+    state = latest_checkpoint(run_dir) / "trainer_state.json"
+    state.write_text(json.dumps(dict(json.loads(state.read_text()), kind="rl")))
+    with pytest.raises(ConfigError, match="is a 'dirl rl' checkpoint"):
+        run("train.max_steps=4")
+
+
 def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false",
                 PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))

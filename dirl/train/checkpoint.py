@@ -174,14 +174,43 @@ def resolve_model_dir(path: str | os.PathLike, key: str = "model.path") -> Path:
     raise ConfigError(f"config key '{key}': '{p}' is neither a model folder nor a run folder with a complete checkpoint")
 
 
-def resume_point(resume: str, run_dir: str | os.PathLike) -> Optional[Path]:
+def resume_point(resume: str, run_dir: str | os.PathLike, kind: str = "") -> Optional[Path]:
     """The checkpoint a run resumes from: ``auto`` the newest of ``run_dir`` (None when there is
-    none), ``never`` / ``""`` None, else the given checkpoint or run folder."""
+    none), ``never`` / ``""`` None, else the given checkpoint or run folder. With ``kind`` (``sft``,
+    ``rl``) a checkpoint written by the other command is refused: its trainer state is not this
+    command's (an RL run has a prompt cursor, SFT a row cursor)."""
     if resume in ("never", ""):
         return None
     if resume == "auto":
-        return latest_checkpoint(run_dir)
-    return resolve_checkpoint(resume)
+        found = latest_checkpoint(run_dir)
+    else:
+        try:
+            found = resolve_checkpoint(resume)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config key 'train.resume': {e}") from None
+    if found is not None and kind:
+        other = checkpoint_kind(found)
+        if other and other != kind:
+            raise ConfigError(f"config key 'train.resume': {found} is a 'dirl {other}' checkpoint; a 'dirl {kind}' "
+                              f"run resumes only its own (start from its model with model.path={found / 'model'})")
+    return found
+
+
+def set_aside_checkpoints(run_dir: str | os.PathLike) -> Optional[Path]:
+    """A run starting afresh (``train.resume=never``) in a folder that holds checkpoints of an
+    earlier run: their folder is renamed ``checkpoints.replaced-<time>`` (kept, not deleted), so
+    that the new run's checkpoints never mix with them and pruning or a later ``resume=auto``
+    never takes one of theirs. Returns the new name, or None when there was nothing."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir() or not any(_STEP_RE.match(d.name) for d in root.iterdir()):
+        return None
+    dest = root.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = root.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    os.replace(root, dest)
+    return dest
 
 
 def mark_untrained(model_dir: str | os.PathLike) -> None:
@@ -336,7 +365,9 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
         if keep_last and keep_last > 0:
-            for _, d in list_checkpoints(run_dir)[:-keep_last]:
+            # only checkpoints up to this one count: the one just written is never pruned
+            upto = [(s, d) for s, d in list_checkpoints(run_dir) if s <= int(step)]
+            for _, d in upto[:-keep_last]:
                 # hide it first, so a kill mid-delete leaves a hidden leftover, never a half folder
                 doomed = root / f".{d.name}.old"
                 os.replace(d, doomed)

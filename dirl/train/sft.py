@@ -41,6 +41,7 @@ from dirl.config import (
     check_model,
     check_path_exists,
     check_positive,
+    embedded_tiny_shape,
     load_config,
     run_config_command,
 )
@@ -49,7 +50,9 @@ from dirl.data.sft import RowStream, build_sft_rows, rank_row_slice
 from dirl.model.attention import sft_meta
 from dirl.model.sdar import load_model, load_tokenizer, resolve_dtype
 from dirl.model.tiny import build_tiny_model, count_parameters
-from dirl.train.checkpoint import load_checkpoint, load_model_weights, resume_point, save_checkpoint
+from dirl.train.checkpoint import (
+    load_checkpoint, load_model_weights, resume_point, save_checkpoint, set_aside_checkpoints,
+)
 from dirl.train.common import (
     DistConfig,
     close_distributed,
@@ -79,9 +82,8 @@ from dirl.train.noise import DEFAULT_EPS, sample_noise
 
 
 def default_tiny_shape() -> TinyModelConfig:
-    """The embedded default model: Qwen3-shaped, hidden 128, 3 layers, 4 heads / 2 KV heads (~0.74M)."""
-    return TinyModelConfig(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                           head_dim=32, intermediate_size=512, max_position_embeddings=1024, block_size=4)
+    """The embedded default model (:func:`dirl.config.embedded_tiny_shape`)."""
+    return embedded_tiny_shape()
 
 
 @dataclass
@@ -346,7 +348,11 @@ def train_sft(cfg: SFTConfig, on_finish: Optional[Callable[[Any, Any], None]] = 
     strategy = resolve_strategy(cfg.dist, world)
     seed_everything(t.seed)
     run_dir = make_run_dir(acc, cfg.output_dir, cfg.run_name, "sft", cfg)
-    resume_from = resume_point(cfg.train.resume, run_dir)
+    resume_from = resume_point(cfg.train.resume, run_dir, kind="sft")
+    if resume_from is None and acc.is_main_process:
+        moved = set_aside_checkpoints(run_dir)
+        if moved is not None:
+            rank_zero_print(acc, f"[dirl sft] starting afresh: the earlier checkpoints of {run_dir} are kept in {moved}")
 
     ds_bf16 = strategy == "deepspeed" and resolve_mixed_precision(cfg.dist) == "bf16"
     model, tok = build_model(cfg, acc.device, deepspeed_bf16=ds_bf16)
@@ -372,6 +378,9 @@ def train_sft(cfg: SFTConfig, on_finish: Optional[Callable[[Any, Any], None]] = 
     if resume_from is not None:
         state = load_checkpoint(resume_from, optimizer=optimizer, scheduler=scheduler, accelerator=acc)
         start_step = int(state["step"])
+        if start_step > total:
+            raise ConfigError(f"config key 'train.max_steps': the run resumes from step {start_step} ({resume_from}), "
+                              f"past its {total} steps; give more steps, or train.resume=never to start afresh")
         start_cursor = int(state["extra"].get("cursor", start_step * t.global_batch_size))
         rank_zero_print(acc, f"[dirl sft] resumed from {resume_from} at step {start_step} (data cursor: row "
                              f"{start_cursor}, epoch {stream.epoch_of(start_cursor):.2f})")

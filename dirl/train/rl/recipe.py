@@ -60,6 +60,7 @@ from dirl.train.checkpoint import (
     resolve_model_dir,
     resume_point,
     save_checkpoint,
+    set_aside_checkpoints,
     write_tiny_model,
 )
 from dirl.train.common import (
@@ -539,7 +540,11 @@ def setup_run(cfg: RLConfig, cleanup: contextlib.ExitStack) -> RLRun:
     strategy = resolve_strategy(cfg.dist, dist.world)
     seed_everything(t.seed + dist.rank)
     run_dir = make_run_dir(acc, cfg.output_dir, cfg.run_name, "rl", cfg)
-    resumed_from = resume_point(t.resume, run_dir)
+    resumed_from = resume_point(t.resume, run_dir, kind="rl")
+    if resumed_from is None and acc.is_main_process:
+        moved = set_aside_checkpoints(run_dir)
+        if moved is not None:
+            rank_zero_print(acc, f"[dirl rl] starting afresh: the earlier checkpoints of {run_dir} are kept in {moved}")
     init_dir = initial_model(cfg, run_dir, acc.is_main_process, dist)
     model_dir = (resumed_from / "model") if resumed_from is not None else init_dir
 
@@ -564,6 +569,9 @@ def setup_run(cfg: RLConfig, cleanup: contextlib.ExitStack) -> RLRun:
     if resumed_from is not None:
         state = load_checkpoint(resumed_from, optimizer=optimizer, scheduler=scheduler, accelerator=acc)
         start_step = int(state["step"])
+        if start_step > t.steps:
+            raise ConfigError(f"config key 'train.steps': the run resumes from step {start_step} ({resumed_from}), "
+                              f"past its {t.steps} steps; give more steps, or train.resume=never to start afresh")
         source.sampler.load_state_dict(state["extra"]["sampler"])
         rank_zero_print(acc, f"[dirl rl] resumed from {resumed_from} at step {start_step} "
                              f"(prompt cursor {source.sampler.cursor})")
