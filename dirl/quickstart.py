@@ -27,7 +27,7 @@ reward checks the sum; the control shows the difference.
 
 ``--seed S`` changes every seed of the run (the tiny model's initialisation, the SFT data, noise and
 order, the RL prompts and samples; the evaluation problems stay the same), ``--speed-reward`` adds an
-RL run with the speed reward of SPEC section 7 (``rewards.weights``: accuracy 0, speed 1) from the
+RL run with the speed reward (docs/GRADING.md, Rewards; ``rewards.weights``: accuracy 0, speed 1) from the
 same SFT model, as many steps as the RL stage, evaluated like the others. ``--block-size B`` makes
 the tiny model with another block size (default 4); SFT, RL and eval follow the checkpoint's.
 ``scripts/check_quickstart_gain.py`` runs several seeds and checks the claims of docs/QUICKSTART.md.
@@ -258,8 +258,8 @@ def cli_main(argv: list[str]) -> int:
                    help="seed of the run: the tiny model's initialisation, the SFT data (which problems, the "
                    "teacher's slips, the order) and noise, the RL prompt order and sampling (default 0)")
     p.add_argument("--speed-reward", action="store_true",
-                   help="also run RL with the speed reward (SPEC section 7: accuracy and tokens per step) from the "
-                   "SFT model, evaluated like the others")
+                   help="also run RL with the speed reward (accuracy and tokens per step; docs/GRADING.md, Rewards) "
+                   "from the SFT model, evaluated like the others")
     p.add_argument("--block-size", type=int, default=4,
                    help="the tiny model's block size B (default 4); SFT, RL and eval follow the model's")
     p.add_argument("--skip-rl", action="store_true", help="stop after SFT and its evaluation")

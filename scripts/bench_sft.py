@@ -17,7 +17,7 @@ one missed, when a measured run misses it):
   drops no sample;
 * memory: peak RSS at the longest length under --max-peak-gb (4 GB);
 * gpu: FlexAttention's training step is at least --min-flex-speedup (8.34x, the paper's figure at
-  1.7B, SPEC section 10) faster than SDPA with the dense mask, and needs no more peak memory (an SDPA
+  1.7B in the DiRL paper) faster than SDPA with the dense mask, and needs no more peak memory (an SDPA
   run out of memory counts as met when the flex run fits). Without CUDA the gpu bench is skipped and
   checks nothing.
 """
