@@ -479,6 +479,31 @@ def check_positive(key: str, value: float | int | None, allow_zero: bool = False
         raise ConfigError(f"config key '{key}': must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def check_optim(optim: "OptimConfig", prefix: str = "optim") -> None:
+    """The optimizer's settings in their ranges (AdamW's own checks come only once the model is built)."""
+    check_positive(f"{prefix}.lr", optim.lr)
+    check_positive(f"{prefix}.eps", optim.eps)
+    check_positive(f"{prefix}.weight_decay", optim.weight_decay, allow_zero=True)
+    check_positive(f"{prefix}.warmup_steps", optim.warmup_steps, allow_zero=True)
+    check_positive(f"{prefix}.max_grad_norm", optim.max_grad_norm, allow_zero=True)
+    for b in optim.betas:
+        if not 0.0 <= b < 1.0:
+            raise ConfigError(f"config key '{prefix}.betas': each must be in [0, 1), got {list(optim.betas)!r}")
+    if not 0.0 <= optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"config key '{prefix}.min_lr_ratio': must be in [0, 1], got {optim.min_lr_ratio!r}")
+
+
+def check_tiny(tiny: "TinyModelConfig", prefix: str = "model.tiny") -> None:
+    """A tiny model's shape: positive sizes, query heads a multiple of the KV heads."""
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "intermediate_size", "max_position_embeddings", "block_size"):
+        check_positive(f"{prefix}.{key}", getattr(tiny, key))
+    check_positive(f"{prefix}.seed", tiny.seed, allow_zero=True)
+    if tiny.num_attention_heads % tiny.num_key_value_heads:
+        raise ConfigError(f"config key '{prefix}.num_attention_heads': {tiny.num_attention_heads} is not a multiple "
+                          f"of num_key_value_heads {tiny.num_key_value_heads}")
+
+
 def check_path_exists(key: str, value: str) -> None:
     if value and not Path(value).exists():
         raise ConfigError(f"config key '{key}': path '{value}' does not exist")
@@ -489,6 +514,7 @@ def check_decoding(dec: DecodingConfig, prefix: str = "decoding") -> None:
     check_positive(f"{prefix}.block_size", dec.block_size)
     check_positive(f"{prefix}.max_new_tokens", dec.max_new_tokens)
     check_positive(f"{prefix}.temperature", dec.temperature, allow_zero=True)
+    check_positive(f"{prefix}.top_k", dec.top_k, allow_zero=True)
     if not 0.0 < dec.top_p <= 1.0:
         raise ConfigError(f"config key '{prefix}.top_p': must be in (0, 1], got {dec.top_p!r}")
     if not 0.0 <= dec.confidence_threshold <= 1.0:

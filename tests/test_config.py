@@ -66,6 +66,7 @@ def test_yaml_and_overrides(tmp_path):
         ("optim: 3\n", [], "config key 'optim': expected a mapping"),
         ("steps: [1\n", [], "is not valid YAML"),
         ("", ["optim.lr=nan"], "config key 'optim.lr': expected a finite number"),
+        ("", ["decoding.top_k=-5"], "config key 'decoding.top_k': must be >= 0"),
         ("optim:\n  lr: .inf\n", [], "config key 'optim.lr': expected a finite number"),
     ],
 )

@@ -331,11 +331,24 @@ def test_shipped_configs(tiny_dir):
 
 def test_cli_rejects_bad_config_in_one_line(capsys):
     from dirl.cli import main
+    from dirl.config import ConfigError
 
     assert main(["sft", "train.nope=1"]) == 2
     assert "unknown config key 'train.nope'" in capsys.readouterr().err
     assert main(["sft", "train.global_batch_size=10", "train.micro_batch_size=4"]) == 2
     assert "train.global_batch_size" in capsys.readouterr().err
+    # values AdamW, numpy or the model would refuse only after the model is built, or take silently
+    # (a negative min_lr_ratio ends the cosine schedule in gradient ascent), name their key first
+    for bad, key in (("optim.min_lr_ratio=-2", "optim.min_lr_ratio"), ("optim.betas=[1.5,0.9]", "optim.betas"),
+                     ("optim.eps=-1", "optim.eps"), ("optim.lr=nan", "optim.lr"), ("data.seed=-1", "data.seed"),
+                     ("model.tiny.num_attention_heads=3", "model.tiny.num_attention_heads"),
+                     ("model.tiny.num_hidden_layers=0", "model.tiny.num_hidden_layers")):
+        from dirl.train.rl.config import load_rl_config
+
+        assert main(["sft", bad]) == 2, bad
+        assert f"config key '{key}'" in capsys.readouterr().err, bad
+        with pytest.raises(ConfigError, match=f"config key '{key}'"):
+            load_rl_config(None, [bad])
 
 
 def test_schedules():

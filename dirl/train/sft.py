@@ -39,8 +39,10 @@ from dirl.config import (
     OptimConfig,
     TinyModelConfig,
     check_model,
+    check_optim,
     check_path_exists,
     check_positive,
+    check_tiny,
     embedded_tiny_shape,
     load_config,
     run_config_command,
@@ -165,9 +167,11 @@ class SFTConfig:
             raise ConfigError(f"config key 'train.noise_eps': must be in (0, 1), got {t.noise_eps!r}")
         if t.resume not in ("auto", "never", ""):
             check_path_exists("train.resume", t.resume)
-        check_positive("optim.lr", self.optim.lr)
-        check_positive("optim.warmup_steps", self.optim.warmup_steps, allow_zero=True)
-        check_positive("optim.weight_decay", self.optim.weight_decay, allow_zero=True)
+        check_optim(self.optim)
+        if not self.model.path:
+            check_tiny(self.model.tiny)
+        check_positive("train.seed", t.seed, allow_zero=True)
+        check_positive("data.seed", self.data.seed, allow_zero=True)
         check_positive("logging.log_every", self.logging.log_every)
 
 

@@ -24,8 +24,10 @@ from dirl.config import (
     check_block_sizes,
     check_decoding,
     check_model,
+    check_optim,
     check_path_exists,
     check_positive,
+    check_tiny,
     load_config,
 )
 from dirl.rewards.shaping import RewardConfig, register_reward
@@ -205,7 +207,11 @@ class RLConfig:
         if lo.log_ratio_clamp is not None:
             check_positive("loss.log_ratio_clamp", lo.log_ratio_clamp)
         check_positive("loss.logits_chunk_size", lo.logits_chunk_size)
-        check_positive("optim.lr", self.optim.lr)
+        check_optim(self.optim)
+        if not self.model.path:
+            check_tiny(self.model.tiny)
+        check_positive("train.seed", self.train.seed, allow_zero=True)
+        check_positive("data.seed", self.data.seed, allow_zero=True)
         check_positive("logging.log_every", self.logging.log_every)
         check_positive("data.max_prompt_tokens", self.data.max_prompt_tokens, allow_zero=True)
         check_positive("data.limit", self.data.limit)
