@@ -137,6 +137,25 @@ def test_a_fresh_start_keeps_an_earlier_runs_checkpoints_apart(tmp_path):
         run("train.max_steps=4")
 
 
+def test_a_resumed_run_keeps_the_settings_of_its_checkpoint(tmp_path):
+    """The optimizer's restored state would keep the old lr and a changed data seed would meet the
+    old cursor: a resume with other data, optimizer or batch settings is one ConfigError naming the
+    key; more steps are allowed."""
+    from dirl.config import ConfigError
+
+    def run(*extra):
+        cfg = load_sft_config(None, SMALL + [f"output_dir={tmp_path}", "run_name=r", "train.global_batch_size=4",
+                                             "train.micro_batch_size=4", "train.save_every=1", *extra])
+        return train_sft(cfg)
+
+    run("train.max_steps=2")
+    for bad, key in (("optim.lr=0.5", "optim.lr"), ("data.seed=7", "data.seed"), ("data.num_samples=32", "data.num_samples"),
+                     ("train.global_batch_size=8", "train.global_batch_size")):
+        with pytest.raises(ConfigError, match=f"config key '{key}': the run resumed from .* was made with"):
+            run("train.max_steps=3", bad)
+    assert run("train.max_steps=3")["start_step"] == 2
+
+
 def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false",
                 PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))

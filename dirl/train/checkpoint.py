@@ -196,6 +196,45 @@ def resume_point(resume: str, run_dir: str | os.PathLike, kind: str = "") -> Opt
     return found
 
 
+def resume_settings(cfg: Any, keys: tuple[str, ...]) -> dict:
+    """The settings a resumed run must share with the run it continues, flattened to dotted keys:
+    the sections or fields ``keys`` of ``cfg`` (its data, optimizer, loss, batch shape ...). Stored
+    in each checkpoint's trainer state; :func:`check_resume_settings` compares them."""
+    from dirl.config import to_dict
+
+    tree = to_dict(cfg)
+    out: dict = {}
+
+    def flat(prefix: str, v: Any) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                flat(f"{prefix}.{k}", x)
+        else:
+            out[prefix] = v
+
+    for key in keys:
+        node: Any = tree
+        for part in key.split("."):
+            node = node[part]
+        flat(key, node)
+    return out
+
+
+def check_resume_settings(saved: Optional[dict], now: dict, ckpt: str | os.PathLike) -> None:
+    """A resumed run whose settings differ from its checkpoint's would silently mix two runs (the
+    optimizer's restored state keeps the old lr; a changed data seed meets the old data cursor):
+    a one-line :class:`ConfigError` naming the first key that differs. Checkpoints written before
+    the settings were stored are not checked."""
+    if not saved:
+        return
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) != now.get(key):
+            raise ConfigError(
+                f"config key '{key}': the run resumed from {ckpt} was made with {saved.get(key)!r}, this config has "
+                f"{now.get(key)!r}; a resumed run keeps its settings (set it back, or start another run: "
+                f"another run_name, or train.resume=never)")
+
+
 def set_aside_checkpoints(run_dir: str | os.PathLike) -> Optional[Path]:
     """A run starting afresh (``train.resume=never``) in a folder that holds checkpoints of an
     earlier run: their folder is renamed ``checkpoints.replaced-<time>`` (kept, not deleted), so

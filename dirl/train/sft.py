@@ -53,7 +53,8 @@ from dirl.model.attention import sft_meta
 from dirl.model.sdar import load_model, load_tokenizer, resolve_dtype
 from dirl.model.tiny import build_tiny_model, count_parameters
 from dirl.train.checkpoint import (
-    load_checkpoint, load_model_weights, resume_point, save_checkpoint, set_aside_checkpoints,
+    check_resume_settings, load_checkpoint, load_model_weights, resume_point, resume_settings, save_checkpoint,
+    set_aside_checkpoints,
 )
 from dirl.train.common import (
     DistConfig,
@@ -81,6 +82,10 @@ from dirl.train.noise import DEFAULT_EPS, sample_noise
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
+
+
+# what a resumed run must share with the run it continues (train.max_steps may grow)
+RESUME_KEYS = ("data", "optim", "train.global_batch_size", "train.noise_eps", "train.seed")
 
 
 def default_tiny_shape() -> TinyModelConfig:
@@ -382,6 +387,7 @@ def train_sft(cfg: SFTConfig, on_finish: Optional[Callable[[Any, Any], None]] = 
     if resume_from is not None:
         state = load_checkpoint(resume_from, optimizer=optimizer, scheduler=scheduler, accelerator=acc)
         start_step = int(state["step"])
+        check_resume_settings(state["extra"].get("settings"), resume_settings(cfg, RESUME_KEYS), resume_from)
         if start_step > total:
             raise ConfigError(f"config key 'train.max_steps': the run resumes from step {start_step} ({resume_from}), "
                               f"past its {total} steps; give more steps, or train.resume=never to start afresh")
@@ -410,6 +416,7 @@ def train_sft(cfg: SFTConfig, on_finish: Optional[Callable[[Any, Any], None]] = 
 
     def save(step: int) -> Path:
         extra = {"cursor": cursor_at(step), "epoch": stream.epoch_of(cursor_at(step)), "total_steps": total,
+                 "settings": resume_settings(cfg, RESUME_KEYS),
                  "global_batch_size": t.global_batch_size}
         return save_checkpoint(run_dir, step, unwrap(wrapped).model, tok, optimizer, scheduler, extra,
                                accelerator=acc, keep_last=t.keep_last, kind="sft")

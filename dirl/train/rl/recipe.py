@@ -55,10 +55,12 @@ from dirl.model.tiny import count_parameters
 from dirl.rewards import tokens_per_step
 from dirl.rollout.launch import ModelFacts, Servers, open_servers, stop_on_signals
 from dirl.train.checkpoint import (
+    check_resume_settings,
     load_checkpoint,
     newest_checkpoint,
     resolve_model_dir,
     resume_point,
+    resume_settings,
     save_checkpoint,
     set_aside_checkpoints,
     write_tiny_model,
@@ -489,9 +491,16 @@ def held_out_eval(run: RLRun) -> dict:
     return m
 
 
+# what a resumed run must share with the run it continues (train.steps may grow)
+RESUME_KEYS = ("data", "optim", "loss", "rewards", "custom_rewards", "rollout.decoding", "train.prompts_per_step",
+               "train.num_generations", "train.num_mini_batches", "train.num_iterations", "train.filter_groups",
+               "train.seed")
+
+
 def save(run: RLRun, step: int) -> Path:
     sampler, files = run.rollouts.checkpoint_state()
-    extra = {"sampler": sampler, "config_steps": run.cfg.train.steps, "staleness": run.cfg.train.staleness}
+    extra = {"sampler": sampler, "config_steps": run.cfg.train.steps, "staleness": run.cfg.train.staleness,
+             "settings": resume_settings(run.cfg, RESUME_KEYS)}
     return save_checkpoint(run.run_dir, step, unwrap(run.wrapped).model, run.tok, run.optimizer, run.scheduler, extra,
                            accelerator=run.acc, keep_last=run.cfg.train.keep_last, kind="rl", extra_files=files)
 
@@ -569,6 +578,7 @@ def setup_run(cfg: RLConfig, cleanup: contextlib.ExitStack) -> RLRun:
     if resumed_from is not None:
         state = load_checkpoint(resumed_from, optimizer=optimizer, scheduler=scheduler, accelerator=acc)
         start_step = int(state["step"])
+        check_resume_settings(state["extra"].get("settings"), resume_settings(cfg, RESUME_KEYS), resumed_from)
         if start_step > t.steps:
             raise ConfigError(f"config key 'train.steps': the run resumes from step {start_step} ({resumed_from}), "
                               f"past its {t.steps} steps; give more steps, or train.resume=never to start afresh")
