@@ -379,6 +379,9 @@ def test_kill_and_resume_continues_from_the_saved_cursor(tiny_dir, tmp_path):
     assert steps == [1, 2, 3, 4]
     state = json.loads((run / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
     assert state["extra"]["sampler"]["cursor"] == 8
+    # the model the run started from travels with its checkpoints (the resumed run's β reference)
+    summary = json.loads((run / "summary.json").read_text())
+    assert state["extra"]["init_model"] == summary["initial_model"] == str(Path(tiny_dir).resolve())
 
 
 # -- a server dying mid-rollout ------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ from dirl.train.checkpoint import (
     check_resume_settings,
     load_checkpoint,
     newest_checkpoint,
+    read_trainer_state,
     resolve_model_dir,
     resume_point,
     resume_settings,
@@ -500,7 +501,7 @@ RESUME_KEYS = ("data", "optim", "loss", "rewards", "custom_rewards", "rollout.de
 def save(run: RLRun, step: int) -> Path:
     sampler, files = run.rollouts.checkpoint_state()
     extra = {"sampler": sampler, "config_steps": run.cfg.train.steps, "staleness": run.cfg.train.staleness,
-             "settings": resume_settings(run.cfg, RESUME_KEYS)}
+             "settings": resume_settings(run.cfg, RESUME_KEYS), "init_model": str(run.init_dir)}
     return save_checkpoint(run.run_dir, step, unwrap(run.wrapped).model, run.tok, run.optimizer, run.scheduler, extra,
                            accelerator=run.acc, keep_last=run.cfg.train.keep_last, kind="rl", extra_files=files)
 
@@ -554,7 +555,13 @@ def setup_run(cfg: RLConfig, cleanup: contextlib.ExitStack) -> RLRun:
         moved = set_aside_checkpoints(run_dir)
         if moved is not None:
             rank_zero_print(acc, f"[dirl rl] starting afresh: the earlier checkpoints of {run_dir} are kept in {moved}")
-    init_dir = initial_model(cfg, run_dir, acc.is_main_process, dist)
+    # a resumed run starts from the model it started from (the β > 0 reference, the summary), not
+    # from whatever SFT checkpoint is newest under runs_dir by now
+    saved_init = read_trainer_state(resumed_from)["extra"].get("init_model") if resumed_from is not None else None
+    if saved_init and (Path(saved_init) / "config.json").is_file():
+        init_dir = Path(saved_init)
+    else:
+        init_dir = initial_model(cfg, run_dir, acc.is_main_process, dist)
     model_dir = (resumed_from / "model") if resumed_from is not None else init_dir
 
     ds_bf16 = strategy == "deepspeed" and resolve_mixed_precision(cfg.dist) == "bf16"
