@@ -154,6 +154,11 @@ def test_a_resumed_run_keeps_the_settings_of_its_checkpoint(tmp_path):
         with pytest.raises(ConfigError, match=f"config key '{key}': the run resumed from .* was made with"):
             run("train.max_steps=3", bad)
     assert run("train.max_steps=3")["start_step"] == 2
+    # a re-save killed between its two renames leaves step 3 only as a hidden complete copy: the
+    # next run brings it back and resumes from it, not from step 2
+    ckpts = tmp_path / "r" / "checkpoints"
+    os.replace(ckpts / "step_00000003", ckpts / ".step_00000003.old")
+    assert run("train.max_steps=4")["start_step"] == 3
 
 
 def _env() -> dict:

@@ -196,6 +196,28 @@ def resume_point(resume: str, run_dir: str | os.PathLike, kind: str = "") -> Opt
     return found
 
 
+def recover_interrupted_save(run_dir: str | os.PathLike) -> list[Path]:
+    """Bring back a checkpoint that a kill left only under a hidden name: re-saving a step moves
+    the old ``step_N`` to ``.step_N.old`` and then the new ``.step_N.tmp`` to ``step_N``; a kill
+    between the two renames leaves no ``step_N`` but one or two complete hidden copies. The newer
+    (``.tmp``) is preferred. Called by the main process as a run folder is opened, before any
+    resume looks for checkpoints; returns the checkpoints restored."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    restored = []
+    for name in sorted({m.group(1) for d in root.iterdir() if (m := re.match(r"^\.(step_\d+)\.(?:tmp|old)$", d.name))}):
+        final = root / name
+        if final.exists():
+            continue
+        for hidden in (root / f".{name}.tmp", root / f".{name}.old"):
+            if hidden.is_dir() and is_complete(hidden):
+                os.replace(hidden, final)
+                restored.append(final)
+                break
+    return restored
+
+
 def resume_settings(cfg: Any, keys: tuple[str, ...]) -> dict:
     """The settings a resumed run must share with the run it continues, flattened to dotted keys:
     the sections or fields ``keys`` of ``cfg`` (its data, optimizer, loss, batch shape ...). Stored

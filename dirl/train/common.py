@@ -531,12 +531,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_
 
 def make_run_dir(accelerator, output_dir: str, run_name: str, prefix: str, config: Any = None) -> Path:
     """``output_dir/run_name`` (``run_name`` empty: ``{prefix}-YYYYmmdd-HHMMSS``), the same on every
-    rank; rank 0 creates it and writes the resolved config to ``config.yaml``."""
+    rank; rank 0 creates it, restores a checkpoint an interrupted save left hidden
+    (:func:`dirl.train.checkpoint.recover_interrupted_save`) and writes the resolved config to
+    ``config.yaml``."""
     name = run_name or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     name = broadcast_object(accelerator, name)
     run = Path(output_dir) / name
     if accelerator is None or accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
+        from dirl.train.checkpoint import recover_interrupted_save
+
+        for ckpt in recover_interrupted_save(run):
+            print(f"[dirl] {ckpt}: restored from the copy a save interrupted between two renames left", flush=True)
         if config is not None:
             save_config(config, run / "config.yaml")
     if accelerator is not None:
