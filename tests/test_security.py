@@ -358,6 +358,10 @@ def test_oversized_bodies_are_refused_before_parsing(srv):
     ('{"prompt": "hi", "temperature": 1e999}', "out of range"),
     ('{"prompt": "hi", "seed": 1' + "0" * 5000 + "}", "malformed JSON"),
     (b'{"prompt": "\xff\xfe"}', "not UTF-8"),
+    # unterminated strings of escaped quotes: the depth check took quadratic time on them (32 KB: 16 s,
+    # the event loop stalled); ~1 MB parsed on the event loop, and over 1 MiB on a parsing thread
+    ('"' + '\\"' * 500_000, "malformed JSON"),
+    ('{"prompt": "' + '\\"' * (1 << 19), "malformed JSON"),
 ])
 def test_json_is_strict(srv, text, reason):
     body = text if isinstance(text, bytes) else text.encode()
@@ -366,6 +370,36 @@ def test_json_is_strict(srv, text, reason):
     # a body of strings holding brackets is no deeper than it looks
     assert parse_json_body(b'{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[", "b": ["]"]}') == {
         "a": "[" * 46, "b": ["]"]}
+
+
+LONE_SURROGATES = [
+    ("/generate", '{"request_id": "\\ud800", "input_ids": [5, 6]}'),
+    ("/generate", '{"requests": [{"input_ids": [5, 6]}, {"request_id": "a\\udfffb", "input_ids": [5, 6]}]}'),
+    ("/generate", '{"prompt": "\\ude00\\ud83d"}'),  # a pair the wrong way round
+    ("/generate", '{"\\ud800": 1}'),
+    ("/wakeup", '{"tags": "\\ud800"}'),
+    ("/wakeup", '{"tags": ["weights", "\\udbff"]}'),
+    ("/sleep", '{"level": "\\ud800"}'),
+    ("/update_weights", '{"transport": "file", "path": "\\ud800"}'),
+]
+
+
+@pytest.mark.parametrize("path,text", LONE_SURROGATES, ids=[t for _, t in LONE_SURROGATES])
+def test_lone_surrogates_are_refused(srv, path, text):
+    """A lone UTF-16 surrogate is no text (it has no UTF-8): a 400, never a 500 from writing the answer."""
+    r = post(srv, path, content=text.encode())
+    assert r.status_code == 400 and "lone UTF-16 surrogate" in r.json()["error"], r.text
+    assert httpx.get(srv.url + "/info", headers=AUTH).json()["asleep"] == {"weights": False, "kv_cache": False}
+    # a surrogate pair is one character, and fine
+    r = post(srv, "/generate", content=b'{"request_id": "r\\ud83d\\ude00", "input_ids": [5, 6]}')
+    assert r.status_code == 200 and r.json()["request_id"] == "r\U0001f600", r.text
+
+
+def test_sleep_level_must_be_an_integer(srv):
+    for level in (2.0, 1.0, True, "1", [1], 3):
+        r = post(srv, "/sleep", {"level": level})
+        assert r.status_code == 400 and "'level' must be 1 or 2" in r.json()["error"], (level, r.text)
+    assert httpx.get(srv.url + "/info", headers=AUTH).json()["asleep"] == {"weights": False, "kv_cache": False}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,6 +452,22 @@ def test_limits_are_reported_and_edge_values_pass(srv):
                   {"top_p": 1e-9, "do_sample": True}, {"stop_token_ids": []}):
         r = post(srv, "/generate", {"input_ids": [7, 8, 9], **extra})
         assert r.status_code == 200, (extra, r.text)
+
+
+def test_requests_that_ban_every_token_get_400(srv):
+    """With every logit -inf the softmax is NaN: such a request is refused before it can fail its batch."""
+    vocab = httpx.get(srv.url + "/info", headers=AUTH).json()["vocab_size"]
+    assert vocab <= 256  # the tiny model: a list of banned ids can hold the whole vocabulary
+    good = {"request_id": "good", "input_ids": [7, 8, 9]}
+    split = {"banned_token_ids": list(range(60)), "stop_token_ids": list(range(60, vocab))}
+    for bad, reason in (({"banned_token_ids": list(range(vocab))}, "'banned_token_ids' cover the whole"),
+                        ({**split, "min_new_tokens": 1}, "'banned_token_ids' and 'stop_token_ids'")):
+        r = post(srv, "/generate", {"requests": [good, {"request_id": "bad", "input_ids": [7, 8, 9], **bad}]})
+        assert r.status_code == 400 and "request 'bad'" in r.json()["error"] and reason in r.json()["error"], r.text
+    # one token left, or the stop ids free to end the response (no min_new_tokens): served
+    for ok in ({"banned_token_ids": list(range(1, vocab))}, split):
+        r = post(srv, "/generate", {"requests": [good, {"request_id": "ok", "input_ids": [7, 8, 9], **ok}]})
+        assert r.status_code == 200, (ok, r.text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,6 +567,58 @@ def test_refused_updates_leave_the_old_weights_serving(srv, backend):
     assert probe(srv) == before
 
 
+REFUSED_SEGMENTS = {
+    "payload check": {"transport": "inline", "data": 5, "finished": False},
+    "inline load": {"transport": "inline", "data": base64.b64encode(b"not safetensors").decode(), "finished": False},
+    "file load": {"transport": "file", "path": "no-such.safetensors", "finished": False},
+    "backend check": {"transport": "inline", "finished": False, "data": base64.b64encode(
+        W.to_safetensors_bytes([("model.no_such.weight", torch.zeros(2))])).decode()},
+}
+
+
+@pytest.mark.parametrize("kind", list(REFUSED_SEGMENTS))
+def test_a_refused_segment_refuses_the_rest_of_its_update(srv, backend, kind):
+    """Wherever a segment is refused (its fields, reading its payload, the backend's checks), the rest
+    of that update is refused too: a finishing segment never applies the update without it."""
+    before = probe(srv)
+    old = {k: v.detach().clone() for k, v in backend.model.hf.state_dict().items()}
+    assert post(srv, "/sleep", {"level": 1}).status_code == 200
+    try:
+        r = post(srv, "/update_weights", W.inline_payload([("lm_head.weight", old["lm_head.weight"].flip(0))], False))
+        assert r.status_code == 200, r.text
+        r = post(srv, "/update_weights", REFUSED_SEGMENTS[kind])
+        assert r.status_code == 400, r.text
+        r = post(srv, "/update_weights", W.inline_payload([("model.norm.weight", old["model.norm.weight"] * 2)], True))
+        assert r.status_code == 409 and "refused" in r.json()["error"], r.text
+    finally:
+        assert post(srv, "/wakeup", {}).status_code == 200
+    now = backend.model.hf.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in old.items())  # exactly the old weights
+    assert probe(srv) == before
+
+
+def test_a_refused_wakeup_keeps_the_staged_segments(srv, backend):
+    """A /wakeup refused (the KV cache before the weights) changes nothing: the update it came
+    between completes as if it had never been sent."""
+    old = {k: v.detach().clone() for k, v in backend.model.hf.state_dict().items()}
+    a, b = old["lm_head.weight"].flip(0), old["model.norm.weight"] * 2
+    assert post(srv, "/sleep", {"level": 2}).status_code == 200
+    try:
+        assert post(srv, "/update_weights", W.inline_payload([("lm_head.weight", a)], False)).status_code == 200
+        r = post(srv, "/wakeup", {"tags": ["kv_cache"]})
+        assert r.status_code == 409 and "weights" in r.json()["error"], r.text
+        assert httpx.get(srv.url + "/info", headers=AUTH).json()["asleep"] == {"weights": True, "kv_cache": True}
+        r = post(srv, "/update_weights", W.inline_payload([("model.norm.weight", b)], True))
+        assert r.status_code == 200 and r.json()["finished"] is True, r.text
+    finally:
+        assert post(srv, "/wakeup", {}).status_code == 200
+    now = backend.model.hf.state_dict()
+    assert torch.equal(now["lm_head.weight"], a) and torch.equal(now["model.norm.weight"], b)
+    RolloutClient([srv.url], api_key=KEY, retries=0).push_weights(old, transport="inline")
+    now = backend.model.hf.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in old.items())
+
+
 # ----------------------------------------------------------------------------------------------
 # dirl serve: where it listens and where the key comes from
 # ----------------------------------------------------------------------------------------------
@@ -557,6 +659,19 @@ def test_serve_refuses_unsafe_starts_with_one_line(tiny_dir, extra, msg, monkeyp
     assert cli.main(["serve", "--model", str(tiny_dir), "--port", "9", *extra]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and msg in lines[0], lines
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e12", "1000.5", "-1"])
+def test_serve_range_checks_the_batch_window(tiny_dir, value, capsys):
+    """An infinite or huge window would kill the batch worker (every /generate then hangs while
+    /health says ok). The missing weights folder is checked later: no server ever starts here."""
+    from dirl import cli
+
+    argv = ["serve", "--model", str(tiny_dir), "--port", "9", "--batch-window-ms", value,
+            "--weights-dir", "/no/such/dir"]
+    assert cli.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"--batch-window-ms must be in [0, 1000], got {float(value):g}" in lines[0], lines
 
 
 def test_serve_refuses_a_public_bind_without_a_key_as_a_process(tiny_dir):
@@ -603,4 +718,19 @@ def test_parsing_and_tokenising_never_block_the_event_loop(backend):
             assert pending.result().status_code == 200
     finally:
         parser.release.set()
+        s.stop()
+
+
+def test_the_batch_worker_survives_an_error_outside_the_engine(backend):
+    """A window queue.get cannot take (inf: OverflowError) fails the calls it holds with a JSON 500;
+    the worker lives on and answers the next call, instead of dying while /health says ok."""
+    app = create_app(backend, backend.parser(), batch_window_s=float("inf"))
+    s = ThreadServer(app)
+    try:
+        for i in range(2):
+            r = httpx.post(s.url + "/generate", json={"request_id": f"w{i}", "input_ids": [5, 6, 7]}, timeout=60)
+            assert r.status_code == 500 and "OverflowError" in r.json()["error"], r.text
+        assert app.state.worker.thread.is_alive()
+    finally:
+        s.server.force_exit = True  # without the fix a call that is never answered would hold the shutdown
         s.stop()

@@ -164,6 +164,9 @@ BAD = [
     (json.dumps({"requests": [{"prompt": "a"}], "extra": 1}), "unknown field 'extra'"),
     (json.dumps({"requests": [{"request_id": "x", "prompt": "a"}, {"request_id": "x", "prompt": "b"}]}),
      "duplicate request_id"),
+    # an unterminated string of escaped quotes (~1 MB): the depth check once took quadratic time on it
+    # and froze the server; here in a server process of its own, so a regression fails by the timeout
+    ('"' + '\\"' * 500_000, "malformed JSON"),
 ]
 
 

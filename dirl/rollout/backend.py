@@ -212,6 +212,13 @@ class RequestParser:
         banned = get("banned_token_ids", lambda v: isinstance(v, list) and len(v) <= MAX_STOP_IDS and all(
             _is_int(t) and 0 <= t < self.vocab_size for t in v),
             f"a list of at most {MAX_STOP_IDS} token ids in [0, {self.vocab_size})", [])
+        # the engine sets these logits to -inf (stop ids in the first block while min_new_tokens > 0):
+        # with none left a softmax is NaN everywhere, and the request would fail its whole batch
+        suppressed = set(banned) | (set(stop) if min_new > 0 else set())
+        if len(suppressed) >= self.vocab_size:
+            both = " and 'stop_token_ids' (suppressed while 'min_new_tokens' > 0)" if min_new > 0 else ""
+            raise RequestError(f"{where}: 'banned_token_ids'{both} cover the whole vocabulary of "
+                               f"{self.vocab_size} tokens; leave at least one token that can be generated")
         ids = self._prompt(obj, where)
         return GenerateRequest(request_id=rid, input_ids=ids, max_new_tokens=int(max_new), temperature=temperature,
                                top_k=int(top_k), top_p=top_p, do_sample=bool(do_sample),
@@ -405,14 +412,14 @@ class ReferenceBackend:
         bad = [t for t in tags if t not in ("weights", "kv_cache")]
         if bad:
             raise ValueError(f"unknown wakeup tag {bad[0]!r} (expected 'weights' or 'kv_cache')")
-        if "kv_cache" in tags:
-            self._reset_update()  # an update not finished by now is dropped: the old weights serve
+        if "kv_cache" in tags and "weights" not in tags and self.asleep["weights"]:
+            # refused before anything changes: a staged update stays staged
+            raise StateError("wake the weights before the KV cache")
         if "weights" in tags and self.asleep["weights"]:
             self.model.to(self.device)
             self.asleep["weights"] = False
         if "kv_cache" in tags:
-            if self.asleep["weights"]:
-                raise StateError("wake the weights before the KV cache")
+            self._reset_update()  # an update not finished by now is dropped: the old weights serve
             self.asleep["kv_cache"] = False
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], finished: bool) -> None:
@@ -432,10 +439,7 @@ class ReferenceBackend:
         try:
             names = check_update(named_tensors, self._specs, seen=set(self._staged))
         except PayloadError:
-            # the rest of a multi-segment update is refused too (a refused update that was one
-            # finished segment is simply over)
-            self._update_refused = bool(self._staged) or not finished
-            self._staged.clear()
+            self.refuse_update(finished)
             raise
         for key, (_, t) in zip(names, named_tensors):
             p = self._params[key]
@@ -446,6 +450,13 @@ class ReferenceBackend:
             with torch.no_grad():
                 for key, t in staged.items():
                     self._params[key].copy_(t)
+
+    def refuse_update(self, finished: bool) -> None:
+        """A segment was refused (here, or by the server before it got here: a payload that cannot
+        be read): drop what was staged and refuse the rest of that update until the next sleep or
+        KV-cache wakeup. A refused update that was one finished segment is simply over."""
+        self._update_refused = self._update_refused or bool(self._staged) or not finished
+        self._staged.clear()
 
     def _reset_update(self) -> None:
         self._staged = {}

@@ -465,6 +465,7 @@ class LMDeployBackend:
         self._specs = checkpoint_tensor_specs(model_dir)
         self._update_started = False  # a segment of an unfinished update has loaded
         self._weights_partial = False  # ... and a later one was refused
+        self._refused_in_update = False  # a segment of the update now open was refused
         dev = torch.device(device) if str(device).startswith("cuda") else torch.device("cuda")
         # the current CUDA device is per thread: the engine's thread gets this one
         self.device = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
@@ -531,7 +532,7 @@ class LMDeployBackend:
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
         with self._gate.exclusive():
-            self._update_started = False  # a new update starts after a sleep
+            self._update_started = self._refused_in_update = False  # a new update starts after a sleep
             if self.asleep["kv_cache"]:
                 return
             self._loop.run(self.engine.sleep(1))
@@ -599,10 +600,18 @@ class LMDeployBackend:
         try:
             check_update(pairs, specs)
         except PayloadError:
-            if self._update_started:
-                self._weights_partial = True
+            self.refuse_update(False)
             raise
         self._update_started = True
+
+    def refuse_update(self, finished: bool) -> None:
+        """A segment was refused (here, or by the server before it got here: a payload that cannot
+        be read). Earlier segments of the update have loaded already: ``/generate`` answers 409
+        until a later update loads with no segment refused; the finishing segment of this one does
+        not count as complete."""
+        if self._update_started:
+            self._weights_partial = True
+        self._refused_in_update = not finished
 
     def _before_update(self) -> None:
         if not self.asleep["kv_cache"]:
@@ -624,8 +633,10 @@ class LMDeployBackend:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the trainer may reuse its buffers once this returns
         if finished:
+            if not self._refused_in_update:  # a segment of this update refused: it is still partial
+                self._weights_partial = False
             self._update_started = False
-            self._weights_partial = False
+            self._refused_in_update = False
 
     def _update_params(self, serialized: str, finished: bool) -> None:
         from types import SimpleNamespace

@@ -104,14 +104,17 @@ class BatchWorker:
 
     def _run(self) -> None:
         while True:
-            items = [self.queue.get()]
-            deadline = time.monotonic() + self.window_s
-            while True:
-                try:
-                    items.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
+            items: list = []
+            # all of it inside the try: an error while collecting (a window queue.get cannot take)
+            # fails the calls it holds instead of killing the worker, after which every call would hang
             try:
+                items.append(self.queue.get())
+                deadline = time.monotonic() + self.window_s
+                while True:
+                    try:
+                        items.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                    except queue.Empty:
+                        break
                 self._generate(items)
             except BaseException as e:  # noqa: BLE001 - never let the worker thread die
                 for _, fut in items:
@@ -246,7 +249,9 @@ class BodyError(Exception):
         self.status = status
 
 
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+# possessive, and an unterminated string runs to the end: linear time on any text (the backtracking
+# form took quadratic time on '"' + '\\"' * k: 16 s for 32 KB, with the event loop stalled)
+_JSON_STRING = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.S)
 _NOT_BRACKET = re.compile(r'[^\[\]{}]+')
 _INNER_PAIR = re.compile(r'\[\]|\{\}')
 
@@ -265,6 +270,30 @@ def _check_depth(text: str, max_depth: int) -> None:
         raise BodyError(400, f"JSON nested deeper than {max_depth} levels")
 
 
+_SURROGATE_ESCAPE = re.compile(r'\\u[dD][89a-fA-F]')  # the only way a surrogate gets into UTF-8 JSON
+_SURROGATE = re.compile(r'[\ud800-\udfff]')
+
+
+def _check_surrogates(obj: Any) -> None:
+    """Refuse a lone UTF-16 surrogate (``"\\ud800"``) in any key or string: it is no text (it has
+    no UTF-8), so no tokenizer takes it and no answer that repeats it could be sent."""
+    stack = [("", obj)]
+    while stack:
+        where, o = stack.pop()
+        if isinstance(o, str):
+            if _SURROGATE.search(o):
+                raise BodyError(400, f"malformed JSON: the string at {where[:64] or 'the top'} holds a lone "
+                                     "UTF-16 surrogate (\\ud800-\\udfff)")
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                if _SURROGATE.search(k):
+                    raise BodyError(400, f"malformed JSON: a key in {where[:64] or 'the body'} holds a lone "
+                                         "UTF-16 surrogate (\\ud800-\\udfff)")
+                stack.append((f"{where}.{k}" if where else k, v))
+        elif isinstance(o, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(o))
+
+
 def _refuse_constant(name: str):
     raise BodyError(400, f"malformed JSON: {name} is not a number JSON allows")
 
@@ -277,20 +306,23 @@ def _finite_float(s: str) -> float:
 
 
 def parse_json_body(body: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
-    """Strict JSON: UTF-8, no NaN / Infinity, every number finite, nesting bounded."""
+    """Strict JSON: UTF-8, no NaN / Infinity, every number finite, nesting bounded, no lone surrogates."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise BodyError(400, "malformed JSON: the body is not UTF-8") from None
     _check_depth(text, max_depth)
     try:
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        obj = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise BodyError(400, f"malformed JSON: {e}") from None
     except RecursionError:
         raise BodyError(400, f"JSON nested deeper than {max_depth} levels") from None
     except ValueError as e:  # e.g. an integer of more than 4300 digits
         raise BodyError(400, f"malformed JSON: {e}") from None
+    if _SURROGATE_ESCAPE.search(text):  # walked only when an escape could have made one
+        _check_surrogates(obj)
+    return obj
 
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -475,10 +507,23 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
                 state.sync(backend, {k: v and k not in tags for k, v in state.asleep.items()})
         return {"ok": True, "asleep": dict(state.asleep)}
 
-    def _update(payload: dict) -> dict:
-        from dirl.rollout.weights import load_payload
+    def refuse_rest(finished: bool) -> None:
+        """A segment refused before the backend saw it refuses the rest of its update, as one the
+        backend refuses does: else a later finishing segment would apply the update without it."""
+        refuse = getattr(backend, "refuse_update", None)
+        if refuse is not None and state.asleep["kv_cache"]:  # awake: no update is open
+            refuse(finished)
+
+    def _update(body: Any) -> dict:
+        from dirl.rollout.weights import check_payload, load_payload
 
         with lock:
+            try:
+                payload = check_payload(body)  # a bad body is a 400 whatever the state
+            except Exception:
+                # only an explicit false says more segments follow (with staged ones, refused anyway)
+                refuse_rest(not isinstance(body, dict) or body.get("finished", True) is not False)
+                raise
             if not state.asleep["kv_cache"]:
                 raise StateError("update_weights needs the KV cache asleep: POST /sleep first")
             try:
@@ -490,6 +535,9 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
                     backend.update_weights(pairs, payload["finished"])
                     n = len(pairs)
                     del pairs  # an ipc segment's views: the trainer may free its buckets once we answer
+            except Exception:  # unreadable payload, refused by the backend, or a failure while loading
+                refuse_rest(payload["finished"])
+                raise
             finally:
                 state.sync(backend, state.asleep)  # e.g. LMDeploy wakes its weights to load them
         return {"ok": True, "tensors": n, "finished": payload["finished"], "asleep": dict(state.asleep)}
@@ -506,7 +554,7 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
     def parse_sleep(body: Any) -> int:
         _only(body, ("level",))
         level = body.get("level", 1)
-        if level not in (1, 2) or isinstance(level, bool):
+        if not isinstance(level, int) or isinstance(level, bool) or level not in (1, 2):  # 2.0 == 2: not a level
             raise RequestError(f"'level' must be 1 or 2, got {str(level)[:64]!r}")
         return level
 
@@ -516,13 +564,8 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
         if tags is None:
             return ["weights", "kv_cache"]
         if not isinstance(tags, list) or not tags or any(t not in ("weights", "kv_cache") for t in tags):
-            raise RequestError(f"'tags' must be a non-empty list of 'weights' / 'kv_cache', got {str(tags)[:64]}")
+            raise RequestError(f"'tags' must be a non-empty list of 'weights' / 'kv_cache', got {str(tags)[:64]!r}")
         return [t for t in ("weights", "kv_cache") if t in tags]  # weights first
-
-    def parse_update(body: Any) -> dict:
-        from dirl.rollout.weights import check_payload
-
-        return check_payload(body)
 
     @app.post("/sleep")
     async def sleep(request: Request):
@@ -534,7 +577,7 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
 
     @app.post("/update_weights")
     async def update_weights(request: Request):
-        return await control(request, _update, parse_update)
+        return await control(request, _update, lambda body: body)  # checked in _update, under the lock
 
     return app
 
@@ -632,6 +675,8 @@ def cli_main(argv: list[str]) -> int:
                           f"FILE or ${API_KEY_ENV}); --insecure to allow it without one")
     if args.max_body_bytes < 1024:
         raise ConfigError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
+    if not 0 <= args.batch_window_ms <= 1000:  # also nan; inf or a huge one kills the batch worker's queue.get
+        raise ConfigError(f"--batch-window-ms must be in [0, 1000], got {args.batch_window_ms:g}")
     if args.max_prompt_chars is not None and args.max_prompt_chars < 1:
         raise ConfigError(f"--max-prompt-chars must be at least 1, got {args.max_prompt_chars}")
     weights_dir = args.weights_dir or os.environ.get(WEIGHTS_DIR_ENV) or None
