@@ -77,6 +77,18 @@ def test_started_server_has_a_random_key_off_the_command_line_and_is_checked(tin
         assert _wait_gone(h.pid)
 
 
+def test_a_launcher_never_takes_another_process_on_its_port_for_its_server(tiny_dir):
+    """A port already served by another dirl serve: the launched server cannot bind it and exits,
+    and the launcher reports that, instead of handing out the other server (its /health answers
+    200, but with its own pid)."""
+    port = launch.free_port()
+    with launch.start_server(tiny_dir, device="cpu", port=port, max_batch_size=4) as first:
+        with pytest.raises(RuntimeError, match="exited with code .* during start-up") as e:
+            launch.start_server(tiny_dir, device="cpu", port=port, max_batch_size=4, api_key="fresh-key")
+        assert "address already in use" in str(e.value).lower(), str(e.value)[-2000:]
+        assert httpx.get(first.url + "/health").json()["pid"] == first.pid
+
+
 _PARENT = """
 import sys
 from dirl.rollout.launch import start_server, stop_on_signals

@@ -78,7 +78,8 @@ REQS = [
 
 
 def test_health_info_and_api_key(server):
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}  # open for liveness probes
+    health = httpx.get(server.url + "/health").json()  # open for liveness probes
+    assert health["status"] == "ok" and isinstance(health["pid"], int) and set(health) == {"status", "pid"}
     info = httpx.get(server.url + "/info", headers=AUTH).json()
     for k in ("engine", "version", "block_size", "denoising_steps", "unmasking_strategy", "confidence_threshold",
               "mask_token_id", "dtype", "max_context", "asleep"):

@@ -171,7 +171,8 @@ class ServerHandle:
             return ""
 
     def wait_ready(self, timeout: float = 120.0) -> "ServerHandle":
-        """Wait until ``/health`` answers; raise with the log tail if the process dies or times out."""
+        """Wait until this process's ``/health`` answers (its pid, not another server's on the port);
+        raise with the log tail if the process dies or times out."""
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=2.0) as client:  # one client: certificates load once
             return self._poll_health(client, deadline, timeout)
@@ -182,9 +183,11 @@ class ServerHandle:
                 raise RuntimeError(f"dirl serve exited with code {self.proc.returncode} during start-up "
                                    f"(log {self.log_path}):\n{self.log_tail()}")
             try:
-                if client.get(self.url + "/health").status_code == 200:
+                r = client.get(self.url + "/health")
+                # ours, not another process already on the port (ours then exits: address in use)
+                if r.status_code == 200 and r.json().get("pid") == self.proc.pid:
                     return self
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError, AttributeError):
                 pass
             if time.monotonic() > deadline:
                 tail = self.log_tail()

@@ -471,7 +471,8 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        # the pid lets a launcher tell its own server from another process answering on the port
+        return {"status": "ok", "pid": os.getpid()}
 
     @app.get("/info")
     async def get_info():
