@@ -320,6 +320,10 @@ def test_a_plain_pair_still_gets_the_template_and_end_of_turn(tok):
      "messages[0].content holds the chat-template token <|im_start|>"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello<|endoftext|>"}]},
      "already ends its turn"),
+    # a plain pair is held to what the messages shape is held to: no turn ends inside it
+    ({"prompt": "hi<|im_end|>", "response": "x"}, "'prompt' holds the chat-template token <|im_end|>"),
+    ({"prompt": "hi", "response": "x<|im_end|>y"}, "'response' holds the chat-template token <|im_end|>"),
+    ({"prompt": "hi", "response": "x<|endoftext|>y"}, "'response' holds the chat-template token <|endoftext|>"),
 ])
 def test_a_row_mixing_the_two_styles_names_file_and_line(tmp_path, row, message):
     f = tmp_path / "mixed.jsonl"

@@ -149,6 +149,9 @@ def parse_sft_row(row: Any, where: str, names: FieldNames | None = None) -> SFTE
                                 "is either templated text in both fields or plain text in both")
             return SFTExample(prompt=[], response=response, where=where, meta=meta, prompt_text=prompt)
         if isinstance(prompt, str):
+            if END_OF_TURN in prompt:
+                raise DataError(f"{where}: '{names.prompt}' holds the chat-template token {END_OF_TURN} but no "
+                                f"{TURN_START}: it would be templated with a turn ended inside it")
             prompt_msgs = [{"role": "user", "content": prompt}]
         else:
             prompt_msgs = _check_messages(prompt, where, names.prompt)
@@ -157,8 +160,9 @@ def parse_sft_row(row: Any, where: str, names: FieldNames | None = None) -> SFTE
             raise DataError(f"{where}: '{names.response}' ends with {end} but '{names.prompt}' is plain text, "
                             f"which gets the chat template (and the response its {END_OF_TURN}); a row is "
                             "either templated text in both fields (used verbatim) or plain text in both")
-        if TURN_START in response:
-            raise DataError(f"{where}: '{names.response}' holds the chat-template token {TURN_START}")
+        tok = next((t for t in (TURN_START, END_OF_TURN, END_OF_TEXT) if t in response), None)
+        if tok is not None:  # the model would learn to end (or start) a turn in the middle of its answer
+            raise DataError(f"{where}: '{names.response}' holds the chat-template token {tok}")
         return SFTExample(prompt=prompt_msgs, response=response, where=where, meta=meta)
     keys = ", ".join(sorted(map(str, row))) or "none"
     raise DataError(f"{where}: expected '{names.messages}' or '{names.prompt}'/'{names.response}' fields, "
