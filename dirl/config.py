@@ -204,7 +204,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 ("no", "off", "false") if not value else ("yes", "on", "true"))]
             if len(spelled) == 1:
                 return spelled[0]
-        if value in args and not (isinstance(value, bool) and not any(a is value for a in args)):
+        if any(a == value and type(a) is type(value) for a in args):  # True is not the choice 1
             return value
         raise ConfigError(
             f"config key '{key}': expected one of {', '.join(repr(a) for a in args)}, got {value!r}"
