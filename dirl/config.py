@@ -29,6 +29,15 @@ class ConfigError(ValueError):
     """A configuration problem, reported to the user as a single line."""
 
 
+class FieldError(ValueError):
+    """Raised by a config section's own ``__post_init__`` check about one of its fields; reading a
+    config turns it into a :class:`ConfigError` naming the full key (``dist.zero_stage``)."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(message)
+        self.field_name = field_name
+
+
 # A section class may declare ``RENAMED: ClassVar[dict[str, str]]``: an old field name -> the full
 # new key. Reading the old name is a one-line error that names the new one.
 RENAMED_ATTR = "RENAMED"
@@ -296,6 +305,8 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
         obj = cls(**kwargs)
     except ConfigError:
         raise
+    except FieldError as e:
+        raise ConfigError(f"config key '{prefix}{e.field_name}': {e}") from None
     except (TypeError, ValueError) as e:  # __post_init__ checks
         raise ConfigError(f"config section '{prefix.rstrip('.') or cls.__name__}': {e}") from None
     return obj
@@ -494,13 +505,15 @@ def check_optim(optim: "OptimConfig", prefix: str = "optim") -> None:
 
 
 def check_tiny(tiny: "TinyModelConfig", prefix: str = "model.tiny") -> None:
-    """A tiny model's shape: positive sizes, query heads a multiple of the KV heads."""
+    """A tiny model's shape: positive sizes, query heads a multiple of the KV heads. ``prefix``: the
+    section's key (empty for ``dirl make-tiny-model``, whose keys are the fields themselves)."""
+    dot = f"{prefix}." if prefix else ""
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "intermediate_size", "max_position_embeddings", "block_size"):
-        check_positive(f"{prefix}.{key}", getattr(tiny, key))
-    check_positive(f"{prefix}.seed", tiny.seed, allow_zero=True)
+        check_positive(f"{dot}{key}", getattr(tiny, key))
+    check_positive(f"{dot}seed", tiny.seed, allow_zero=True)
     if tiny.num_attention_heads % tiny.num_key_value_heads:
-        raise ConfigError(f"config key '{prefix}.num_attention_heads': {tiny.num_attention_heads} is not a multiple "
+        raise ConfigError(f"config key '{dot}num_attention_heads': {tiny.num_attention_heads} is not a multiple "
                           f"of num_key_value_heads {tiny.num_key_value_heads}")
 
 
@@ -523,11 +536,19 @@ def check_decoding(dec: DecodingConfig, prefix: str = "decoding") -> None:
         )
 
 
+def model_folder(path: str, key: str = "model.path") -> Path:
+    """The model folder a ``model.path`` names: the folder itself, the model of a training
+    checkpoint (``step_N``), or the model of a run folder's newest complete checkpoint."""
+    from dirl.train.ckpt_files import resolve_model_dir  # torch-free
+
+    return resolve_model_dir(path, key=key)
+
+
 def check_model(model: ModelConfig, prefix: str = "model") -> None:
     check_path_exists(f"{prefix}.path", model.path)
     check_positive(f"{prefix}.block_size", model.block_size)
     if model.path:
-        info = read_checkpoint_config(model.path, key=f"{prefix}.path")
+        info = read_checkpoint_config(model_folder(model.path, f"{prefix}.path"), key=f"{prefix}.path")
         if model.block_size is not None and info.block_size is not None and model.block_size != info.block_size:
             raise ConfigError(
                 f"config key '{prefix}.block_size': {model.block_size} disagrees with the checkpoint's "
@@ -541,7 +562,7 @@ def check_block_sizes(model: ModelConfig, dec: DecodingConfig, prefix: str = "de
         return
     model_bs = model.block_size
     if model_bs is None and model.path:
-        model_bs = read_checkpoint_config(model.path, key="model.path").block_size
+        model_bs = read_checkpoint_config(model_folder(model.path), key="model.path").block_size
     if model_bs is None and not model.path:
         model_bs = model.tiny.block_size
     if model_bs is not None and dec.block_size != model_bs:

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -96,13 +97,28 @@ def main(argv=None) -> int:
     p.add_argument("--min-speedup", type=float, default=1.0,
                    help="target: synchronous step time / one-step off-policy step time >= this")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluations")
+    p.add_argument("--work", default="", help="keep the two runs' folders here (default: a temporary folder, "
+                   "removed at the end)")
     p.add_argument("overrides", nargs="*", metavar="K=V", help="more dirl rl overrides, for both runs")
     a = p.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(1)
+    if a.work:
+        work = Path(a.work)
+        work.mkdir(parents=True, exist_ok=True)
+        return bench(a, work)
     work = Path(tempfile.mkdtemp(prefix="dirl-bench-rl-async-"))
+    try:
+        return bench(a, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench(a: argparse.Namespace, work: Path) -> int:
+    import torch
+
     model_dir = resolve_model(a.model, work)
     extra = list(a.overrides) + (["eval.enabled=false"] if a.no_eval else [])
     result: dict = {

@@ -109,6 +109,8 @@ CASES = [
     ("config missing file", "none.yaml", lambda t, m: _sft(t, config=str(t / "none.yaml"))),
     ("config unknown section", "trian", lambda t, m: _sft(t, config=_w(t / "cfg.yaml", "trian:\n  seed: 1\n"))),
     ("config bad override", "override", lambda t, m: _sft(t, "train.seed")),
+    ("config section check", "config key 'dist.zero_stage': must be 0, 1 or 2", lambda t, m: _sft(t, "dist.zero_stage=3")),
+    ("config dist timeout", "config key 'dist.timeout_s': must be > 0", lambda t, m: _sft(t, "dist.timeout_s=0")),
     # -- checkpoints: the path
     ("ckpt missing folder", "does not exist", lambda t, m: _sft(t, f"model.path={t / 'nope'}")),
     ("ckpt is a file", "is not a folder", lambda t, m: _sft(t, f"model.path={_w(t / 'f.txt', 'x')}")),
@@ -124,6 +126,7 @@ CASES = [
         t, f"model.path={_model(t, m, lambda d: (d / 'model.safetensors').write_bytes(b'garbage' * 10))}")),
     ("ckpt config disagrees with weights", "config.json", lambda t, m: _sft(t, f"model.path={_model(t, m, _disagree)}")),
     ("serve missing model", "does not exist", lambda t, m: ["serve", "--model", str(t / "nope")]),
+    ("serve not a model", "--model: ", lambda t, m: ["serve", "--model", str(t)]),
     ("rollout truncated safetensors", "model.safetensors", lambda t, m: _rollout(t, _model(t, m, _truncate), GOOD_ROW)),
     # -- other inputs
     ("rollout bad row", "prompts.jsonl:1", lambda t, m: _rollout(t, str(m), '{"prompt": 5}\n')),

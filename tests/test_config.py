@@ -156,12 +156,26 @@ def test_cli_make_tiny_model(tmp_path):
 
     m = load_model(tmp_path / "m")
     assert m.config.hidden_size == 64 and m.block_size == 4
+    # a shape that is no model is refused before anything is written
+    from dirl.model.tiny_cli import cli_main
+
+    for bad, want in (("hidden_size=0", "config key 'hidden_size': must be > 0"),
+                      ("num_key_value_heads=3", "config key 'num_attention_heads': 4 is not a multiple")):
+        with pytest.raises(ConfigError, match=want):
+            cli_main(["--out", str(tmp_path / "bad"), bad])
+        assert not (tmp_path / "bad").exists()
 
 
-def test_reading_and_checking_a_config_needs_no_torch(tiny_dir):
+def test_reading_and_checking_a_config_needs_no_torch(tiny_dir, tmp_path):
     """``import dirl.config`` and checking a model path (reading its config.json) load no torch."""
+    import shutil
+
+    run = tmp_path / "sft-x"  # a run folder: its newest complete checkpoint's model
+    shutil.copytree(tiny_dir, run / "checkpoints" / "step_00000002" / "model")
+    (run / "checkpoints" / "step_00000002" / "COMPLETE").write_text("")
     code = ("import sys; import dirl.config as c; "
             f"c.check_model(c.ModelConfig(path={str(tiny_dir)!r})); "
+            f"c.check_model(c.ModelConfig(path={str(run)!r})); "
             "print(c.read_checkpoint_config({!r}).block_size, 'torch' in sys.modules)".format(str(tiny_dir)))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -390,3 +390,43 @@ def test_resume_and_external_server(tmp_path, tiny_dir):
                                                           synthetic_size=6)}
             assert {r["question"] for r in rows} == want and len(rows) == 2 * len(want)
         assert len(list((runs / "eval").iterdir())) == 2
+
+
+def test_every_command_takes_a_run_or_step_folder_as_its_model(tmp_path, tiny_dir):
+    """``model.path`` (SFT, RL, eval) and ``--model`` (serve, rollout) take a model folder, a
+    training checkpoint or a run folder alike; the config checks (which run before torch is
+    imported) resolve them as the commands do."""
+    import shutil
+
+    from dirl.config import ConfigError, model_folder
+    from dirl.rollout.cli import cli_main as rollout_main
+    from dirl.train.rl.config import load_rl_config
+    import torch
+
+    from dirl.eval.run import load_eval_config
+    from dirl.train.sft import build_model, load_sft_config
+
+    run = tmp_path / "sft-x"
+    ck = run / "checkpoints" / "step_00000010"
+    shutil.copytree(tiny_dir, ck / "model")
+    (ck / "COMPLETE").write_text("")
+    for given in (run, ck, ck / "model"):
+        assert model_folder(str(given)) == ck / "model"
+        sft = load_sft_config(None, [f"model.path={given}"])
+        model, _ = build_model(sft, torch.device("cpu"))
+        assert model.block_size == 4
+        load_rl_config(None, [f"model.path={given}", "eval.enabled=false"])
+        load_eval_config(None, [f"model.path={given}"])
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "7+8=", "max_new_tokens": 4}\n')
+    assert rollout_main(["--model", str(run), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl"),
+                         "--no-progress"]) == 0
+    assert json.loads((tmp_path / "o.jsonl").read_text())["model"] == str(ck / "model")
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    for make in (lambda: load_sft_config(None, [f"model.path={empty}"]),
+                 lambda: load_rl_config(None, [f"model.path={empty}"])):
+        with pytest.raises(ConfigError, match="config key 'model.path': .* has no config.json: it is neither a model folder nor"):
+            make()
+    with pytest.raises(ConfigError, match="^--model: .* is neither a model folder"):
+        rollout_main(["--model", str(empty), "--input", str(prompts), "--output", str(tmp_path / "o2.jsonl")])

@@ -89,6 +89,34 @@ def test_a_launcher_never_takes_another_process_on_its_port_for_its_server(tiny_
         assert httpx.get(first.url + "/health").json()["pid"] == first.pid
 
 
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_a_server_on_an_ipv6_address_is_reached_through_a_bracketed_url(tiny_dir):
+    """``host: ::1`` (with or without brackets): a free port is found on it, and the URL the
+    launcher hands out carries the brackets, so a client reaches the server and decodes with it."""
+    from dirl.rollout.client import RolloutClient
+
+    assert launch.server_url("::", 80) == "http://[::1]:80" and launch.server_url("0.0.0.0", 80) == "http://127.0.0.1:80"
+    for host in ("::1", "[::1]"):
+        with launch.start_server(tiny_dir, host=host, device="cpu", max_batch_size=4) as h:
+            assert h.url.startswith("http://[::1]:"), h.url
+            assert httpx.get(h.url + "/health").json()["pid"] == h.pid
+            with RolloutClient(h.url) as client:
+                (out,) = client.generate([{"request_id": "a", "prompt": "7+8=", "max_new_tokens": 4}])
+            assert out["request_id"] == "a" and out["response_length"] >= 1, out
+        assert _wait_gone(h.pid)
+
+
 _PARENT = """
 import sys
 from dirl.rollout.launch import start_server, stop_on_signals

@@ -222,6 +222,51 @@ def test_sigkill_then_resume_continues_like_an_uninterrupted_run(tmp_path):
     assert len(list_checkpoints(run)) <= 2  # keep_last
 
 
+def test_a_checkpoint_reaches_the_disk_before_it_is_marked_complete(tmp_path, monkeypatch):
+    """Power loss, not a kill: every file of a checkpoint and every folder holding one is fsynced
+    before COMPLETE is written, COMPLETE itself before the rename that publishes the checkpoint,
+    and the checkpoints folder after it. (Which files ``os.fsync`` was given is read back from
+    /proc; nothing is faked: the calls still flush.)"""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc")
+    from dirl.config import OptimConfig, TinyModelConfig
+    from dirl.model.tiny import build_tiny_model
+    from dirl.train.checkpoint import save_checkpoint
+    from dirl.train.common import build_optimizer, build_scheduler
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync " + os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(f"replace {a} {b}")
+        return real_replace(a, b)
+
+    model, tok = build_tiny_model(TinyModelConfig(hidden_size=64, num_hidden_layers=1, intermediate_size=128))
+    opt = build_optimizer(model, OptimConfig(lr=1e-3))
+    sched = build_scheduler(opt, OptimConfig(lr=1e-3), 10)
+    run = (tmp_path / "run").resolve()
+    for resave in (False, True):  # a first save, then the same step again (the swap)
+        events.clear()
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+        final = save_checkpoint(run, 1, model, tok, opt, sched, {"cursor": 1})
+        monkeypatch.undo()
+        tmp = run / "checkpoints" / ".step_00000001.tmp"
+        synced = [e.split(" ", 1)[1] for e in events if e.startswith("fsync ")]
+        marker = synced.index(str(tmp / "COMPLETE"))
+        expected = {str(tmp / f.relative_to(final)) for f in final.rglob("*") if f.name != "COMPLETE"}
+        assert expected <= set(synced[:marker]), sorted(expected - set(synced[:marker]))
+        publish = next(i for i, e in enumerate(events) if e == f"replace {tmp} {final}")
+        written = events.index(f"fsync {tmp / 'COMPLETE'}")
+        assert f"fsync {tmp}" in events[written + 1:publish]  # the folder's entry of COMPLETE
+        assert f"fsync {run / 'checkpoints'}" in events[publish + 1:]
+        assert is_complete(final) and not tmp.exists()
+
+
 def test_sigkill_during_saves_never_leaves_a_complete_looking_broken_checkpoint(tmp_path):
     from dirl.config import OptimConfig, TinyModelConfig
     from dirl.model.tiny import build_tiny_model

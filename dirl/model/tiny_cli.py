@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from dirl.config import TinyModelConfig, embedded_tiny_shape, load_config
+from dirl.config import TinyModelConfig, check_tiny, embedded_tiny_shape, load_config
 from dirl.model.tiny import build_tiny_model, count_parameters
 from dirl.train.checkpoint import mark_untrained
 
@@ -22,6 +22,7 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides of TinyModelConfig")
     args = p.parse_args(argv)
     cfg = load_config(TinyModelConfig, args.config, args.overrides, base=embedded_tiny_shape())
+    check_tiny(cfg, prefix="")  # before anything is built or written
 
     model, tok = build_tiny_model(cfg)
     out = model.save_pretrained(args.out, tokenizer=tok)

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from dirl.config import ConfigError
+from dirl.config import ConfigError, FieldError
 from dirl.rewards.math import GroundTruth, Grader, extract_answer, get_grader
 
 # --------------------------------------------------------------------------------------------
@@ -56,8 +56,8 @@ class RewardConfig:
     grading_workers: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.grading_timeout <= 0:
-            raise ValueError(f"grading_timeout must be > 0, got {self.grading_timeout}")
+        if not 0 < self.grading_timeout < float("inf"):  # NaN too
+            raise FieldError("grading_timeout", f"must be a finite number of seconds > 0, got {self.grading_timeout!r}")
 
     def validate(self, prefix: str = "rewards") -> None:
         for name in self.weights:

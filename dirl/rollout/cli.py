@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from dirl.config import ConfigError, DecodingConfig, check_decoding
+from dirl.config import ConfigError, DecodingConfig, check_decoding, model_folder
 from dirl.data.formats import DataError, iter_json_objects
 from dirl.rollout.backend import REQUEST_FIELDS, ReferenceBackend, RequestError
 
@@ -159,7 +159,7 @@ def read_prompts(path: str | os.PathLike, parser, seed: Optional[int] = None) ->
 def cli_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dirl rollout", description="Decode prompts from a JSONL file into trajectories "
                                 "with the reference engine.")
-    p.add_argument("--model", required=True, help="checkpoint folder (SDAR layout)")
+    p.add_argument("--model", required=True, help="model folder (SDAR layout), training checkpoint or run folder")
     p.add_argument("--input", required=True, help="prompts JSONL (messages | prompt | input_ids, optional id)")
     p.add_argument("--output", required=True, help="trajectories JSONL")
     add_runtime_args(p)
@@ -167,6 +167,7 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_decoding_args(p)
     args = p.parse_args(argv)
+    args.model = str(model_folder(args.model, key="--model"))  # also a checkpoint or run folder
     decoding = decoding_from_args(args)
     apply_threads(args.threads)
 

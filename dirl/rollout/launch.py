@@ -115,9 +115,23 @@ def server_device(sc: ServerConfig, rank_device: Any = None) -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
+    """A port free on ``host`` (an IPv4 or IPv6 address or a name) right now."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host.strip("[]"), 0))
         return s.getsockname()[1]
+
+
+def server_url(host: str, port: int) -> str:
+    """The URL a client on this machine reaches a server listening on ``host`` at: a wildcard
+    address (``0.0.0.0``, ``::``, empty) means this machine's loopback; an IPv6 address gets its
+    brackets."""
+    h = host.strip("[]")
+    if h in ("", "0.0.0.0"):
+        h = "127.0.0.1"
+    elif h == "::":
+        h = "::1"
+    return f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}"
 
 
 def die_with_parent() -> None:
@@ -296,7 +310,7 @@ def _spawn(model_dir, backend, host, port, decoding, api_key, device, dtype, max
                                 start_new_session=True)
     finally:
         log.close()
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    url = server_url(host, port)
     handle = ServerHandle(proc, url, log_path, api_key, owns_log=owns_log)
     if wait:
         try:

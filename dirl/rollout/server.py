@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
-from dirl.config import ConfigError, DecodingConfig
+from dirl.config import ConfigError, DecodingConfig, model_folder
 from dirl.rollout.backend import RequestError, RequestParser, StateError
 from dirl.rollout.backends import get_backend
 from dirl.rollout.launch import ServerHandle, die_with_parent, free_port, start_server  # noqa: F401 (launching lives there)
@@ -641,7 +641,7 @@ def cli_main(argv: list[str]) -> int:
     from dirl.rollout.weights import WEIGHTS_DIR_ENV
 
     p = argparse.ArgumentParser(prog="dirl serve", description="Start a rollout server (HTTP); see docs/SECURITY.md.")
-    p.add_argument("--model", required=True, help="checkpoint folder (SDAR layout)")
+    p.add_argument("--model", required=True, help="model folder (SDAR layout), training checkpoint or run folder")
     p.add_argument("--backend", default="reference", choices=["reference", "lmdeploy"])
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; any other "
                                                        "needs an API key or --insecure)")
@@ -670,6 +670,7 @@ def cli_main(argv: list[str]) -> int:
                    help="how long the first waiting request waits for others to join its batch")
     add_decoding_args(p)
     args = p.parse_args(argv)
+    args.host = args.host.strip("[]")  # an IPv6 address with or without its URL brackets
     api_key = read_api_key(args.api_key, args.api_key_file)
     if not is_loopback(args.host) and not api_key and not args.insecure:
         raise ConfigError(f"--host {args.host}: listening beyond this machine needs an API key (--api-key-file "
@@ -683,6 +684,7 @@ def cli_main(argv: list[str]) -> int:
     weights_dir = args.weights_dir or os.environ.get(WEIGHTS_DIR_ENV) or None
     if weights_dir is not None and not os.path.isdir(weights_dir):
         raise ConfigError(f"--weights-dir '{weights_dir}' is not a folder")
+    args.model = str(model_folder(args.model, key="--model"))  # also a checkpoint or run folder
     options = parse_backend_options(args.backend_option)
     decoding = decoding_from_args(args)
     apply_threads(args.threads)
@@ -705,7 +707,7 @@ def cli_main(argv: list[str]) -> int:
 
     info = backend.info()
     print(f"dirl serve: {info.get('engine')} on {device}, block_size {info['block_size']}, "
-          f"{info['unmasking_strategy']}, http://{args.host}:{args.port}"
+          f"{info['unmasking_strategy']}, http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
           + (" (API key required)" if api_key else " (no API key)"), flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -49,50 +49,19 @@ import torch
 
 from dirl.config import ConfigError, TinyModelConfig
 from dirl.model.tiny import make_tiny_model
-
-COMPLETE_MARKER = "COMPLETE"
-STATE_FILE = "trainer_state.json"
-UNTRAINED_MARKER = "UNTRAINED"  # next to a freshly made tiny model
-TINY_VOCAB_MAX = 4096  # the embedded default's vocabulary is far below this; any Hub model far above
-_STEP_RE = re.compile(r"^step_(\d+)$")
-
-
-def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{int(step):08d}"
-
-
-def is_complete(ckpt_dir: str | os.PathLike) -> bool:
-    p = Path(ckpt_dir)
-    return (p / COMPLETE_MARKER).is_file() and (p / STATE_FILE).is_file() and (p / "model" / "config.json").is_file()
-
-
-def list_checkpoints(run_dir: str | os.PathLike, model_only: bool = False) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first, as ``(step, path)``. ``model_only``: every
-    checkpoint whose model is complete (``COMPLETE`` and ``model/config.json``), whether or not its
-    trainer state is there (enough to evaluate, not to resume)."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    out = []
-    for d in root.iterdir():
-        m = _STEP_RE.match(d.name)
-        if not (m and d.is_dir()):
-            continue
-        ok = ((d / COMPLETE_MARKER).is_file() and (d / "model" / "config.json").is_file()) if model_only \
-            else is_complete(d)
-        if ok:
-            out.append((int(m.group(1)), d))
-    return sorted(out)
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
-    """The newest complete checkpoint of ``run_dir`` (or None)."""
-    cks = list_checkpoints(run_dir)
-    return cks[-1][1] if cks else None
+from dirl.train.ckpt_files import (  # noqa: F401  (re-exported: the one place that decides where models are)
+    COMPLETE_MARKER,
+    STATE_FILE,
+    TINY_VOCAB_MAX,
+    UNTRAINED_MARKER,
+    _STEP_RE,
+    checkpoint_name,
+    checkpoints_dir,
+    is_complete,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_model_dir,
+)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -156,22 +125,6 @@ def newest_checkpoint(runs_dir: str | os.PathLike, kinds: Optional[tuple[str, ..
             if t > best[0]:
                 best = (t, model)
     return best[1]
-
-
-def resolve_model_dir(path: str | os.PathLike, key: str = "model.path") -> Path:
-    """A model folder (with ``config.json``), the model of a training checkpoint (``step_N``), or
-    the model of a run folder's newest complete checkpoint."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ConfigError(f"config key '{key}': '{p}' does not exist")
-    if (p / "config.json").is_file():
-        return p
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    done = list_checkpoints(p, model_only=True)
-    if done:
-        return done[-1][1] / "model"
-    raise ConfigError(f"config key '{key}': '{p}' is neither a model folder nor a run folder with a complete checkpoint")
 
 
 def resume_point(resume: str, run_dir: str | os.PathLike, kind: str = "") -> Optional[Path]:
@@ -351,6 +304,30 @@ def _torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path, only: Optional[set[Path]] = None) -> None:
+    """fsync every file under ``root`` (or only those in ``only``), then the folders holding them,
+    deepest first: after it, a power loss cannot leave the tree's names pointing at lost data."""
+    dirs = []
+    for dirpath, _, files in os.walk(root):
+        d = Path(dirpath)
+        for name in files:
+            f = d / name
+            if only is None or f in only:
+                _fsync(f)
+        dirs.append(d)
+    for d in reversed(dirs):
+        _fsync(d)
+
+
 # --------------------------------------------------------------------------------------------
 # Save
 # --------------------------------------------------------------------------------------------
@@ -415,16 +392,27 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+    # Each rank's files reach the disk before COMPLETE is written (on a shared file system only the
+    # writer's fsync is sure to flush them), so a power loss never leaves a COMPLETE checkpoint
+    # with lost contents.
+    if main:
+        _fsync_tree(tmp)
+    else:
+        _fsync_tree(tmp, only={tmp / "rng" / f"rank_{rank:05d}.pt", tmp / "optimizer" / f"rank_{rank:05d}.pt"})
     _barrier(accelerator)
     if main:
         (tmp / COMPLETE_MARKER).write_text(f"step {int(step)}\n")
+        _fsync(tmp / COMPLETE_MARKER)
+        _fsync(tmp)
         if final.exists():  # re-saving the same step: swap atomically
             old = root / f".{final.name}.old"
             os.replace(final, old)
             os.replace(tmp, final)
+            _fsync(root)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+            _fsync(root)
         if keep_last and keep_last > 0:
             # only checkpoints up to this one count: the one just written is never pruned
             upto = [(s, d) for s, d in list_checkpoints(run_dir) if s <= int(step)]

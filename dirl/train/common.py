@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dirl.config import ConfigError, LoggingConfig, OptimConfig, save_config, to_dict
+from dirl.config import ConfigError, FieldError, LoggingConfig, OptimConfig, save_config, to_dict
 from dirl.data.formats import read_jsonl_log, truncate_jsonl_log
 
 Strategy = Literal["auto", "single", "ddp", "deepspeed"]
@@ -92,10 +92,12 @@ class DistConfig:
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2):
-            raise ValueError(f"zero_stage must be 0, 1 or 2 (ZeRO-3 shards parameters, which this trainer does not "
-                             f"support), got {self.zero_stage}")
+            raise FieldError("zero_stage", f"must be 0, 1 or 2 (ZeRO-3 shards parameters, which this trainer does "
+                             f"not support), got {self.zero_stage}")
         if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
-            raise ValueError(f"deepspeed_config '{self.deepspeed_config}' does not exist")
+            raise FieldError("deepspeed_config", f"'{self.deepspeed_config}' is not a file")
+        if not self.timeout_s > 0:
+            raise FieldError("timeout_s", f"must be > 0 seconds, got {self.timeout_s!r}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from dirl.config import (
     OptimConfig,
     TinyModelConfig,
     check_model,
+    model_folder,
     check_optim,
     check_path_exists,
     check_positive,
@@ -301,9 +302,10 @@ def build_model(cfg: SFTConfig, device: torch.device, deepspeed_bf16: bool = Fal
     else:
         dtype = "bfloat16" if deepspeed_bf16 else "float32"
     if mc.path:
-        model = load_model(mc.path, device=device, dtype=dtype, attn_backend=mc.attn_backend,
+        path = model_folder(mc.path)  # a model folder, a training checkpoint or a run folder
+        model = load_model(path, device=device, dtype=dtype, attn_backend=mc.attn_backend,
                            block_size=mc.block_size, mask_token_id=mc.mask_token_id)
-        tok = load_tokenizer(mc.path)
+        tok = load_tokenizer(path)
     else:
         model, tok = build_tiny_model(mc.tiny)
         model.attn_backend = mc.attn_backend
