@@ -52,16 +52,16 @@ RENAMED_ATTR = "RENAMED"
 class TinyModelConfig:
     """Shape of the embedded default model (``dirl make-tiny-model``)."""
 
-    hidden_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 32
-    intermediate_size: int = 256
-    max_position_embeddings: int = 1024
-    block_size: int = 4
-    tie_word_embeddings: bool = False
-    seed: int = 0
+    hidden_size: int = 128  # width of the residual stream
+    num_hidden_layers: int = 2  # decoder layers
+    num_attention_heads: int = 4  # query heads
+    num_key_value_heads: int = 2  # KV heads (grouped-query attention); divides num_attention_heads
+    head_dim: int = 32  # width of one attention head
+    intermediate_size: int = 256  # width of the SwiGLU MLP
+    max_position_embeddings: int = 1024  # longest sequence (prompt + response) the RoPE table covers
+    block_size: int = 4  # B, tokens per diffusion block, written into the checkpoint
+    tie_word_embeddings: bool = False  # lm_head shares the input embedding
+    seed: int = 0  # the random initialisation
 
 
 def embedded_tiny_shape() -> TinyModelConfig:
@@ -75,53 +75,61 @@ def embedded_tiny_shape() -> TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    # Checkpoint folder (SDAR or plain Qwen3 layout). Empty: the embedded tiny model, made on the spot.
+    # Model folder (SDAR or plain Qwen3 layout), training checkpoint (step_N) or run folder (its
+    # newest complete checkpoint). Empty: the embedded tiny model, made on the spot.
     path: str = ""
     # None: read from the checkpoint (an SDAR config carries both); a value that disagrees with the
     # checkpoint is an error.
     block_size: Optional[int] = None
-    mask_token_id: Optional[int] = None
+    mask_token_id: Optional[int] = None  # id of the mask token [M]; None: the checkpoint's (or its tokenizer's <|MASK|>)
+    # the trainer's weights; auto: fp32 (bf16 under DeepSpeed bf16, which keeps fp32 masters itself).
+    # Started servers follow it unless server.dtype is set.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # auto: FlexAttention on CUDA, SDPA with an explicit boolean mask on CPU
     attn_backend: Literal["auto", "flex", "sdpa"] = "auto"
-    gradient_checkpointing: bool = False
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass (less memory)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # the model made when path is empty
 
 
 @dataclass
 class DecodingConfig:
     """Block-diffusion decoding (SPEC section 4). ``block_size`` None: the model's."""
 
-    block_size: Optional[int] = None
-    denoising_steps: int = 4
+    block_size: Optional[int] = None  # B; must equal the model's
+    denoising_steps: int = 4  # steps per block; static strategies keep max(1, B // steps) tokens a step
+    # dynamic: keep every position with confidence >= confidence_threshold (and always the most
+    # confident one); static: the most confident max(1, B // steps); sequential: that many, leftmost first
     unmasking_strategy: Literal[
         "low_confidence_dynamic", "low_confidence_static", "sequential"
     ] = "low_confidence_dynamic"
-    confidence_threshold: float = 0.9
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    do_sample: bool = True
-    max_new_tokens: int = 512
+    confidence_threshold: float = 0.9  # tau of low_confidence_dynamic, in [0, 1]
+    temperature: float = 1.0  # T; 0 is greedy
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # nucleus filter, in (0, 1]; 1: none
+    do_sample: bool = True  # false: argmax at every position (greedy)
+    max_new_tokens: int = 512  # response tokens at most (a response that reaches it is "length")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    lr: float = 1e-5  # AdamW's peak learning rate
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's moment decays, each in [0, 1)
+    eps: float = 1e-8  # AdamW's denominator term
+    # cosine: linear warm-up, then cosine from lr to min_lr_ratio * lr at the last step;
+    # constant_with_warmup: linear warm-up, then lr; constant: lr from the first step (no warm-up)
     schedule: Literal["cosine", "constant_with_warmup", "constant"] = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0
+    warmup_steps: int = 0  # optimizer steps of linear warm-up
+    min_lr_ratio: float = 0.0  # the cosine schedule's floor, as a fraction of lr, in [0, 1]
+    max_grad_norm: float = 1.0  # gradient clipping by global norm; 0: none
 
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 1
-    tensorboard: bool = True
-    wandb_project: str = ""
-    progress_bar: bool = True
+    log_every: int = 1  # optimizer steps between metric lines (metrics.jsonl, TensorBoard, W&B)
+    tensorboard: bool = True  # also write RUN_DIR/tensorboard
+    wandb_project: str = ""  # also log to this Weights & Biases project (empty: no W&B)
+    progress_bar: bool = True  # a tqdm bar on the main process
 
 
 # --------------------------------------------------------------------------------------------

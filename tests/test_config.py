@@ -189,3 +189,23 @@ def test_a_renamed_key_names_its_new_name():
         load_config(EvalConfig, None, ["server.timeout=5"])
     with pytest.raises(ConfigError, match="'server.startup_timeout' was renamed to 'server.startup_timeout_s'"):
         load_config(EvalConfig, None, ["server.startup_timeout=5"])
+
+
+def test_the_config_key_reference_is_what_the_code_says():
+    """docs/CONFIG_KEYS.md is generated from the config dataclasses; a field added, renamed, given
+    another default or left without a comment shows here."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "config_reference.py"), "--check"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    table = [ln.split(" | ") for ln in (root / "docs" / "CONFIG_KEYS.md").read_text().splitlines()
+             if ln.startswith("| `")]
+    assert len(table) > 150
+    assert not [row[0] for row in table if "(undocumented)" in row[-1]], "keys without a meaning"
+    from dirl.train.sft import SFTConfig, load_sft_config
+
+    keys = {row[0].strip("| `") for row in table}
+    assert {"train.max_steps", "dist.zero_stage", "rollout.decoding.confidence_threshold", "hidden_size"} <= keys
+    assert load_sft_config(None, []) == SFTConfig()  # the defaults the reference shows are the command's

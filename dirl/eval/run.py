@@ -84,11 +84,12 @@ class EvalDataConfig:
     limit: Optional[int] = None  # problems per benchmark (None: all)
     subset_seed: Optional[int] = None  # None: the first `limit`; an int: a seeded random subset
     synthetic_size: int = 200  # problems of the held-out synthetic split
-    synthetic_seed: int = 0
+    synthetic_seed: int = 0  # which held-out synthetic problems
 
 
 @dataclass
 class EvalConfig:
+    # model.path empty: the newest embedded-default checkpoint under runs_dir, else a fresh tiny model
     model: ModelConfig = field(default_factory=ModelConfig)
     decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=48))
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
@@ -105,7 +106,7 @@ class EvalConfig:
     save_token_ids: bool = False  # also store token_ids and step_map of every response
     grading_timeout: float = 5.0  # seconds before a comparison counts as wrong
     grading_workers: Optional[int] = None  # grading subprocesses (None: automatic)
-    progress_bar: bool = True
+    progress_bar: bool = True  # a tqdm bar over the problems
     # DiRL's eval-script settings (configs/eval_dirl_compat.yaml; docs/GRADING.md). Ours by default:
     # no minimum length, nothing banned, a truncated response is wrong.
     min_new_tokens: int = 0  # stop tokens cannot end a response before this many tokens

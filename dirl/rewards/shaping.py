@@ -46,14 +46,14 @@ class RewardConfig:
     block_size: Optional[int] = None
     # (value at length 0, value at length L) of the cosine reward.
     cosine_correct: tuple[float, float] = (1.0, 0.5)
-    cosine_wrong: tuple[float, float] = (-0.5, 0.0)
-    cosine_exceed: float = -0.5
+    cosine_wrong: tuple[float, float] = (-0.5, 0.0)  # the same for a wrong response
+    cosine_exceed: float = -0.5  # a response cut at L tokens
     # (value at 1 token per step, value at B tokens per step) of the speed reward.
     speed_correct: tuple[float, float] = (0.5, 1.0)
-    speed_wrong: tuple[float, float] = (0.0, -0.5)
+    speed_wrong: tuple[float, float] = (0.0, -0.5)  # the same for a wrong response
     # Grading: seconds before a comparison counts as wrong; worker processes (None: automatic).
     grading_timeout: float = 5.0
-    grading_workers: Optional[int] = None
+    grading_workers: Optional[int] = None  # grading subprocesses (None: automatic; 0: in this process)
 
     def __post_init__(self) -> None:
         if not 0 < self.grading_timeout < float("inf"):  # NaN too

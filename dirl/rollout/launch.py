@@ -63,8 +63,8 @@ class ServerConfig:
     RENAMED: ClassVar[dict[str, str]] = {"timeout": "server.timeout_s", "startup_timeout": "server.startup_timeout_s"}
 
     urls: list[str] = field(default_factory=list)  # running servers; empty: start them for the run
-    backend: Literal["reference", "lmdeploy"] = "reference"
-    host: str = "127.0.0.1"
+    backend: Literal["reference", "lmdeploy"] = "reference"  # of started servers: dirl's engine, or LMDeploy (GPU)
+    host: str = "127.0.0.1"  # where a started server listens (IPv6 with or without brackets); beyond loopback needs a key
     port: Optional[int] = None  # a started server's port (None: a free one)
     device: str = "auto"  # auto: a trainer rank's own device; else cuda when present, else cpu
     dtype: str = "auto"  # auto: the model's dtype setting (model.dtype)
@@ -78,7 +78,7 @@ class ServerConfig:
     startup_timeout_s: float = 600.0  # seconds for a started server to load the model
     max_concurrency: int = 8  # HTTP calls in flight per server
     request_batch_size: int = 16  # requests per HTTP call
-    retries: int = 3
+    retries: int = 3  # tries again after a connection error, timeout or 5xx (on any server of the pool)
     timeout_s: float = 3600.0  # seconds per HTTP call
 
 

@@ -84,11 +84,11 @@ class DistConfig:
     ``zero_stage``. ``mixed_precision``: ``auto`` is bf16 on CUDA and fp32 on CPU.
     """
 
-    strategy: Strategy = "auto"
-    deepspeed_config: str = ""
-    zero_stage: int = 1
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    timeout_s: int = 1800
+    strategy: Strategy = "auto"  # auto: follow the launcher (see above); single, ddp or deepspeed
+    deepspeed_config: str = ""  # a DeepSpeed JSON file ("auto" values filled); empty: the launcher's or built-in
+    zero_stage: int = 1  # ZeRO stage of the built-in DeepSpeed settings: 0, 1 or 2
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    timeout_s: int = 1800  # seconds a collective (all-reduce, barrier) waits for the other ranks
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2):

@@ -98,7 +98,7 @@ def default_tiny_shape() -> TinyModelConfig:
 class SFTDataConfig:
     # "synthetic" (built-in arithmetic), a .json / .jsonl file, a `datasets` folder or a Hub name
     source: str = "synthetic"
-    split: str = "train"
+    split: str = "train"  # the split of a `datasets` source (synthetic: train)
     subset: str = ""  # `datasets` configuration name
     num_samples: int = 7000  # 0: every row; synthetic: how many distinct train problems (7,283 exist)
     digits: int = 2  # synthetic only
@@ -109,21 +109,22 @@ class SFTDataConfig:
     # the other order (5+3=8 for 3+5): open choices that cost decoding steps (docs/QUICKSTART.md)
     teacher_swap: float = 0.0
     max_length: int = 96  # tokens per packed row (the forward holds twice as many: [x_t ; x_0])
+    # the fields of a row (docs/DATA.md): a chat in messages_field, else prompt_field + response_field
     messages_field: str = "messages"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    shuffle: bool = True
+    prompt_field: str = "prompt"  # the prompt text of a prompt/response row
+    response_field: str = "response"  # the response text (the only tokens trained on)
+    shuffle: bool = True  # a fresh seeded order of the packed rows every epoch (false: the packing order)
     seed: int = 0  # data order (and which synthetic problems)
 
 
 @dataclass
 class SFTTrainConfig:
     max_steps: int = 800  # 0: derive from num_epochs
-    num_epochs: float = 0.0
+    num_epochs: float = 0.0  # passes over the packed rows, when max_steps is 0
     global_batch_size: int = 16  # packed rows per optimizer step, over all ranks
     micro_batch_size: int = 16  # rows per forward on one rank
-    noise_eps: float = DEFAULT_EPS
-    seed: int = 0
+    noise_eps: float = DEFAULT_EPS  # a sample's mask probability is p = eps + (1 - eps) t, t ~ U[0, 1) (the loss divides by p)
+    seed: int = 0  # the noise draws (masks and their probabilities) and torch's global seed
     save_every: int = 0  # steps between checkpoints (0: only the final one)
     keep_last: int = 2  # complete checkpoints kept (0: all)
     resume: str = "auto"  # "auto": newest checkpoint of the run folder if any; "never"; or a checkpoint path
@@ -139,7 +140,7 @@ class SFTConfig:
         lr=1e-3, weight_decay=0.0, schedule="cosine", warmup_steps=20, min_lr_ratio=0.1, max_grad_norm=1.0))
     dist: DistConfig = field(default_factory=DistConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    output_dir: str = "runs"
+    output_dir: str = "runs"  # the run folder is OUTPUT_DIR/RUN_NAME
     run_name: str = ""  # empty: sft-YYYYmmdd-HHMMSS
 
     def validate(self) -> None:

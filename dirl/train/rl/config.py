@@ -46,13 +46,13 @@ class RLDataConfig:
     # "synthetic" (built-in arithmetic), a .json / .jsonl / .parquet file, or a `datasets` name
     # (local folder or Hub id, e.g. Auraithm/BigMath-RL)
     source: str = "synthetic"
-    split: str = "train"
+    split: str = "train"  # the split of a `datasets` source (synthetic: train)
     subset: str = ""  # `datasets` configuration name
     question_key: str = ""  # "": the first of question, problem, prompt
     answer_key: str = ""  # "": the first of ground_truth_answer, answer, final_answer, solution
     # The user turn; {question} is replaced. The chat template is applied afterwards.
     prompt_template: str = "{question}"
-    system_prompt: str = ""
+    system_prompt: str = ""  # a system turn before the user turn (empty: none)
     limit: Optional[int] = None  # problems used (the first ones; synthetic: distinct train problems); None: all
     digits: int = 2  # synthetic only
     max_prompt_tokens: int = 0  # 0: no limit; longer prompts are skipped (counted) when drawn
@@ -66,6 +66,8 @@ class RolloutConfig:
     RENAMED: ClassVar[dict[str, str]] = {k: f"server.{k}" for k in _MOVED_TO_SERVER}
 
     decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=40))
+    # how pushed weights travel: ipc (CUDA handles; trainer and servers on this machine's GPUs), file
+    # (safetensors in the servers' --weights-dir), inline (in the request body); auto: the first that fits
     weight_transport: Literal["auto", "file", "inline", "ipc"] = "auto"
     # The memory hand-off (SPEC section 8): servers asleep from the end of the rollout until the
     # weight push, so the log-prob pass and the updates have the device. None: servers started for
@@ -97,8 +99,10 @@ class LossConfig:
     # made with the previous weights, which only the engine's numbers describe).
     behaviour_logprobs: Literal["auto", "recompute", "rollout"] = "auto"
     score_after_eos: bool = False  # also train the tokens after the first stop token
+    # how the log-prob pass lays out the denoising states (dirl/train/layouts.py; same numbers):
+    # packed, one noisy copy per (block, step) after the clean text; rounds, DiRL's [x_t ; x_0] per step
     layout: Literal["packed", "rounds"] = "packed"
-    logits_chunk_size: int = 4096
+    logits_chunk_size: int = 4096  # scored positions per lm_head chunk (memory of the logits)
 
 
 @dataclass
@@ -124,9 +128,9 @@ class RLTrainConfig:
     max_sampling_rounds: int = 8  # bound on refill rounds; a step still short after it fails loudly
     oversample: float = 1.0  # prompts drawn per round = ceil(missing groups * oversample)
     shuffle_samples: bool = True  # shuffle responses across mini-batches (when there are several)
-    seed: int = 0
+    seed: int = 0  # sampling seeds of the rollouts and the mini-batch shuffle
     save_every: int = 20  # 0: only the final checkpoint
-    keep_last: int = 2
+    keep_last: int = 2  # complete checkpoints kept (0: all)
     resume: str = "auto"  # "auto": newest checkpoint of the run folder; "never"; or a checkpoint path
     entropy: bool = True  # log the policy entropy of the scored tokens
     # The trainer's weights, gradients and optimizer state on the CPU while the servers roll out
@@ -147,11 +151,11 @@ class RLEvalConfig:
     RENAMED: ClassVar[dict[str, str]] = {"problems": "eval.num_problems", "samples": "eval.num_samples"}
 
     benchmark: str = "synthetic"  # a name known to dirl.data.benchmarks (synthetic: the held-out split)
-    num_problems: int = 200
+    num_problems: int = 200  # problems evaluated (the first ones of the benchmark)
     num_samples: int = 2  # responses per problem
     every: int = 0  # steps between evaluations (0: only before the first and after the last step)
-    enabled: bool = True
-    seed: int = 1234
+    enabled: bool = True  # false: no held-out evaluation during the run
+    seed: int = 1234  # sampling seed of the evaluation's responses (the same at every evaluation)
 
 
 @dataclass
@@ -171,7 +175,7 @@ class RLConfig:
     eval: RLEvalConfig = field(default_factory=RLEvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    output_dir: str = "runs"
+    output_dir: str = "runs"  # the run folder is OUTPUT_DIR/RUN_NAME
     run_name: str = ""  # empty: rl-YYYYmmdd-HHMMSS
     runs_dir: str = "runs"  # where an empty model.path looks for the newest SFT checkpoint
     log_samples: bool = True  # RUN_DIR/samples.jsonl: per step, the drawn prompts and their rewards
