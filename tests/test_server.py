@@ -415,3 +415,68 @@ def test_ipc_push_keeps_one_segment_alive(tiny_dir, monkeypatch):
     assert out["transport"] == "ipc" and out["segments"] == len(extra) >= 4
     assert max(extra) < 2 * seg < total / 2, extra  # a segment's buckets die before the next is built
     assert after < seg, after
+
+
+def _until(cond, what: str, bound_s: float = 120.0) -> None:
+    """Wait for a state the server reaches on its own; the bound only keeps a broken run from hanging."""
+    deadline = time.monotonic() + bound_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_client_that_goes_away_has_its_requests_dropped(tiny_dir):
+    """A /generate caller that disconnects mid-decode (killed, timed out) costs the server no more
+    forwards: the engine drops its rows before the next one, and the server keeps serving. The
+    engine is held inside its first forward (an event, not a delay) until the server has seen the
+    client go, so the drop always lands mid-decode. A real uvicorn server on 127.0.0.1."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from dirl.rollout.server import create_app
+
+    backend = ReferenceBackend(str(tiny_dir), decoding=DecodingConfig(max_new_tokens=200, do_sample=False),
+                               device="cpu")
+    engine = backend.engine
+    inside, release = threading.Event(), threading.Event()
+    forward = engine._forward_rows
+
+    def held_forward(*args, **kwargs):
+        inside.set()
+        release.wait()
+        return forward(*args, **kwargs)
+
+    engine._forward_rows = held_forward
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(backend, backend.parser()), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        body = json.dumps({"requests": [{"request_id": f"r{i}", "prompt": "1+1=", "max_new_tokens": 200}
+                                        for i in range(3)]}).encode()
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert inside.wait(120), "the batch never reached the engine"
+        client.close()  # the caller goes away while its batch is being decoded
+        stats = lambda: httpx.get(url + "/info", timeout=60).json()["stats"]  # noqa: E731
+        _until(lambda: stats()["cancelled_calls"] == 1, "the server to see the client go")
+        engine._forward_rows = forward
+        release.set()
+        _until(lambda: engine.requests_cancelled == 3, "the engine to drop the rows")
+        assert engine.forwards == 1, engine.forwards  # 200 tokens would take dozens of forwards
+        assert stats()["cancelled_requests"] == 3
+        # and the server serves the next caller as before
+        r = httpx.post(url + "/generate", json={"request_id": "next", "prompt": "2+2=", "max_new_tokens": 4},
+                       timeout=120)
+        assert r.status_code == 200 and r.json()["request_id"] == "next", r.text
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(60)

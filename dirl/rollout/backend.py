@@ -388,12 +388,13 @@ class ReferenceBackend:
         self._check_awake()
         return self.engine.generate(requests)
 
-    def generate_continuous(self, requests: list[GenerateRequest], more, on_result) -> None:
+    def generate_continuous(self, requests: list[GenerateRequest], more, on_result, cancelled=None) -> None:
         """Continuous batching for the server: ``more()`` returns requests that arrived since, which
         join the running batch; ``on_result(i, trajectory)`` fires as each finishes (``i`` counts
-        ``requests`` first, then what ``more`` returned, in order)."""
+        ``requests`` first, then what ``more`` returned, in order); ``cancelled(i)`` true drops
+        request ``i`` before the next forward (its caller went away)."""
         self._check_awake()
-        self.engine.generate(requests, on_result=on_result, more=more)
+        self.engine.generate(requests, on_result=on_result, more=more, cancelled=cancelled)
 
     def sleep(self, level: int = 1) -> None:
         if level not in (1, 2):

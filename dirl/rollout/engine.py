@@ -313,6 +313,7 @@ class Engine:
         self.query_tokens = 0
         self.linear_tokens = 0
         self.tokens_kept = 0
+        self.requests_cancelled = 0  # dropped mid-decode by generate's cancelled()
 
     # ------------------------------------------------------------------------------------------
     def free_cache(self) -> None:
@@ -332,11 +333,13 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, requests: Iterable, on_result: Optional[Callable[[int, dict], None]] = None,
-                 more: Optional[Callable[[], list]] = None) -> list[dict]:
+                 more: Optional[Callable[[], list]] = None,
+                 cancelled: Optional[Callable[[int], bool]] = None) -> list[dict]:
         """Decode every request; results in input order. ``on_result(i, trajectory)`` fires as each
         finishes (for progress bars). ``more()``, when given, is asked for requests that arrived since
         (a server's queue) whenever a row is free; they get the indices after the given ones and
-        their results are appended."""
+        their results are appended. ``cancelled(i)``, asked before every forward, drops request
+        ``i`` (a server's caller that went away): it is decoded no further and its result stays None."""
         seqs = [self.new_sequence(r) for r in requests]  # validates all before any work
         # OpenMP thread counts are per OS thread: called from a worker thread (the server's), torch
         # would use every core whatever torch.set_num_threads said, and tiny forwards crawl on a
@@ -359,6 +362,19 @@ class Engine:
                     seqs.append(self.new_sequence(r))
                     results.append(None)
                     waiting.append(len(seqs) - 1)
+            if cancelled is not None:
+                dropped = [i for i in waiting if cancelled(i)]
+                if dropped:
+                    waiting = deque(i for i in waiting if i not in set(dropped))
+                gone = {k for k, r in enumerate(rows) if cancelled(r.index)}
+                if gone:
+                    live = [k for k in range(len(rows)) if k not in gone]
+                    params = None
+                    rows = [rows[k] for k in live]
+                    cache.keep_rows(live)
+                    li = torch.tensor(live, dtype=torch.long, device=device)
+                    block_ids, masked, steps, logps = block_ids[li], masked[li], steps[li], logps[li]
+                self.requests_cancelled += len(dropped) + len(gone)
             if not (waiting or rows):
                 break
             # admit waiting requests into free rows

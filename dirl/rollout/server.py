@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import hmac
+import inspect
 import ipaddress
 import json
 import math
@@ -85,7 +86,13 @@ class BatchWorker:
         self.window_s = window_s
         self.queue: "queue.Queue[tuple[list, concurrent.futures.Future]]" = queue.Queue()
         self.paused = threading.Event()  # set while a sleep waits for the running batch: admit no more
-        self.stats = {"engine_calls": 0, "requests": 0, "http_calls": 0, "failed_calls": 0}
+        # cancelled_calls: HTTP calls whose client went away before the answer; cancelled_requests:
+        # their requests, never decoded or dropped mid-decode (the continuous engine checks before
+        # every forward; another backend only before it starts a batch)
+        self.stats = {"engine_calls": 0, "requests": 0, "http_calls": 0, "failed_calls": 0, "cancelled_calls": 0,
+                      "cancelled_requests": 0}
+        cont = getattr(backend, "generate_continuous", None)
+        self._takes_cancelled = cont is not None and "cancelled" in inspect.signature(cont).parameters
         self.thread = threading.Thread(target=self._run, name="dirl-generate", daemon=True)
         self.thread.start()
 
@@ -93,6 +100,11 @@ class BatchWorker:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self.queue.put((requests, fut))
         return fut
+
+    def cancel(self, fut: concurrent.futures.Future) -> None:
+        """The caller of ``fut`` went away: its requests are decoded no further."""
+        if fut.cancel():
+            self.stats["cancelled_calls"] += 1
 
     def _drain(self) -> list:
         items = []
@@ -131,6 +143,9 @@ class BatchWorker:
         def add(new_items: list) -> list:
             added = []
             for it in new_items:
+                if it[1].cancelled():  # its caller went away while it waited
+                    self.stats["cancelled_requests"] += len(it[0])
+                    continue
                 k = len(items_all)
                 items_all.append(it)
                 got.append([None] * len(it[0]))
@@ -173,13 +188,25 @@ class BatchWorker:
         def more() -> list:
             return [] if self.paused.is_set() else add(self._drain())
 
+        def cancelled(i: int) -> bool:
+            k = owner[i][0]
+            if not items_all[k][1].cancelled():
+                return False
+            if k in open_items:  # counted once, however many of its requests the engine drops
+                open_items.discard(k)
+                self.stats["cancelled_requests"] += sum(x is None for x in got[k])
+            return True
+
         add(items)
+        if not reqs:  # every caller went away while waiting
+            return
         self.stats["engine_calls"] += 1
         try:
             with self.lock:
                 self.state.check_awake()
                 if hasattr(self.backend, "generate_continuous"):
-                    self.backend.generate_continuous(list(reqs), more, on_result)
+                    extra = {"cancelled": cancelled} if self._takes_cancelled else {}  # older backends: not
+                    self.backend.generate_continuous(list(reqs), more, on_result, **extra)
                 else:  # generate_each: a failed request's exception in its place
                     run = getattr(self.backend, "generate_each", self.backend.generate)
                     for i, res in enumerate(run(list(reqs))):
@@ -236,6 +263,7 @@ class SleepState:
 # Reading request bodies: size, content type, JSON nesting and numbers bounded before parsing
 # ----------------------------------------------------------------------------------------------
 
+DISCONNECT_POLL_S = 0.1  # how often a waiting /generate call checks that its client is still there
 DEFAULT_MAX_BODY_BYTES = 32 << 20  # an inline segment of 16 MiB is 21.4 MiB of base64
 DEFAULT_MAX_JSON_DEPTH = 32
 MAX_BATCH_REQUESTS = 4096
@@ -360,7 +388,7 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
     its own names) a ``Host`` header naming anything else gets 421, which stops a web page from
     reaching a local server through DNS rebinding."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -386,8 +414,8 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
     async def internal_error(request: Request, exc: Exception):  # a bug, never the request's fault
         return error(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    @app.middleware("http")
-    async def check_request(request: Request, call_next):
+    def refusal(request: Request) -> Optional[JSONResponse]:
+        """The answer to a request refused from its headers alone, or None."""
         host = request.headers.get("host", "")
         if allowed_hosts is not None and _host_name(host) not in allowed_hosts:
             return error(421, f"Host header {host[:64]!r} does not name this server")
@@ -408,7 +436,24 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
             if length is not None and (not length.strip().isdigit() or int(length) > max_body_bytes):
                 return error(413, f"request body over the server's limit of {max_body_bytes} bytes "
                                   "(dirl serve --max-body-bytes)")
-        return await call_next(request)
+        return None
+
+    class CheckRequest:
+        """The header checks, as a plain ASGI middleware: the app gets the server's own ``receive``,
+        so a handler can see its client disconnect (Starlette's ``BaseHTTPMiddleware`` hides that)."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                refused = refusal(Request(scope))
+                if refused is not None:
+                    await refused(scope, receive, send)
+                    return
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(CheckRequest)
 
     async def read_json(request: Request, allow_empty: bool = False):
         chunks, size = [], 0
@@ -485,7 +530,16 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
             # tokenising a long prompt takes time: never on the event loop
             reqs, batch = await asyncio.get_running_loop().run_in_executor(parse_pool, parse_generate, body)
             state.check_awake()
-            results = await asyncio.wrap_future(worker.submit(reqs))
+            fut = worker.submit(reqs)
+            waiting = asyncio.wrap_future(fut)
+            # a client that goes away (closed, timed out, killed) has its requests dropped: the engine
+            # stops decoding them, rather than spend the batch's rows on answers nobody reads
+            while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected():
+                    worker.cancel(fut)
+                    waiting.cancel()
+                    return Response(status_code=499)  # nobody reads it
+            results = waiting.result()
         except Exception as e:  # noqa: BLE001 - every error is a JSON answer; the server keeps serving
             return answer(e)
         return {"results": results} if batch else results[0]
@@ -627,11 +681,27 @@ def add_access_log(app) -> None:
     """One stdout line per request handled, in the order they finish: ``dirl serve: POST /sleep 200``
     (no bodies, no keys). The server's log file then shows the order of a trainer's calls."""
 
-    @app.middleware("http")
-    async def _access_log(request, call_next):
-        response = await call_next(request)
-        print(f"dirl serve: {request.method} {request.url.path} {response.status_code}", flush=True)
-        return response
+    class AccessLog:  # plain ASGI, like the header checks (a handler still sees its client go)
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                await self.inner(scope, receive, send)
+                return
+            status = []
+
+            async def send_noting_status(message):
+                if message["type"] == "http.response.start":
+                    status.append(message["status"])
+                await send(message)
+
+            try:
+                await self.inner(scope, receive, send_noting_status)
+            finally:
+                print(f"dirl serve: {scope['method']} {scope['path']} {status[0] if status else '-'}", flush=True)
+
+    app.add_middleware(AccessLog)
 
 
 def cli_main(argv: list[str]) -> int:
