@@ -128,10 +128,16 @@ def exit_process(code: int) -> None:
         sys.exit(code)
     if code == 0:
         common.close_distributed()  # a no-op once the command closed its group itself
+    end_now(code)
+
+
+def end_now(code: int) -> None:
+    """Run what an interpreter's exit runs first (atexit handlers: rollout servers, pools;
+    logging), flush the output and end the process with ``os._exit(code)``, skipping finalisation."""
     import atexit
     import logging
 
-    atexit._run_exitfuncs()  # what a normal exit runs first (rollout servers, pools, logging)
+    atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -141,11 +147,11 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
-def run() -> None:
-    """The process entry point (the ``dirl`` script and ``python -m dirl.cli``): :func:`main`, then
-    :func:`exit_process`. A bug's traceback is printed before it."""
+def run(argv: Optional[list[str]] = None) -> None:
+    """The process entry point (the ``dirl`` script and ``python -m dirl.cli``; ``argv`` defaults to
+    the command line): :func:`main`, then :func:`exit_process`. A bug's traceback is printed before it."""
     try:
-        code = main()
+        code = main(argv)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if e.code is not None and not isinstance(e.code, int):

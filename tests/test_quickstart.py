@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -47,6 +48,8 @@ def check_quickstart_outputs(out, control: bool = True) -> None:
                 "accuracy.png", "report.md", "summary.json"):
         assert (out / rel).is_file(), rel
     summary = json.loads((out / "summary.json").read_text())
+    if sys.platform.startswith("linux"):
+        assert summary["stage_processes"] == "fork"  # not the slower fallback, silently
     ev = summary["eval"]
     assert set(ev) == {"untrained", "SFT", "SFT + RL"} | ({"SFT + more SFT"} if control else set())
     if control:
@@ -150,6 +153,63 @@ def test_block_size_option_makes_the_tiny_model_with_it(tmp_path, capsys):
     assert e.value.code == 2
     assert "--block-size: must be a positive integer, got 0" in capsys.readouterr().err
     assert not (tmp_path / "qs").exists()
+
+
+_STAGES = """
+import json, sys
+from pathlib import Path
+from dirl import quickstart as q
+out, tiny, port = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+log = out / "stages.log"
+q._run("version", ["--version"], log)
+try:
+    q._run("bad shape", ["make-tiny-model", "--out", str(out / "t"), "hidden_size=0"], log)
+except q.StageError as e:
+    print("STAGE ERROR", e, flush=True)
+print("MODES", json.dumps(q.STAGE_MODES), flush=True)
+q._run("serve", ["serve", "--model", tiny, "--device", "cpu", "--port", port], log)  # until killed
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stages are forked on Linux only")
+def test_stages_are_forked_commands_that_die_with_the_quickstart(tmp_path, tiny_dir):
+    """A stage is a fork of the quick-start running the command as ``python -m dirl.cli`` would:
+    its output and exit code are the command's, a failure is the stage's error, and when the
+    quick-start is killed the stage dies with it (and, with the stage, the servers it started)."""
+    import os
+    import signal
+
+    import httpx
+    from test_launch import _wait_gone
+
+    from dirl import __version__
+    from dirl.rollout.launch import free_port
+
+    port = free_port()
+    parent = subprocess.Popen([sys.executable, "-c", _STAGES, str(tmp_path), str(tiny_dir), str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in parent.stdout:
+            seen.append(line)
+            if line.startswith("dirl serve:"):  # the server stage listens
+                break
+        text = "".join(seen)
+        assert f"dirl {__version__}" in text, text
+        assert ("STAGE ERROR stage 'bad shape' failed (exit code 2)" in text
+                and "config key 'hidden_size': must be > 0" in text), text
+        assert 'MODES ["fork", "fork"]' in text, text  # this test's parent runs no other thread
+        log = (tmp_path / "stages.log").read_text()
+        assert f"dirl {__version__}" in log and "hidden_size" in log
+        stage = httpx.get(f"http://127.0.0.1:{port}/health").json()["pid"]
+        assert stage != parent.pid and Path(f"/proc/{stage}/status").read_text().count(f"PPid:\t{parent.pid}\n") == 1
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        assert _wait_gone(stage), "the stage outlived the quick-start"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait()
 
 
 @pytest.mark.slow
