@@ -84,12 +84,31 @@ _PR_SET_PDEATHSIG = 1
 STAGE_MODES: list[str] = []  # how each stage of this process ran: "fork" or "subprocess"
 
 
+def _stage_env() -> None:
+    """The environment every stage runs in, set before anything is imported (the preloaded modules
+    read some of it at import)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    # torch.cuda.is_available() (DeepSpeed's import asks it) through NVML, without initialising
+    # CUDA in this process: a fork of a process with CUDA initialised cannot use CUDA
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+
 def _fork_ok() -> bool:
     return sys.platform.startswith("linux") and os.environ.get(SUBPROCESS_ENV, "").strip() in ("", "0")
 
 
+def _can_fork_now() -> bool:
+    """No other Python thread (a fork copies the locks it may hold) and CUDA not initialised here."""
+    if not (_fork_ok() and threading.active_count() == 1):
+        return False
+    torch = sys.modules.get("torch")
+    return torch is None or not torch.cuda.is_initialized()
+
+
 def _preload() -> None:
-    """Import what the stages import, once, before the first fork (a no-op when not forking)."""
+    """Import what the stages import, once, before the first fork (a no-op when not forking).
+    A module that fails to import is left to the stage that needs it, which reports it."""
     if not _fork_ok():
         return
     import importlib
@@ -97,7 +116,7 @@ def _preload() -> None:
     for name in _PRELOAD:
         try:
             importlib.import_module(name)
-        except ImportError:  # an optional package (deepspeed): the stage that needs it says so
+        except Exception:  # noqa: BLE001 - deepspeed may raise more than ImportError on a bad install
             pass
 
 
@@ -118,8 +137,9 @@ def _stage_child(args: list[str], w: int, parent: int) -> None:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
-        for stream in (sys.stdout, sys.stderr):
-            stream.reconfigure(line_buffering=True)
+        # fresh streams on the pipe (the parent's may have been replaced by its caller)
+        sys.stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False)
         from dirl import cli
 
         sys.argv = [cli.__file__, *args]
@@ -139,13 +159,15 @@ def _stage_child(args: list[str], w: int, parent: int) -> None:
 
 
 def _run(stage: str, args: list[str], log: Path) -> float:
-    """Run the command ``dirl ARGS`` with live output (also appended to ``log``); seconds taken."""
+    """Run the command ``dirl ARGS`` with live output (also appended to ``log``); seconds taken.
+    Ctrl-C reaches the stage too (one process group): its output is read to the end, so its last
+    words and its clean-up are not cut off, then the interrupt goes on."""
     print(f"\n=== [{stage}] dirl {' '.join(shlex.quote(a) for a in args)}", flush=True)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # also what the preloaded modules saw
-    os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    forked = _fork_ok() and threading.active_count() == 1
+    _stage_env()
+    forked = _can_fork_now()
     STAGE_MODES.append("fork" if forked else "subprocess")
     t0 = time.time()
+    interrupted = False
     with open(log, "a") as f:
         f.write(f"\n=== [{stage}] dirl {' '.join(args)}\n")
         f.flush()
@@ -156,21 +178,29 @@ def _run(stage: str, args: list[str], log: Path) -> float:
             me = os.getpid()
             pid = os.fork()
             if pid == 0:
-                os.close(r)
-                _stage_child(args, w, me)
+                try:
+                    os.close(r)
+                    _stage_child(args, w, me)
+                finally:
+                    os._exit(1)  # never the quick-start's own code in the child
             os.close(w)
             stream = os.fdopen(r, "r", encoding="utf-8", errors="replace")
         else:
             proc = subprocess.Popen([sys.executable, "-m", "dirl.cli", *args], stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, env=dict(os.environ), text=True, bufsize=1)
             stream = proc.stdout
-        try:
-            with stream:
-                for line in stream:
-                    sys.stdout.write(line)
-                    f.write(line)
-        finally:
-            rc = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) if forked else proc.wait()
+        with stream:
+            while True:
+                try:
+                    for line in stream:
+                        sys.stdout.write(line)
+                        f.write(line)
+                    break
+                except KeyboardInterrupt:
+                    interrupted = True  # the stage got it too: read what it still says
+        rc = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) if forked else proc.wait()
+    if interrupted:
+        raise KeyboardInterrupt
     if rc != 0:
         raise StageError(f"stage '{stage}' failed (exit code {rc}); its output is in {log}")
     return time.time() - t0
@@ -358,6 +388,7 @@ def cli_main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "quickstart.log"
     t_all = time.time()
+    _stage_env()
     _preload()  # counted in the run's wall time, not in any stage's
     stages: dict[str, str] = {}
     times: dict[str, float] = {}

@@ -172,10 +172,13 @@ q._run("serve", ["serve", "--model", tiny, "--device", "cpu", "--port", port], l
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stages are forked on Linux only")
-def test_stages_are_forked_commands_that_die_with_the_quickstart(tmp_path, tiny_dir):
+@pytest.mark.parametrize("how", ["sigkill", "ctrl-c"])
+def test_stages_are_forked_commands_that_die_with_the_quickstart(tmp_path, tiny_dir, how):
     """A stage is a fork of the quick-start running the command as ``python -m dirl.cli`` would:
-    its output and exit code are the command's, a failure is the stage's error, and when the
-    quick-start is killed the stage dies with it (and, with the stage, the servers it started)."""
+    its output and exit code are the command's, a failure is the stage's error. A SIGKILLed
+    quick-start takes the stage with it (and, with the stage, the servers it started); Ctrl-C (to
+    the whole process group, as a terminal sends it) lets the stage finish its own shutdown, whose
+    output is still read, and then interrupts the quick-start."""
     import os
     import signal
 
@@ -187,7 +190,7 @@ def test_stages_are_forked_commands_that_die_with_the_quickstart(tmp_path, tiny_
 
     port = free_port()
     parent = subprocess.Popen([sys.executable, "-c", _STAGES, str(tmp_path), str(tiny_dir), str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         seen = []
         for line in parent.stdout:
@@ -203,8 +206,13 @@ def test_stages_are_forked_commands_that_die_with_the_quickstart(tmp_path, tiny_
         assert f"dirl {__version__}" in log and "hidden_size" in log
         stage = httpx.get(f"http://127.0.0.1:{port}/health").json()["pid"]
         assert stage != parent.pid and Path(f"/proc/{stage}/status").read_text().count(f"PPid:\t{parent.pid}\n") == 1
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait()
+        if how == "sigkill":
+            os.kill(parent.pid, signal.SIGKILL)
+            parent.wait()
+        else:
+            os.killpg(parent.pid, signal.SIGINT)
+            rest = parent.stdout.read()
+            assert parent.wait() != 0 and rest.rstrip().endswith("KeyboardInterrupt"), rest[-2000:]
         assert _wait_gone(stage), "the stage outlived the quick-start"
     finally:
         if parent.poll() is None:

@@ -363,9 +363,9 @@ class Engine:
                     results.append(None)
                     waiting.append(len(seqs) - 1)
             if cancelled is not None:
-                dropped = [i for i in waiting if cancelled(i)]
+                dropped = {i for i in waiting if cancelled(i)}
                 if dropped:
-                    waiting = deque(i for i in waiting if i not in set(dropped))
+                    waiting = deque(i for i in waiting if i not in dropped)
                 gone = {k for k, r in enumerate(rows) if cancelled(r.index)}
                 if gone:
                     live = [k for k in range(len(rows)) if k not in gone]

@@ -66,6 +66,18 @@ def make_parser(backend: Any, decoding: DecodingConfig, model_dir: str) -> Reque
                          tokenizer=tokenizer, stop_token_ids=info.get("stop_token_ids"))
 
 
+def _settle(fut: concurrent.futures.Future, result: Any = None, exception: Optional[BaseException] = None) -> None:
+    """Answer a call, unless it is already answered or its caller went away: the cancel comes from
+    the event loop's thread and may land between any check here and the set."""
+    try:
+        if exception is not None:
+            fut.set_exception(exception)
+        else:
+            fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 class BatchWorker:
     """One thread that decodes everything waiting in one engine batch.
 
@@ -130,8 +142,7 @@ class BatchWorker:
                 self._generate(items)
             except BaseException as e:  # noqa: BLE001 - never let the worker thread die
                 for _, fut in items:
-                    if not fut.done():
-                        fut.set_exception(e)
+                    _settle(fut, exception=e)
 
     def _generate(self, items: list) -> None:
         reqs: list = []
@@ -162,8 +173,7 @@ class BatchWorker:
             if k in open_items:
                 open_items.discard(k)
                 self.stats["failed_calls"] += 1
-                if not items_all[k][1].done():
-                    items_all[k][1].set_exception(e)
+                _settle(items_all[k][1], exception=e)
 
         def deliver(k: int, j: int, res: Any) -> None:
             if k not in open_items:
@@ -178,9 +188,7 @@ class BatchWorker:
             got[k][j] = res
             if all(x is not None for x in got[k]):
                 open_items.discard(k)
-                fut = items_all[k][1]
-                if not fut.done():  # a caller that went away cancelled its future
-                    fut.set_result(got[k])
+                _settle(items_all[k][1], result=got[k])
 
         def on_result(i: int, res: Any) -> None:
             deliver(*owner[i], res)
@@ -225,6 +233,9 @@ class BatchWorker:
 
     def _one_by_one(self, items_all, got, open_items, deliver, fail) -> None:
         for k in sorted(open_items):
+            if items_all[k][1].cancelled():  # its caller went away: nothing to retry for
+                open_items.discard(k)
+                continue
             for j, r in enumerate(items_all[k][0]):
                 if k not in open_items:
                     break

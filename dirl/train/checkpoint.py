@@ -313,16 +313,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path, only: Optional[set[Path]] = None) -> None:
-    """fsync every file under ``root`` (or only those in ``only``), then the folders holding them,
-    deepest first: after it, a power loss cannot leave the tree's names pointing at lost data."""
+def _fsync_tree(root: Path, skip: tuple[str, ...] = (), files: bool = True) -> None:
+    """fsync every file under ``root`` (not under its top-level folders named in ``skip``; none
+    with ``files=False``), then the folders, deepest first: after it, a power loss cannot leave
+    the tree's names pointing at lost data."""
     dirs = []
-    for dirpath, _, files in os.walk(root):
+    for dirpath, dirnames, names in os.walk(root):
         d = Path(dirpath)
-        for name in files:
-            f = d / name
-            if only is None or f in only:
-                _fsync(f)
+        if d == root:
+            dirnames[:] = [n for n in dirnames if n not in skip]
+        if files:
+            for name in names:
+                _fsync(d / name)
         dirs.append(d)
     for d in reversed(dirs):
         _fsync(d)
@@ -392,15 +394,18 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-    # Each rank's files reach the disk before COMPLETE is written (on a shared file system only the
-    # writer's fsync is sure to flush them), so a power loss never leaves a COMPLETE checkpoint
-    # with lost contents.
+    # Each rank's files reach the disk before COMPLETE is written (each rank fsyncs what it wrote:
+    # on a shared file system only the writer's fsync is sure to flush it, and another rank's
+    # file may still be a .part being renamed), so a power loss never leaves a COMPLETE
+    # checkpoint with lost contents.
+    for own in (tmp / "rng" / f"rank_{rank:05d}.pt", tmp / "optimizer" / f"rank_{rank:05d}.pt"):
+        if own.is_file():
+            _fsync(own)
     if main:
-        _fsync_tree(tmp)
-    else:
-        _fsync_tree(tmp, only={tmp / "rng" / f"rank_{rank:05d}.pt", tmp / "optimizer" / f"rank_{rank:05d}.pt"})
+        _fsync_tree(tmp, skip=("rng", "optimizer"))  # the model, optimizer.pt, scheduler, state, extras
     _barrier(accelerator)
     if main:
+        _fsync_tree(tmp, files=False)  # every folder's entries, the other ranks' files included
         (tmp / COMPLETE_MARKER).write_text(f"step {int(step)}\n")
         _fsync(tmp / COMPLETE_MARKER)
         _fsync(tmp)
