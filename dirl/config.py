@@ -96,7 +96,9 @@ class DecodingConfig:
     """Block-diffusion decoding (SPEC section 4). ``block_size`` None: the model's."""
 
     block_size: Optional[int] = None  # B; must equal the model's
-    denoising_steps: int = 4  # steps per block; static strategies keep max(1, B // steps) tokens a step
+    # steps per block of the static strategies and sequential (max(1, B // steps) tokens kept a step);
+    # low_confidence_dynamic takes as many steps as its threshold needs
+    denoising_steps: int = 4
     # dynamic: keep every position with confidence >= confidence_threshold (and always the most
     # confident one); static: the most confident max(1, B // steps); sequential: that many, leftmost first
     unmasking_strategy: Literal[

@@ -47,7 +47,7 @@ class RewardConfig:
     # (value at length 0, value at length L) of the cosine reward.
     cosine_correct: tuple[float, float] = (1.0, 0.5)
     cosine_wrong: tuple[float, float] = (-0.5, 0.0)  # the same for a wrong response
-    cosine_exceed: float = -0.5  # a response cut at L tokens
+    cosine_exceed: float = -0.5  # a response of L tokens or more
     # (value at 1 token per step, value at B tokens per step) of the speed reward.
     speed_correct: tuple[float, float] = (0.5, 1.0)
     speed_wrong: tuple[float, float] = (0.0, -0.5)  # the same for a wrong response

@@ -87,7 +87,7 @@ class DistConfig:
     strategy: Strategy = "auto"  # auto: follow the launcher (see above); single, ddp or deepspeed
     deepspeed_config: str = ""  # a DeepSpeed JSON file ("auto" values filled); empty: the launcher's or built-in
     zero_stage: int = 1  # ZeRO stage of the built-in DeepSpeed settings: 0, 1 or 2
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a CUDA GPU that has it, else fp32
     timeout_s: int = 1800  # seconds a collective (all-reduce, barrier) waits for the other ranks
 
     def __post_init__(self) -> None:
