@@ -151,7 +151,7 @@ def run(argv: Optional[list[str]] = None) -> None:
     """The process entry point (the ``dirl`` script and ``python -m dirl.cli``; ``argv`` defaults to
     the command line): :func:`main`, then :func:`exit_process`. A bug's traceback is printed before it."""
     try:
-        code = main(argv)
+        code = main() if argv is None else main(argv)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if e.code is not None and not isinstance(e.code, int):
