@@ -4,7 +4,8 @@
 
 Every stage is the same command a user would type (``dirl make-tiny-model``, ``dirl sft``,
 ``dirl eval``, ``dirl rl``), run as a child process (a fork of this one once it has imported what
-the stages import; see :func:`_run`) so that its progress bar shows and a failure names its stage. Everything lands in one folder (default ``runs/quickstart-<time>``):
+the stages import; see :func:`_run`) so that its progress bar shows and a failure names its
+stage. Everything lands in one folder (default ``runs/quickstart-<time>``):
 
     tiny/            the untrained model (SDAR layout)
     sft/             the SFT run (metrics.jsonl, loss.png, checkpoints/)
