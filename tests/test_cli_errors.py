@@ -179,3 +179,19 @@ def test_as_a_process_one_line_and_a_traceback_only_when_asked(tmp_path, tiny_di
         proc = _run(debug_args, env)
         assert proc.returncode == 2 and "Traceback" in proc.stderr, proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("dirl: error: ")
+
+
+def test_eval_config_errors_come_before_torch_is_imported(tmp_path):
+    """``dirl eval`` checks its config (keys, values, the model folder) without importing torch, so
+    a typo is answered at once; torch comes with the work (the server is a process of its own)."""
+    code = ("import sys; from dirl import cli; rc = cli.main(sys.argv[1:]); "
+            "print('torch' in sys.modules, 'transformers' in sys.modules); sys.exit(rc)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("DIRL_DEBUG", None)
+    for args, want in ((["eval", "decoding.temprature=1"], "decoding.temprature"),
+                       (["eval", f"model.path={tmp_path / 'nowhere'}"], "config key 'model.path'"),
+                       (["eval", "num_samples=0"], "config key 'num_samples'")):
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                              env=env, cwd=tmp_path)
+        assert proc.returncode == 2 and want in proc.stderr, proc.stderr
+        assert proc.stdout.split() == ["False", "False"], (args, proc.stdout, proc.stderr)

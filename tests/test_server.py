@@ -350,6 +350,31 @@ def test_info_reports_what_the_backend_says_is_asleep(tiny_dir):
         backend.asleep["kv_cache"] = False
 
 
+class InfoBug(ReferenceBackend):
+    def info(self):
+        raise RuntimeError("a bug in info")
+
+
+def test_access_log_names_the_500_of_a_handler_bug(tiny_dir, capsys):
+    """A bug in a handler is answered 500 with its reason, and the access log says 500 (not '-'),
+    while the answered and refused requests around it keep their own codes."""
+    from fastapi.testclient import TestClient
+
+    from dirl.rollout.server import add_access_log, create_app
+
+    backend = InfoBug(str(tiny_dir), decoding=DECODING, device="cpu")
+    app = create_app(backend, backend.parser())
+    add_access_log(app)
+    with TestClient(app, raise_server_exceptions=False) as http:
+        capsys.readouterr()
+        assert http.get("/health").status_code == 200
+        r = http.get("/info")
+        assert r.status_code == 500 and "a bug in info" in r.json()["error"], r.text
+        assert http.post("/generate", json={"input_ids": "x"}).status_code == 400
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("dirl serve:")]
+    assert lines == ["dirl serve: GET /health 200", "dirl serve: GET /info 500", "dirl serve: POST /generate 400"], lines
+
+
 def test_flattened_buckets_round_trip():
     from dirl.rollout.weights import flatten_buckets, unflatten
 

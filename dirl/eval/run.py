@@ -60,8 +60,7 @@ from dirl.eval.report import markdown_table, write_report
 from dirl.rewards import Grader, accuracy_verdicts, extract_answer, tokens_per_step
 from dirl.rollout.launch import ModelFacts, ServerConfig, check_server_config, open_servers, stop_on_signals
 from dirl.rollout.requests import request_seed, sampling_request
-from dirl.train.checkpoint import newest_checkpoint, resolve_model_dir, write_tiny_model
-from dirl.train.common import progress_bar
+from dirl.train.ckpt_files import newest_checkpoint, resolve_model_dir
 
 
 RESPONSES = "responses.jsonl"
@@ -472,6 +471,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     if model_dir is None and not cfg.server.urls:
         model_dir = out / "tiny-model"
         if todo and not (model_dir / "config.json").is_file():
+            from dirl.train.checkpoint import write_tiny_model  # torch: imported once the config is known good
+
             write_tiny_model(model_dir, cfg.model.tiny)
             print(f"dirl eval: no trained embedded-default checkpoint under '{cfg.runs_dir}'; "
                   f"evaluating a freshly made (untrained) tiny model", flush=True)
@@ -500,6 +501,8 @@ def run_eval(cfg: EvalConfig) -> dict:
                 server_info = _server_summary(servers.infos[0])
                 state["server"] = server_info
                 _write_state(out, state)
+                from dirl.train.common import progress_bar
+
                 bar = progress_bar(total, initial=total - len(todo), desc="eval", enabled=cfg.progress_bar, unit="problem")
                 t_gen = time.time()
                 try:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, runtime_checkable
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
 
 from dirl.config import ConfigError, DecodingConfig, check_decoding
+
+if TYPE_CHECKING:  # torch is imported where a backend runs, not by config checks that read the schema
+    import torch
 
 ENGINE_NAME = "dirl-reference"
 CONFIDENCE_RULE = "softmax(logits / T)[sampled token], before top-k/top-p filtering"
@@ -404,6 +405,8 @@ class ReferenceBackend:
         self.asleep["kv_cache"] = True
         if level == 2 and not self.asleep["weights"]:
             if self.device.type == "cuda":
+                import torch
+
                 self.model.to("cpu")
                 torch.cuda.empty_cache()
             self.asleep["weights"] = True
@@ -447,6 +450,8 @@ class ReferenceBackend:
             # a copy: an ipc segment's views point into the trainer's memory, freed once we answer
             self._staged[key] = t.detach().to(device=p.device, dtype=p.dtype, copy=True)
         if finished:
+            import torch
+
             staged, self._staged = self._staged, {}
             with torch.no_grad():
                 for key, t in staged.items():

@@ -20,7 +20,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import yaml
 
 from dirl.config import ConfigError, DecodingConfig, check_decoding, model_folder
@@ -33,6 +32,8 @@ _SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "do_sampl
 
 
 def default_device() -> str:
+    import torch  # here, not at the top: config checks that import this module stay quick
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -85,6 +86,8 @@ def backend_options_to_argv(options: Optional[dict[str, Any]]) -> list[str]:
 
 def apply_threads(threads: Optional[int]) -> None:
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
 
 

@@ -709,6 +709,11 @@ def add_access_log(app) -> None:
 
             try:
                 await self.inner(scope, receive, send_noting_status)
+            except Exception:
+                # a bug in a handler: the outermost error middleware (outside this one) answers 500
+                if not status:
+                    status.append(500)
+                raise
             finally:
                 print(f"dirl serve: {scope['method']} {scope['path']} {status[0] if status else '-'}", flush=True)
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -75,3 +76,55 @@ def resolve_model_dir(path: str | os.PathLike, key: str = "model.path") -> Path:
         return done[-1][1] / "model"
     raise ConfigError(f"{where}: '{p}' has no config.json: it is neither a model folder nor a training checkpoint "
                       f"or a run folder with a complete one")
+
+
+def checkpoint_kind(ckpt_dir: str | os.PathLike) -> str:
+    """``sft`` or ``rl``: the command that wrote a checkpoint (its trainer state, else the name of
+    its run folder: ``sft-*``, ``rl-*``); ``""`` when neither tells."""
+    p = Path(ckpt_dir)
+    try:
+        kind = json.loads((p / STATE_FILE).read_text()).get("kind", "")
+    except (OSError, ValueError):
+        kind = ""
+    if kind:
+        return str(kind)
+    run = p.parent.parent.name
+    return next((k for k in ("sft", "rl") if run.startswith(k)), "")
+
+
+def _tiny_vocab(model_dir: Path) -> bool:
+    try:
+        raw = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return int(raw.get("vocab_size", 1 << 30)) <= TINY_VOCAB_MAX
+
+
+def newest_checkpoint(runs_dir: str | os.PathLike, kinds: Optional[tuple[str, ...]] = None, tiny_only: bool = True,
+                      max_depth: int = 6) -> Optional[Path]:
+    """The model folder of the most recently completed training checkpoint under ``runs_dir``
+    (``.../checkpoints/step_N/model`` with its ``COMPLETE`` marker), or None. ``kinds``: only
+    checkpoints of these commands (see :func:`checkpoint_kind`); ``tiny_only``: only the embedded
+    default's (tiny-vocabulary) models. Folders that merely hold a model (an untrained tiny model,
+    a download) are never candidates."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return None
+    best: tuple[float, Optional[Path]] = (-1.0, None)
+    base = len(root.parts)
+    for dirpath, dirnames, _ in os.walk(root):
+        d = Path(dirpath)
+        dirnames[:] = [n for n in dirnames if not n.startswith(".") and len(d.parts) - base < max_depth]
+        if d.name != "checkpoints":
+            continue
+        dirnames[:] = []
+        for _, ck in list_checkpoints(d.parent, model_only=True):
+            model = ck / "model"
+            if kinds is not None and checkpoint_kind(ck) not in kinds:
+                continue
+            if (tiny_only and not _tiny_vocab(model)) or (model / UNTRAINED_MARKER).exists():
+                continue
+            t = (ck / COMPLETE_MARKER).stat().st_mtime
+            if t > best[0]:
+                best = (t, model)
+    return best[1]
