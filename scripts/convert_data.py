@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -52,6 +53,7 @@ from dirl.data.formats import (  # noqa: E402
     iter_json_array,
     iter_jsonl,
     parse_sft_row,
+    read_utf8,
 )
 from dirl.rewards.math import extract_answer, gold_answer  # noqa: E402
 
@@ -110,7 +112,7 @@ def iter_rows(source: str, split: str = "train", subset: Optional[str] = None) -
 
 def _iter_json(p: Path) -> Iterator[tuple[str, Any]]:
     """A .json file: an array (or {"data": [...]}), or JSON Lines under a .json name."""
-    text = p.read_text(encoding="utf-8")
+    text = read_utf8(p)  # a byte that is not UTF-8: an error naming its line
     if text.lstrip().startswith("{"):
         try:
             json.loads(text)
@@ -122,7 +124,9 @@ def _iter_json(p: Path) -> Iterator[tuple[str, Any]]:
 
 def iter_csv(p: Path, delimiter: str = ",") -> Iterator[tuple[str, dict]]:
     """``(file:line, row)`` for every record of a CSV file with a header line (the line a record starts on)."""
-    with p.open("r", encoding="utf-8-sig", newline="") as f:
+    text = read_utf8(p)  # whole, so that a byte that is not UTF-8 is named by its line
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a long worked solution is one field
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader)
@@ -306,6 +310,18 @@ def convert_sft(row: Any, where: str, fields: Fields, system_prompt: str = "") -
     return out
 
 
+def _user_turn_of_templated(text: str, where: str, key: str) -> str:
+    """The content of the last user turn of chat-templated text (RL rows hold the plain question:
+    the trainer templates it)."""
+    head = "<|im_start|>user\n"
+    start = text.rfind(head)
+    end = text.find("<|im_end|>", start + len(head)) if start >= 0 else -1
+    if end < 0:
+        raise DataError(f"{where}: '{key}' is chat-templated text without a complete user turn to take the "
+                        "question from")
+    return text[start + len(head):end]
+
+
 def convert_rl(row: Any, where: str, fields: Fields) -> dict:
     """One input row as ``{"question": ..., "answer": <final answer>}``."""
     if not isinstance(row, dict):
@@ -332,6 +348,8 @@ def convert_rl(row: Any, where: str, fields: Fields) -> dict:
                 raise DataError(f"{where}: '{qkey}' has no user turn")
             q = users[-1]
         question = _text(q, where, qkey)
+        if is_templated_prompt(question):  # DiRL's templated SFT prompt: its last user turn, untemplated
+            question = _user_turn_of_templated(question, where, qkey)
     if not question.strip():
         raise DataError(f"{where}: the question is empty")
 

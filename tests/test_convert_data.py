@@ -339,3 +339,68 @@ def test_dirl_rl_rows(tmp_path):
 
     got = load_problems(RLDataConfig(source=str(src)))
     assert [(p["question"], p["answer"]) for p in got] == [(r["question"], r["ground_truth_answer"]) for r in rows]
+
+
+def test_dirl_sft_rows_become_rl_rows_with_the_plain_question(tmp_path):
+    """DiRL's templated SFT rows converted --to rl keep the user turn's text (the trainer templates
+    it), and a templated question handed to the trainer directly is refused, not templated twice."""
+    from dirl.train.rl.config import RLDataConfig
+    from dirl.train.rl.prompts import load_problems
+
+    prompt = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 1+2?<|im_end|>\n<|im_start|>assistant\n"
+    src = write_jsonl(tmp_path / "dirl_sft.jsonl", [{"prompt": prompt, "response": "1+2=3. \\boxed{3}<|im_end|>"}])
+    out = tmp_path / "rl.jsonl"
+    r = run(src, "--to", "rl", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert read_jsonl(out) == [{"question": "What is 1+2?", "answer": "3"}]
+    assert load_problems(RLDataConfig(source=str(out)))[0]["messages"][-1]["content"].startswith("What is 1+2?")
+    bad = write_jsonl(tmp_path / "templated.jsonl", [{"question": "2+2?", "answer": "4"},
+                                                     {"question": prompt, "answer": "3"}])
+    with pytest.raises(DataError, match=rf"^{bad}:2: the question holds the chat-template token <\|im_start\|>"):
+        load_problems(RLDataConfig(source=str(bad)))
+    with pytest.raises(DataError, match=rf"^{bad}:2: the question holds"):
+        load_benchmark("math500", source=str(bad))
+
+
+def test_a_worked_solution_without_a_result_is_no_gold_answer(tmp_path):
+    from dirl.train.rl.config import RLDataConfig
+    from dirl.train.rl.prompts import load_problems
+
+    src = write_jsonl(tmp_path / "p.jsonl", [{"problem": "1+2?", "solution": "We add. \\boxed{3}"},
+                                             {"problem": "1+1?", "solution": "We add 1 and 1.\nThe sum is 2."}])
+    with pytest.raises(DataError, match=rf"^{src}:2: the answer is taken from 'solution', a worked solution with no "
+                                        r"\\boxed\{\} or #### result to grade against \(set data.answer_key"):
+        load_problems(RLDataConfig(source=str(src)))
+    with pytest.raises(DataError, match=rf"^{src}:2: the answer is taken from 'solution'"):
+        load_benchmark("math500", source=str(src))
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"problem": "1+2?", "solution": "We add. \\boxed{3}"},
+                                             {"problem": "6*7?", "solution": "6*7 = 42\n#### 42"}])
+    assert [p["answer"] for p in load_problems(RLDataConfig(source=str(ok)))] == ["3", "42"]
+
+
+def test_problem_files_of_other_types_are_one_line_errors(tmp_path):
+    from dirl.train.rl.config import RLDataConfig
+    from dirl.train.rl.prompts import load_problems
+
+    (tmp_path / "bad.parquet").write_text("not parquet\n")
+    (tmp_path / "p.csv").write_text("question,answer\n1+1?,2\n")
+    for name, want in (("bad.parquet", "not a readable parquet file (ArrowInvalid"),
+                       ("p.csv", "unsupported file type '.csv' (expected .jsonl, .json, .parquet; "
+                                 "scripts/convert_data.py converts")):
+        with pytest.raises(DataError) as e:
+            load_problems(RLDataConfig(source=str(tmp_path / name)))
+        assert str(e.value).startswith(f"{tmp_path / name}: {want}"), str(e.value)
+
+
+def test_csv_fields_of_any_length_and_bytes_named_by_line(tmp_path):
+    long = "x" * 200_000 + " \\boxed{7}"
+    src = tmp_path / "huge.csv"
+    src.write_text(f"question,solution\nq?,{long}\n")
+    out = tmp_path / "rl.jsonl"
+    assert cd.convert(str(src), out, "rl").written == 1 and read_jsonl(out)[0]["answer"] == "7"
+    for name, head in (("late.csv", "question,answer\n" + "a?,1\n" * 2000), ("late.json", '[\n' + '{"question": "a?", "answer": "1"},\n' * 5)):
+        f = tmp_path / name
+        f.write_bytes(head.encode() + b'{"question": "b\xff?"' if name.endswith(".json") else head.encode() + b"b\xff?,2\n")
+        r = run(f, "--to", "rl", "--out", tmp_path / "o.jsonl")
+        line = head.count("\n") + 1
+        assert r.returncode == 2 and r.stderr.strip() == f"{f}:{line}: not UTF-8 (byte 0xff)", r.stderr

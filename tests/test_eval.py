@@ -120,6 +120,13 @@ def test_names_and_sources(tmp_path):
     (tmp_path / "aime25.jsonl").write_text('{"problem": "p", "answer": "7"}\n')
     assert resolve_source("aime2025", data_dir=str(tmp_path)) == str(tmp_path / "aime25.jsonl")
     assert resolve_source("aime2025", source=str(tmp_path)) == str(tmp_path / "aime25.jsonl")
+    # a file that is not there is named as such (not tried as a Hub name), by the key that gave it
+    with pytest.raises(FileNotFoundError, match="file '.*my_test.jsonl' does not exist"):
+        resolve_source("math500", source=str(tmp_path / "nope" / "my_test.jsonl"))
+    assert resolve_source("math500", source="me/my-math") == "me/my-math"  # a Hub name stays one
+    with pytest.raises(ConfigError, match=r"^config key 'data.sources.math500': file '.*my_test.jsonl' does not exist"):
+        load_config(EvalConfig, None, ["data.benchmarks=[math500]",
+                                       f"data.sources.math500={tmp_path / 'nope' / 'my_test.jsonl'}"])
 
 
 def test_bad_problem_rows_name_their_line(tmp_path):

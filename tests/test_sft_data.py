@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,8 @@ from dirl.data.sft import (
     tokenize_examples,
 )
 from dirl.model.tiny import build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +76,14 @@ def test_custom_field_names():
         ('{"text": "hello"}', "expected 'messages' or 'prompt'/'response'"),
         ('[1, 2]', "a row must be a JSON object"),
         ('{"prompt": "1+1?", "response": "2"', "invalid JSON"),
+        ('{"prompt": "1+1?", "response": "  "}', "'response' is empty"),
+        ('{"prompt": "", "response": "2"}', "'prompt' is empty"),
+        ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}',
+         "the assistant's response in 'messages' is empty"),
+        ('{"messages": [{"role": "system", "content": " "}, {"role": "assistant", "content": "a"}]}',
+         "the prompt turns of 'messages' are all empty"),
+        ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a<|endoftext|>b"}]}',
+         "messages[1].content holds the chat-template token <|endoftext|>"),
     ],
 )
 def test_bad_row_names_file_and_line(tmp_path, line, message):
@@ -90,6 +101,38 @@ def test_bad_element_of_json_array_names_its_line(tmp_path):
     f.write_text('[\n  {"prompt": "a", "response": "b"},\n  {"prompt": "a",\n   "answer": 3}\n]\n')
     with pytest.raises(DataError, match=rf"^{f}:3: missing field 'response'"):
         read_sft_examples(str(f))
+
+
+def test_json_array_files_read_whole_or_not_at_all(tmp_path):
+    """A second array after the first (two files pasted together) is an error, not silently dropped
+    rows; a byte-order mark at the start of a file (some editors write one) is skipped."""
+    row = {"prompt": "a", "response": "b"}
+    f = tmp_path / "two.json"
+    f.write_text(json.dumps([row]) + "\n" + json.dumps([row, row]) + "\n")
+    with pytest.raises(DataError, match=rf"^{f}:2: more data after the JSON array's closing"):
+        read_sft_examples(str(f))
+    f.write_text("[]\n[1]")
+    with pytest.raises(DataError, match=rf"^{f}:2: more data"):
+        read_sft_examples(str(f))
+    for name, text in (("bom.json", json.dumps([row, row])), ("bom.jsonl", json.dumps(row) + "\n" + json.dumps(row))):
+        g = tmp_path / name
+        g.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert [e.response for e in read_sft_examples(str(g))] == ["b", "b"], name
+
+
+def test_a_file_is_read_whole_unless_num_samples_says_otherwise(tmp_path):
+    from dirl.train.sft import load_sft_config, load_sft_examples
+
+    f = tmp_path / "big.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "a"}) + "\n" for i in range(7005)))
+    cfg = load_sft_config(None, [f"data.source={f}"])
+    assert cfg.data.num_samples == 0 and len(load_sft_examples(cfg.data)) == 7005
+    cfg = load_sft_config(None, [f"data.source={f}", "data.num_samples=10"])
+    assert len(load_sft_examples(cfg.data)) == 10
+    # the synthetic task's own size stays the default for it, also through the shipped config
+    assert load_sft_config(None, []).data.num_samples == 7000
+    assert load_sft_config(str(ROOT / "configs" / "sft_default.yaml"), []).data.num_samples == 7000
+    assert load_sft_config(str(ROOT / "configs" / "sft_default.yaml"), [f"data.source={f}"]).data.num_samples == 0
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from dirl.data.formats import DataError, iter_json_array, iter_jsonl, read_utf8
+from dirl.data.formats import END_OF_TEXT, END_OF_TURN, TURN_START, DataError, iter_json_array, iter_jsonl, read_utf8
 from dirl.rewards.math import gold_answer
 
 DIRL_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within $\\boxed{{}}$."
@@ -80,6 +80,15 @@ MATH_BENCHMARKS = ("math500", "gsm8k", "aime2024", "aime2025", "olympiadbench")
 # Fallback field names for files of other schemas.
 _QUESTION_FALLBACK = ("problem", "question", "prompt", "input", "query")
 _ANSWER_FALLBACK = ("answer", "final_answer", "ground_truth", "gold", "target", "solution")
+# fields that hold a worked solution: the gold answer is its \boxed{} (or GSM8K's ####) result
+WORKED_FIELDS = ("solution",)
+ROW_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def looks_like_file(source: str) -> bool:
+    """Whether a data source string names a local file (a row-file suffix, or a path that starts
+    with ``/``, ``.`` or ``~``) rather than a Hub dataset ``owner/name``."""
+    return Path(source).suffix.lower() in ROW_FILE_SUFFIXES or source.startswith(("/", ".", "~"))
 
 
 def canonical_name(name: str) -> str:
@@ -108,10 +117,17 @@ def read_located_rows(path: str | Path) -> list[tuple[str, dict]]:
     text, not a line break."""
     p = Path(path)
     suffix = p.suffix.lower()
+    if suffix not in ROW_FILE_SUFFIXES:
+        raise DataError(f"{p}: unsupported file type {suffix or '(no suffix)'!r} (expected {', '.join(ROW_FILE_SUFFIXES)}; "
+                        "scripts/convert_data.py converts CSV and other shapes)")
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        located: list[tuple[str, Any]] = [(f"{p} row {i}", r) for i, r in enumerate(pq.read_table(p).to_pylist())]
+        try:
+            table = pq.read_table(p)
+        except Exception as e:  # noqa: BLE001 - pyarrow's errors (ArrowInvalid, OSError ...) as one line
+            raise DataError(f"{p}: not a readable parquet file ({type(e).__name__}: {e})") from None
+        located: list[tuple[str, Any]] = [(f"{p} row {i}", r) for i, r in enumerate(table.to_pylist())]
     elif suffix == ".json":
         text = read_utf8(p)
         if text.lstrip().startswith("{"):
@@ -139,15 +155,25 @@ def read_rows(path: str | Path) -> list[dict]:
 
 
 def problem_question(raw: Any, where: str) -> str:
-    """A problem row's question text; anything but a non-empty string is a :class:`DataError`."""
+    """A problem row's question text; anything but a non-empty string is a :class:`DataError`, and so
+    is chat-templated text (the question goes into a user turn, which gets the model's template)."""
     if not isinstance(raw, str) or not raw.strip():
         raise DataError(f"{where}: the question must be a non-empty string, got {raw!r:.80}")
+    tok = next((t for t in (TURN_START, END_OF_TURN, END_OF_TEXT) if t in raw), None)
+    if tok is not None:
+        raise DataError(f"{where}: the question holds the chat-template token {tok}: it would be templated twice "
+                        "(give the plain question; the user turn and the template are added here)")
     return raw
 
 
-def problem_gold(raw: Any, where: str) -> str:
-    """The gold answer string of a problem row's answer field; an empty or unusable value is a
-    :class:`DataError` naming the row."""
+def problem_gold(raw: Any, where: str, field: str = "", hint: str = "") -> str:
+    """The gold answer string of a problem row's answer field ``field``; an empty or unusable value
+    is a :class:`DataError` naming the row, and so is a worked solution (``solution``) with no
+    ``\\boxed{}`` or ``####`` result: the whole text would be the gold and nothing would match it.
+    ``hint``: what the message suggests (the config key that names the answer field)."""
+    if field in WORKED_FIELDS and isinstance(raw, str) and "\\boxed" not in raw and "####" not in raw:
+        raise DataError(f"{where}: the answer is taken from '{field}', a worked solution with no \\boxed{{}} or "
+                        f"#### result to grade against{' (' + hint + ')' if hint else ''}")
     try:
         gold = gold_answer(raw)
     except (TypeError, ValueError) as e:
@@ -195,7 +221,11 @@ def resolve_source(name: str, source: Optional[str] = None, data_dir: Optional[s
             if not spec.file or not (p / spec.file).is_file():
                 raise FileNotFoundError(f"benchmark '{spec.name}': {p} has no {spec.file or 'data file'}")
             return str(p / spec.file)
-        return str(p) if p.exists() else source
+        if p.exists():
+            return str(p)
+        if looks_like_file(source):
+            raise FileNotFoundError(f"benchmark '{spec.name}': file '{source}' does not exist")
+        return source
     if data_dir and spec.file:
         p = Path(data_dir).expanduser() / spec.file
         if p.is_file():
@@ -203,10 +233,10 @@ def resolve_source(name: str, source: Optional[str] = None, data_dir: Optional[s
     return spec.hub
 
 
-def _pick(row: dict, names: Iterable[str], fallback: Iterable[str], what: str, where: str) -> Any:
+def _pick(row: dict, names: Iterable[str], fallback: Iterable[str], what: str, where: str) -> tuple[str, Any]:
     for n in list(names) + [f for f in fallback if f not in names]:
         if n in row and row[n] is not None:
-            return row[n]
+            return n, row[n]
     raise DataError(f"{where}: no {what} field (looked for {', '.join(names)}; row keys: {', '.join(map(str, row))})")
 
 
@@ -249,8 +279,9 @@ def load_benchmark(
         located = read_located_rows(p) if p.is_file() else _load_hub(where, spec)
     problems = []
     for i, (loc, row) in enumerate(located):
-        question = problem_question(_pick(row, spec.question_fields, _QUESTION_FALLBACK, "question", loc), loc)
-        gold = problem_gold(_pick(row, spec.answer_fields, _ANSWER_FALLBACK, "answer", loc), loc)
+        question = problem_question(_pick(row, spec.question_fields, _QUESTION_FALLBACK, "question", loc)[1], loc)
+        answer_field, raw_answer = _pick(row, spec.answer_fields, _ANSWER_FALLBACK, "answer", loc)
+        gold = problem_gold(raw_answer, loc, field=answer_field)
         meta = {k: row[k] for k in spec.meta_fields if k in row}
         if "id" in row and "id" not in meta:
             meta["id"] = row["id"]

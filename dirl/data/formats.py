@@ -81,7 +81,10 @@ def _check_messages(msgs: Any, where: str, key: str) -> list[dict]:
             raise DataError(f"{where}: {key}[{i}].role must be one of {', '.join(ROLES)}, got {_short(role)}")
         if not isinstance(content, str):
             raise DataError(f"{where}: {key}[{i}].content must be a string, got {_short(content)}")
-        tok = next((t for t in (TURN_START, END_OF_TURN) if t in content), None)
+        body = content
+        if i == len(msgs) - 1 and role == "assistant" and content.endswith(END_OF_TEXT):
+            body = content[:-len(END_OF_TEXT)]  # a closed response: parse_sft_row says so, more precisely
+        tok = next((t for t in (TURN_START, END_OF_TURN, END_OF_TEXT) if t in body), None)
         if tok is not None:
             raise DataError(f"{where}: {key}[{i}].content holds the chat-template token {tok}: it would be "
                             "templated twice (give already templated text as a {prompt, response} pair, "
@@ -126,6 +129,10 @@ def parse_sft_row(row: Any, where: str, names: FieldNames | None = None) -> SFTE
                             f"got role {msgs[-1]['role']!r}")
         if len(msgs) < 2:
             raise DataError(f"{where}: '{names.messages}' needs a prompt turn before the assistant's response")
+        if not msgs[-1]["content"].strip():
+            raise DataError(f"{where}: the assistant's response in '{names.messages}' is empty")
+        if not any(m["content"].strip() for m in msgs[:-1]):
+            raise DataError(f"{where}: the prompt turns of '{names.messages}' are all empty")
         if is_closed_response(msgs[-1]["content"]):
             raise DataError(f"{where}: the assistant's response in '{names.messages}' already ends its turn "
                             f"({_short(msgs[-1]['content'][-24:])}); chat messages get the template and "
@@ -140,6 +147,10 @@ def parse_sft_row(row: Any, where: str, names: FieldNames | None = None) -> SFTE
         prompt, response = row[names.prompt], row[names.response]
         if not isinstance(response, str):
             raise DataError(f"{where}: '{names.response}' must be a string, got {_short(response)}")
+        if not response.strip():
+            raise DataError(f"{where}: '{names.response}' is empty")
+        if isinstance(prompt, str) and not prompt.strip():
+            raise DataError(f"{where}: '{names.prompt}' is empty")
         closed = is_closed_response(response)
         if isinstance(prompt, str) and is_templated_prompt(prompt):
             _check_templated_prompt(prompt, where, names.prompt)
@@ -155,6 +166,8 @@ def parse_sft_row(row: Any, where: str, names: FieldNames | None = None) -> SFTE
             prompt_msgs = [{"role": "user", "content": prompt}]
         else:
             prompt_msgs = _check_messages(prompt, where, names.prompt)
+            if not any(m["content"].strip() for m in prompt_msgs):
+                raise DataError(f"{where}: the turns of '{names.prompt}' are all empty")
         if closed:
             end = END_OF_TEXT if response.endswith(END_OF_TEXT) else END_OF_TURN
             raise DataError(f"{where}: '{names.response}' ends with {end} but '{names.prompt}' is plain text, "
@@ -179,7 +192,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     p = Path(path)
     with p.open("rb") as f:
         for i, raw in enumerate(f, start=1):
-            line = decode_line(raw, f"{p}:{i}")
+            line = decode_line(raw[3:] if i == 1 and raw.startswith(BOM) else raw, f"{p}:{i}")
             if not line.strip():
                 continue
             try:
@@ -245,10 +258,16 @@ def decode_line(raw: bytes, where: str) -> str:
         raise DataError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
 
 
+BOM = b"\xef\xbb\xbf"  # some editors start a UTF-8 file with it; skipped
+
+
 def read_utf8(path: str | os.PathLike) -> str:
-    """A whole text file; bytes that are not UTF-8 are a :class:`DataError` naming file and line."""
+    """A whole text file (a leading byte-order mark skipped); bytes that are not UTF-8 are a
+    :class:`DataError` naming file and line."""
     p = Path(path)
     data = p.read_bytes()
+    if data.startswith(BOM):
+        data = data[len(BOM):]
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -282,6 +301,7 @@ def iter_json_array(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{p}:{line_of(i)}: expected a JSON array of rows")
     i = _skip_ws(text, i + 1)
     if i < len(text) and text[i] == "]":
+        _check_end(p, text, i + 1, line_of)
         return
     while True:
         start = i
@@ -295,8 +315,17 @@ def iter_json_array(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
             i = _skip_ws(text, i + 1)
             continue
         if i < len(text) and text[i] == "]":
-            return
+            break
         raise DataError(f"{p}:{line_of(i)}: expected ',' or ']' between rows")
+    _check_end(p, text, i + 1, line_of)
+
+
+def _check_end(p: Path, text: str, i: int, line_of) -> None:
+    """Only white space may follow the array: a second array (or anything else) would be dropped."""
+    j = _skip_ws(text, i)
+    if j < len(text):
+        raise DataError(f"{p}:{line_of(j)}: more data after the JSON array's closing ']' (one array of rows "
+                        "per file; JSON Lines files end in .jsonl)")
 
 
 def _skip_ws(text: str, i: int) -> int:

@@ -53,8 +53,8 @@ from dirl.config import (
     save_config,
     to_dict,
 )
-from dirl.data.benchmarks import canonical_name, load_benchmark
-from dirl.data.formats import read_jsonl_log
+from dirl.data.benchmarks import canonical_name, load_benchmark, looks_like_file
+from dirl.data.formats import DataError, read_jsonl_log
 from dirl.eval.metrics import average_metrics, benchmark_metrics
 from dirl.eval.report import markdown_table, write_report
 from dirl.rewards import Grader, accuracy_verdicts, extract_answer, tokens_per_step
@@ -151,11 +151,13 @@ class EvalConfig:
                 raise ConfigError(f"config key 'data.benchmarks': {e}") from None
         if len(set(names)) != len(names):
             raise ConfigError("config key 'data.benchmarks': a benchmark is listed twice")
-        for b in self.data.sources:
+        for b, src in self.data.sources.items():
             try:
                 canonical_name(b)
             except ValueError as e:
                 raise ConfigError(f"config key 'data.sources.{b}': {e}") from None
+            if src and looks_like_file(src) and not Path(src).expanduser().exists():
+                raise ConfigError(f"config key 'data.sources.{b}': file '{src}' does not exist")
         if self.data.data_dir and not Path(self.data.data_dir).expanduser().is_dir():
             raise ConfigError(f"config key 'data.data_dir': folder '{self.data.data_dir}' does not exist")
         if self.model.path:
@@ -450,8 +452,11 @@ def run_eval(cfg: EvalConfig) -> dict:
                                             limit=cfg.data.limit, subset_seed=cfg.data.subset_seed,
                                             synthetic_size=cfg.data.synthetic_size,
                                             synthetic_seed=cfg.data.synthetic_seed)
+        except DataError:
+            raise  # a bad row: the message names its file and line
         except (RuntimeError, OSError, KeyError, ValueError) as e:
-            raise ConfigError(f"config key 'data.benchmarks': cannot load '{name}': {e}") from None
+            key = f"data.sources.{b if b in cfg.data.sources else name}" if src else "data.benchmarks"
+            raise ConfigError(f"config key '{key}': cannot load '{name}': {e}") from None
     fp = _fingerprint(cfg, model_id, problems)
     out = Path(cfg.output_dir) if cfg.output_dir else Path(cfg.runs_dir) / "eval" / f"{label}-{_hash(fp)}"
     state = _check_state(out, fp, cfg.resume)

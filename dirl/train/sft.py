@@ -94,13 +94,18 @@ def default_tiny_shape() -> TinyModelConfig:
     return embedded_tiny_shape()
 
 
+SYNTHETIC_NUM_SAMPLES = 7000  # data.num_samples unset, synthetic source
+
+
 @dataclass
 class SFTDataConfig:
     # "synthetic" (built-in arithmetic), a .json / .jsonl file, a `datasets` folder or a Hub name
     source: str = "synthetic"
     split: str = "train"  # the split of a `datasets` source (synthetic: train)
     subset: str = ""  # `datasets` configuration name
-    num_samples: int = 7000  # 0: every row; synthetic: how many distinct train problems (7,283 exist)
+    # rows to use, the first N; 0: every row. Unset: every row of a file or dataset, and 7,000
+    # distinct train problems of the synthetic task (of 7,283; fewer are memorised instead of learnt)
+    num_samples: Optional[int] = None
     digits: int = 2  # synthetic only
     # synthetic only: the worked solutions come from a teacher whose boxed sum slips (its last digit
     # one too high) with this probability (dirl/data/synthetic.py): the SFT ceiling that RL can pass
@@ -150,6 +155,8 @@ class SFTConfig:
                               f"model.tiny.block_size {self.model.tiny.block_size}")
         d, t = self.data, self.train
         check_positive("data.max_length", d.max_length)
+        if d.num_samples is None:  # resolved here, so the saved config (and a resume check) holds the number
+            d.num_samples = SYNTHETIC_NUM_SAMPLES if d.source == "synthetic" else 0
         check_positive("data.num_samples", d.num_samples, allow_zero=True)
         check_positive("data.digits", d.digits)
         if not 0.0 <= d.teacher_error <= 1.0:

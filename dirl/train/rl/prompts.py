@@ -23,7 +23,7 @@ def _pick(row: dict, key: str, fallbacks: tuple[str, ...], what: str, where: str
     keys = (key,) if key else fallbacks
     for k in keys:
         if k in row and row[k] is not None:
-            return row[k]
+            return k, row[k]
     raise DataError(f"{where}: no {what} field (looked for {', '.join(keys)}; "
                     f"set data.{what}_key); the row has {', '.join(sorted(map(str, row)))}")
 
@@ -43,8 +43,9 @@ def load_problems(data: RLDataConfig) -> list[dict]:
     for i, (loc, row) in enumerate(located):
         if not isinstance(row, dict):
             raise DataError(f"{loc}: expected an object with a question and an answer, got {type(row).__name__}")
-        q = problem_question(_pick(row, data.question_key, _QUESTION_KEYS, "question", loc), loc)
-        gold = problem_gold(_pick(row, data.answer_key, _ANSWER_KEYS, "answer", loc), loc)
+        q = problem_question(_pick(row, data.question_key, _QUESTION_KEYS, "question", loc)[1], loc)
+        answer_field, raw_answer = _pick(row, data.answer_key, _ANSWER_KEYS, "answer", loc)
+        gold = problem_gold(raw_answer, loc, field=answer_field, hint="set data.answer_key to a field with the final answer")
         msgs = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
         msgs.append({"role": "user", "content": data.prompt_template.replace("{question}", q)})
         out.append({"id": str(row.get("id", i)), "index": i, "question": q, "answer": gold, "messages": msgs})
