@@ -89,6 +89,74 @@ def test_a_launcher_never_takes_another_process_on_its_port_for_its_server(tiny_
         assert httpx.get(first.url + "/health").json()["pid"] == first.pid
 
 
+def _pid_serving_port(port: int):
+    """What any user of the machine can see: the pid of the process started with ``--port PORT``."""
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                args = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"serve" in args and b"--port" in args and args[args.index(b"--port") + 1:][:1] == [str(port).encode()]:
+                return int(d.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc to play the squatter")
+def test_a_squatter_that_echoes_the_servers_pid_never_gets_the_key(tiny_dir):
+    """Another user's process on the launcher's port, answering /health with the pid of the
+    launcher's server (visible to all in the process list): the launcher's challenge goes
+    unanswered, so it never takes the squatter for its server nor sends it the key; its own server
+    cannot bind and exits, and the launcher says so."""
+    import http.server
+    import json
+    import threading
+
+    seen = []
+
+    class Squatter(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append((self.path, self.headers.get("authorization"), self.headers.get("x-api-key")))
+            body = json.dumps({"status": "ok", "pid": _pid_serving_port(port), "proof": "0" * 64}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    port = launch.free_port()
+    squatter = http.server.ThreadingHTTPServer(("127.0.0.1", port), Squatter)
+    threading.Thread(target=squatter.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(RuntimeError, match="exited with code .* during start-up") as e:
+            launch.start_server(tiny_dir, device="cpu", port=port, max_batch_size=4, api_key="SECRET-KEY")
+        assert "address already in use" in str(e.value).lower(), str(e.value)[-2000:]
+    finally:
+        squatter.shutdown()
+        squatter.server_close()
+    assert seen and all(p == "/health" and a is None and k is None for p, a, k in seen), seen[:5]
+    assert _pid_serving_port(port) is None  # the launcher's server is gone
+
+
+def test_health_proves_the_key_only_to_a_challenge(tiny_dir, monkeypatch):
+    from dirl.rollout.server import health_proof
+
+    with launch.start_server(tiny_dir, device="cpu", max_batch_size=4, api_key="k1") as h:
+        plain = httpx.get(h.url + "/health").json()
+        assert plain == {"status": "ok", "pid": h.pid}  # no key needed, none shown
+        answered = httpx.get(h.url + "/health", headers={"x-dirl-challenge": "abc"}).json()
+        assert answered["proof"] == health_proof("k1", "abc") != health_proof("k2", "abc")
+    assert _wait_gone(h.pid)
+    # a second stop of a reaped server signals nothing: its group id may be another's by now
+    signalled = []
+    monkeypatch.setattr(launch.os, "killpg", lambda pid, sig: signalled.append((pid, sig)))
+    h.stop()
+    assert signalled == []
+
+
 def _ipv6_loopback() -> bool:
     import socket
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import hmac
 import os
 import secrets
 import signal
@@ -169,6 +170,7 @@ class ServerHandle:
         self.log_path = log_path
         self.api_key = api_key
         self.owns_log = owns_log  # a temporary log file, removed by a clean stop()
+        self._stopped = False
         _LIVE.add(self)
 
     @property
@@ -176,7 +178,7 @@ class ServerHandle:
         return self.proc.pid
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return not self._exited(0)
 
     def log_tail(self, n: int = 30) -> str:
         try:
@@ -192,14 +194,23 @@ class ServerHandle:
             return self._poll_health(client, deadline, timeout)
 
     def _poll_health(self, client: httpx.Client, deadline: float, timeout: float) -> "ServerHandle":
+        from dirl.rollout.server import CHALLENGE_HEADER, health_proof
+
+        challenge = secrets.token_hex(16)
+        headers = {CHALLENGE_HEADER: challenge} if self.api_key else {}
+        want = health_proof(self.api_key, challenge) if self.api_key else None
         while True:
-            if self.proc.poll() is not None:
+            if self._exited(0):
+                self._signal_group(signal.SIGKILL)  # before the leader is reaped (see stop)
+                self.proc.poll()
                 raise RuntimeError(f"dirl serve exited with code {self.proc.returncode} during start-up "
                                    f"(log {self.log_path}):\n{self.log_tail()}")
             try:
-                r = client.get(self.url + "/health")
-                # ours, not another process already on the port (ours then exits: address in use)
-                if r.status_code == 200 and r.json().get("pid") == self.proc.pid:
+                r = client.get(self.url + "/health", headers=headers)
+                # ours, not another process already on the port (ours then exits: address in use);
+                # with a key, the answer must prove it (a pid anyone can read and echo)
+                if r.status_code == 200 and r.json().get("pid") == self.proc.pid and \
+                        (want is None or hmac.compare_digest(str(r.json().get("proof", "")), want)):
                     return self
             except (httpx.HTTPError, ValueError, AttributeError):
                 pass
@@ -217,16 +228,34 @@ class ServerHandle:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """End the server and everything it started (its process group); idempotent."""
-        if self.proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
+    def _exited(self, timeout: float) -> bool:
+        """Whether the server process has ended within ``timeout``, without reaping it: while it is
+        an unreaped zombie its pid, and so its process group's id, cannot be taken by another process."""
+        deadline = time.monotonic() + timeout
+        while True:
             try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
+                if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                    return True
+            except ChildProcessError:  # reaped already
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the server and everything it started (its process group); idempotent: the group is
+        signalled only while its leader is not reaped, so a later call never signals a group whose
+        id the system may have given to another process."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.proc.returncode is None:
+            self._signal_group(signal.SIGTERM)
+            if not self._exited(timeout):
                 self._signal_group(signal.SIGKILL)
-                self.proc.wait(timeout=timeout)
-        self._signal_group(signal.SIGKILL)  # whatever of the group outlived the server
+                self._exited(timeout)
+            self._signal_group(signal.SIGKILL)  # whatever of the group outlived the server
+            self.proc.wait(timeout=timeout)
         _LIVE.discard(self)
         if self.owns_log:
             self.log_path.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ one engine batch, where a request that fails fails alone.
 import argparse
 import asyncio
 import concurrent.futures
+import hashlib
 import hmac
 import inspect
 import ipaddress
@@ -367,11 +368,25 @@ def parse_json_body(body: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
+CHALLENGE_HEADER = "x-dirl-challenge"
+MAX_CHALLENGE_CHARS = 128
+
+
+def health_proof(api_key: str, challenge: str) -> str:
+    """HMAC-SHA256 of a launcher's challenge under the server's key: proves to the launcher that the
+    process on the port holds the key it was started with, before the launcher sends that key."""
+    return hmac.new(api_key.encode(), challenge.encode(), hashlib.sha256).hexdigest()
+
+
 def _host_name(host_header: str) -> str:
     """The name part of a Host header (``[::1]:8000`` -> ``::1``, ``Localhost:80`` -> ``localhost``)."""
     h = host_header.strip().lower()
     if h.startswith("["):
-        return h[1:h.find("]")] if "]" in h else h
+        end = h.find("]")
+        rest = h[end + 1:] if end >= 0 else ""
+        if end < 0 or not (rest == "" or (rest.startswith(":") and rest[1:].isdigit())):
+            return h  # "[::1]evil.example" is no loopback name
+        return h[1:end]
     return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
 
@@ -431,8 +446,13 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
         if allowed_hosts is not None and _host_name(host) not in allowed_hosts:
             return error(421, f"Host header {host[:64]!r} does not name this server")
         origin = request.headers.get("origin")
-        if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
-            return error(403, f"cross-origin request from {origin[:64]!r} refused")
+        if origin is not None:
+            try:
+                netloc = urlsplit(origin).netloc.lower()
+            except ValueError:  # "http://[": no origin this server could be
+                netloc = None
+            if netloc != host.lower():
+                return error(403, f"cross-origin request from {origin[:64]!r} refused")
         if api_key and request.url.path != "/health":
             auth = request.headers.get("authorization", "")
             given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
@@ -444,7 +464,8 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
                 return error(415, f"POST bodies must be sent as 'Content-Type: application/json', "
                                   f"got {ctype[:64] or 'none'!r}")
             length = request.headers.get("content-length")
-            if length is not None and (not length.strip().isdigit() or int(length) > max_body_bytes):
+            if length is not None and (not length.strip().isascii() or not length.strip().isdigit()
+                                       or int(length) > max_body_bytes):
                 return error(413, f"request body over the server's limit of {max_body_bytes} bytes "
                                   "(dirl serve --max-body-bytes)")
         return None
@@ -526,9 +547,15 @@ def create_app(backend: Any, parser: RequestParser, api_key: Optional[str] = Non
         return error(status, msg)
 
     @app.get("/health")
-    async def health():
-        # the pid lets a launcher tell its own server from another process answering on the port
-        return {"status": "ok", "pid": os.getpid()}
+    async def health(request: Request):
+        # the pid lets a launcher tell its own server from another process answering on the port;
+        # a pid can be read (and answered) by anyone, so a launcher that gave its server a key also
+        # sends a challenge, and only the holder of the key can answer it (health_proof)
+        out: dict = {"status": "ok", "pid": os.getpid()}
+        challenge = request.headers.get(CHALLENGE_HEADER)
+        if challenge is not None and api_key:
+            out["proof"] = health_proof(api_key, challenge[:MAX_CHALLENGE_CHARS])
+        return out
 
     @app.get("/info")
     async def get_info():

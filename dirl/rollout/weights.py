@@ -286,11 +286,20 @@ def _bytes_field(where: str, h: dict, key: str, optional: bool = False, max_len:
     return b
 
 
+REF_COUNTER_SLOTS = 10_000
+
+
 def _int_field(where: str, h: dict, key: str, lo: int = 0, hi: int = MAX_INDEX) -> int:
     v = h.get(key)
     if not (isinstance(v, int) and not isinstance(v, bool)) or not lo <= v <= hi:
-        raise PayloadError(f"{where}: '{key}' must be an integer in [{lo}, {hi}], got {v!r}")
+        raise PayloadError(f"{where}: '{key}' must be an integer in [{lo}, {hi}], got {_short(v)}")
     return v
+
+
+def _short(v: Any, n: int = 64) -> str:
+    """``repr(v)`` cut to ``n`` characters: an error names a bad value without echoing all of it."""
+    s = repr(v)
+    return s if len(s) <= n else s[:n - 3] + "..."
 
 
 def decode_ipc_handle(h: Any, dtype: torch.dtype, numel: int, device_index: int = 0,
@@ -311,7 +320,9 @@ def decode_ipc_handle(h: Any, dtype: torch.dtype, numel: int, device_index: int 
     ref_handle = _bytes_field(where, h, "ref_counter_handle", max_len=128)
     if not _REF_COUNTER_NAME.fullmatch(ref_handle):
         raise PayloadError(f"{where}: 'ref_counter_handle' is not a torch reference-counter name")
-    ref_offset = _int_field(where, h, "ref_counter_offset", hi=1 << 20)
+    # torch's reference-counter file holds CUDA_IPC_REF_COUNTER_FILE_SIZE (10,000) int64 slots
+    # (torch/csrc/CudaIPCTypes.h); the receiver decrements the slot named here
+    ref_offset = _int_field(where, h, "ref_counter_offset", hi=REF_COUNTER_SLOTS - 1)
     event_handle = _bytes_field(where, h, "event_handle", optional=True, max_len=128)
     sync = h.get("event_sync_required")
     if not isinstance(sync, bool):
@@ -369,7 +380,7 @@ def check_ipc_buckets(buckets: Any) -> list[IpcBucket]:
         _exact_fields(where, b, BUCKET_FIELDS)
         dtype = DTYPES.get(b["dtype"]) if isinstance(b["dtype"], str) else None
         if dtype is None:
-            raise PayloadError(f"{where}: 'dtype' must be one of {', '.join(DTYPES)}, got {b['dtype']!r}")
+            raise PayloadError(f"{where}: 'dtype' must be one of {', '.join(DTYPES)}, got {_short(b['dtype'])}")
         tensors = b["tensors"]
         if not isinstance(tensors, list) or not tensors:
             raise PayloadError(f"{where}: 'tensors' must be a non-empty list")
@@ -390,15 +401,15 @@ def check_ipc_buckets(buckets: Any) -> list[IpcBucket]:
                     and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_INDEX for s in shape)):
                 raise PayloadError(f"{w} ({name!r}): 'shape' must be a list of at most 8 integers >= 0")
             if e["dtype"] != b["dtype"]:
-                raise PayloadError(f"{w} ({name!r}): dtype {e['dtype']!r} differs from its bucket's {b['dtype']!r}")
+                raise PayloadError(f"{w} ({name!r}): dtype {_short(e['dtype'])} differs from its bucket's {_short(b['dtype'])}")
             numel = _int_field(w, e, "numel")
             prod = 1
             for s in shape:
                 prod *= s
             if prod != numel:
                 raise PayloadError(f"{w} ({name!r}): 'numel' {numel} is not the product of its shape {shape}")
-            if e["start_idx"] != off or e["end_idx"] != off + numel or isinstance(e["start_idx"], bool) \
-                    or isinstance(e["end_idx"], bool):
+            if type(e["start_idx"]) is not int or type(e["end_idx"]) is not int or e["start_idx"] != off \
+                    or e["end_idx"] != off + numel:
                 raise PayloadError(f"{w} ({name!r}): expected start_idx {off} and end_idx {off + numel}")
             entries.append(BucketEntry(name=name, shape=torch.Size(shape), dtype=dtype, start_idx=off,
                                        end_idx=off + numel, numel=numel))
@@ -519,7 +530,7 @@ def check_payload(body: Any) -> dict:
         raise PayloadError("'path' must be a non-empty file path of at most 4096 characters")
     fin = body.get("finished", True)
     if not isinstance(fin, bool):
-        raise PayloadError(f"'finished' must be true or false, got {fin!r}")
+        raise PayloadError(f"'finished' must be true or false, got {_short(fin)}")
     out = {**body, "finished": fin}
     if tr == "ipc":
         out["ipc_buckets"] = check_ipc_buckets(body["buckets"])
@@ -593,7 +604,8 @@ TensorSpecs = dict  # normalised name -> (shape tuple, torch.dtype)
 
 def check_update(pairs: Sequence[tuple[str, torch.Tensor]], specs: TensorSpecs, seen: Optional[set] = None) -> list[str]:
     """Refuse a segment unless every tensor is a parameter of the model (``specs``), with its shape,
-    a dtype of its kind (any floating dtype for a floating parameter, the same dtype otherwise) and
+    a dtype of its kind (float16, bfloat16, float32 or float64 for a floating parameter, the same dtype
+    otherwise) and
     only finite values; a name may come once per update (``seen``: names of earlier segments).
     Returns the normalised names. Nothing is changed here."""
     seen = set() if seen is None else seen
@@ -608,7 +620,8 @@ def check_update(pairs: Sequence[tuple[str, torch.Tensor]], specs: TensorSpecs, 
         shape, dtype = spec
         if tuple(t.shape) != tuple(shape):
             raise PayloadError(f"parameter {key!r}: shape {list(t.shape)} does not match the model's {list(shape)}")
-        if t.is_floating_point() != dtype.is_floating_point or (not dtype.is_floating_point and t.dtype != dtype):
+        if t.is_floating_point() != dtype.is_floating_point or (not dtype.is_floating_point and t.dtype != dtype) \
+                or (t.is_floating_point() and t.dtype not in FLOAT_WEIGHT_DTYPES):
             raise PayloadError(f"parameter {key!r}: dtype {dtype_name(t.dtype)} does not fit the model's "
                                f"{dtype_name(dtype)}")
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
@@ -616,6 +629,10 @@ def check_update(pairs: Sequence[tuple[str, torch.Tensor]], specs: TensorSpecs, 
         names.append(key)
     return names
 
+
+# the floating dtypes a floating parameter may arrive in (cast to the model's); float8 kinds are
+# refused: too lossy for a weight push, and torch cannot check them for NaN
+FLOAT_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
