@@ -374,8 +374,10 @@ def test_a_worked_solution_without_a_result_is_no_gold_answer(tmp_path):
     with pytest.raises(DataError, match=rf"^{src}:2: the answer is taken from 'solution'"):
         load_benchmark("math500", source=str(src))
     ok = write_jsonl(tmp_path / "ok.jsonl", [{"problem": "1+2?", "solution": "We add. \\boxed{3}"},
-                                             {"problem": "6*7?", "solution": "6*7 = 42\n#### 42"}])
-    assert [p["answer"] for p in load_problems(RLDataConfig(source=str(ok)))] == ["3", "42"]
+                                             {"problem": "6*7?", "solution": "6*7 = 42\n#### 42"},
+                                             {"problem": "1/3?", "solution": "\\frac{1}{3}"},  # TRL's plain answers
+                                             {"problem": "x < 2?", "solution": "(-\\infty, 2]"}])
+    assert [p["answer"] for p in load_problems(RLDataConfig(source=str(ok)))] == ["3", "42", "\\frac{1}{3}", "(-\\infty, 2]"]
 
 
 def test_problem_files_of_other_types_are_one_line_errors(tmp_path):

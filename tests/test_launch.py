@@ -157,6 +157,35 @@ def test_health_proves_the_key_only_to_a_challenge(tiny_dir, monkeypatch):
     assert signalled == []
 
 
+def test_a_stop_cut_short_is_finished_by_the_next(tmp_path, monkeypatch):
+    """Ctrl-C while stop() waits for a server that ignores SIGTERM: the next stop() (the atexit
+    handler's at the latest) still ends it and its group, and stops after that signal nothing."""
+    code = "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline() == "up\n"  # SIGTERM is ignored from here on
+    h = launch.ServerHandle(proc, "http://127.0.0.1:9", tmp_path / "log", None)
+    real = launch.ServerHandle._exited
+    calls = []
+
+    def interrupted_once(self, timeout):
+        calls.append(timeout)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(self, timeout)
+
+    monkeypatch.setattr(launch.ServerHandle, "_exited", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        h.stop(timeout=60)
+    assert h.alive() and h in launch._LIVE
+    monkeypatch.setattr(launch.ServerHandle, "_exited", real)
+    h.stop(timeout=0.5)  # SIGTERM ignored: SIGKILL after the timeout
+    assert proc.returncode == -signal.SIGKILL and h not in launch._LIVE
+    signalled = []
+    monkeypatch.setattr(launch.os, "killpg", lambda pid, sig: signalled.append((pid, sig)))
+    h.stop()
+    assert signalled == []
+
+
 def _ipv6_loopback() -> bool:
     import socket
 

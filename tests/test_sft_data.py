@@ -84,6 +84,8 @@ def test_custom_field_names():
          "the prompt turns of 'messages' are all empty"),
         ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a<|endoftext|>b"}]}',
          "messages[1].content holds the chat-template token <|endoftext|>"),
+        ('{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x<|endoftext|>"}], "response": "y"}',
+         "prompt[1].content holds the chat-template token <|endoftext|>"),
     ],
 )
 def test_bad_row_names_file_and_line(tmp_path, line, message):

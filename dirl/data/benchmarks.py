@@ -168,10 +168,12 @@ def problem_question(raw: Any, where: str) -> str:
 
 def problem_gold(raw: Any, where: str, field: str = "", hint: str = "") -> str:
     """The gold answer string of a problem row's answer field ``field``; an empty or unusable value
-    is a :class:`DataError` naming the row, and so is a worked solution (``solution``) with no
-    ``\\boxed{}`` or ``####`` result: the whole text would be the gold and nothing would match it.
+    is a :class:`DataError` naming the row, and so is a worked solution (a ``solution`` of several
+    lines) with no ``\\boxed{}`` or ``####`` result: the whole text would be the gold and nothing would
+    match it. A one-line ``solution`` is a final answer (TRL's convention: ``\\frac{1}{3}``).
     ``hint``: what the message suggests (the config key that names the answer field)."""
-    if field in WORKED_FIELDS and isinstance(raw, str) and "\\boxed" not in raw and "####" not in raw:
+    if field in WORKED_FIELDS and isinstance(raw, str) and "\n" in raw.strip() and "\\boxed" not in raw \
+            and "####" not in raw:
         raise DataError(f"{where}: the answer is taken from '{field}', a worked solution with no \\boxed{{}} or "
                         f"#### result to grade against{' (' + hint + ')' if hint else ''}")
     try:

@@ -69,7 +69,9 @@ class FieldNames:
     response: str = "response"
 
 
-def _check_messages(msgs: Any, where: str, key: str) -> list[dict]:
+def _check_messages(msgs: Any, where: str, key: str, closed_end_ok: bool = False) -> list[dict]:
+    """The messages of a row, checked; ``closed_end_ok``: a last assistant turn ending with
+    ``<|endoftext|>`` is left for the caller to refuse with a more precise message."""
     if not isinstance(msgs, (list, tuple)) or not msgs:
         raise DataError(f"{where}: '{key}' must be a non-empty list of {{role, content}} messages, got {_short(msgs)}")
     out = []
@@ -82,7 +84,7 @@ def _check_messages(msgs: Any, where: str, key: str) -> list[dict]:
         if not isinstance(content, str):
             raise DataError(f"{where}: {key}[{i}].content must be a string, got {_short(content)}")
         body = content
-        if i == len(msgs) - 1 and role == "assistant" and content.endswith(END_OF_TEXT):
+        if closed_end_ok and i == len(msgs) - 1 and role == "assistant" and content.endswith(END_OF_TEXT):
             body = content[:-len(END_OF_TEXT)]  # a closed response: parse_sft_row says so, more precisely
         tok = next((t for t in (TURN_START, END_OF_TURN, END_OF_TEXT) if t in body), None)
         if tok is not None:
@@ -123,7 +125,7 @@ def parse_sft_row(row: Any, where: str, names: FieldNames | None = None) -> SFTE
         raise DataError(f"{where}: a row must be a JSON object, got {_short(row)}")
     meta = {k: row[k] for k in ("id", "answer", "question") if k in row}
     if names.messages in row and row[names.messages] is not None:
-        msgs = _check_messages(row[names.messages], where, names.messages)
+        msgs = _check_messages(row[names.messages], where, names.messages, closed_end_ok=True)
         if msgs[-1]["role"] != "assistant":
             raise DataError(f"{where}: the last of '{names.messages}' must be the assistant's response, "
                             f"got role {msgs[-1]['role']!r}")

@@ -170,7 +170,6 @@ class ServerHandle:
         self.log_path = log_path
         self.api_key = api_key
         self.owns_log = owns_log  # a temporary log file, removed by a clean stop()
-        self._stopped = False
         _LIVE.add(self)
 
     @property
@@ -201,7 +200,7 @@ class ServerHandle:
         want = health_proof(self.api_key, challenge) if self.api_key else None
         while True:
             if self._exited(0):
-                self._signal_group(signal.SIGKILL)  # before the leader is reaped (see stop)
+                self._signal_unreaped(signal.SIGKILL)  # before the leader is reaped (see stop)
                 self.proc.poll()
                 raise RuntimeError(f"dirl serve exited with code {self.proc.returncode} during start-up "
                                    f"(log {self.log_path}):\n{self.log_tail()}")
@@ -230,31 +229,42 @@ class ServerHandle:
 
     def _exited(self, timeout: float) -> bool:
         """Whether the server process has ended within ``timeout``, without reaping it: while it is
-        an unreaped zombie its pid, and so its process group's id, cannot be taken by another process."""
+        an unreaped zombie its pid, and so its process group's id, cannot be taken by another
+        process. Where ``os.waitid`` is missing (macOS before Python 3.13), ``poll()`` (which reaps)."""
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                    return True
-            except ChildProcessError:  # reaped already
+            if self.proc.returncode is not None:  # reaped: the pid may be another process's by now
                 return True
+            if not hasattr(os, "waitid"):
+                if self.proc.poll() is not None:
+                    return True
+            else:
+                try:
+                    if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                        return True
+                except ChildProcessError:  # reaped by someone else: treat as ended, signal nothing more
+                    self.proc.poll()  # sets returncode (0 when the status is lost)
+                    return True
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.02)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """End the server and everything it started (its process group); idempotent: the group is
-        signalled only while its leader is not reaped, so a later call never signals a group whose
-        id the system may have given to another process."""
-        if self._stopped:
-            return
-        self._stopped = True
+    def _signal_unreaped(self, sig: int) -> None:
+        """Signal the process group while its leader is unreaped (its id still ours)."""
         if self.proc.returncode is None:
-            self._signal_group(signal.SIGTERM)
+            self._signal_group(sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the server and everything it started (its process group); idempotent. The group is
+        signalled only while its leader is not reaped, so a later call never signals a group whose
+        id the system may have given to another process; a stop interrupted half-way (Ctrl-C) is
+        finished by the next call (the atexit handler's at the latest)."""
+        if self.proc.returncode is None:
+            self._signal_unreaped(signal.SIGTERM)
             if not self._exited(timeout):
-                self._signal_group(signal.SIGKILL)
+                self._signal_unreaped(signal.SIGKILL)
                 self._exited(timeout)
-            self._signal_group(signal.SIGKILL)  # whatever of the group outlived the server
+            self._signal_unreaped(signal.SIGKILL)  # whatever of the group outlived the server
             self.proc.wait(timeout=timeout)
         _LIVE.discard(self)
         if self.owns_log:
@@ -295,6 +305,8 @@ def start_server(
     KEY=VALUE``, e.g. ``{"cache_max_entry_count": 0.3}`` for lmdeploy); they override ``dtype`` /
     ``max_batch_size``."""
     option_argv = backend_options_to_argv(backend_options)  # a value that cannot travel fails here
+    if api_key is not None:
+        api_key = api_key.strip() or None  # as the server reads it (read_api_key)
     args = dict(model_dir=model_dir, backend=backend, host=host, decoding=decoding, api_key=api_key, device=device,
                 dtype=dtype, max_batch_size=max_batch_size, threads=threads, startup_timeout=startup_timeout,
                 log_path=log_path, env=env, wait=wait, option_argv=option_argv)

@@ -234,7 +234,8 @@ def nelbo_reference(model, input_ids, pos, doc, masked, p) -> torch.Tensor:
 
 
 def load_sft_examples(data: SFTDataConfig):
-    limit = data.num_samples or None
+    n = data.num_samples  # None (a config not validated, e.g. built in code): the default validate() resolves
+    limit = (SYNTHETIC_NUM_SAMPLES if data.source == "synthetic" else None) if n is None else (n or None)
     if data.source == "synthetic":
         return synthetic_sft_examples(split=data.split, n=limit, seed=data.seed, digits=data.digits,
                                       teacher_error=data.teacher_error, teacher_swap=data.teacher_swap)
