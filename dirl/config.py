@@ -500,6 +500,45 @@ def check_positive(key: str, value: float | int | None, allow_zero: bool = False
         raise ConfigError(f"config key '{key}': must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+MAX_SEED = 2**32 - 1  # numpy's bound; seeds derived from it stay within torch's 64-bit ones
+
+
+def check_seed(key: str, value: Any) -> None:
+    """A seed: an integer in [0, 2**32 - 1]."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"config key '{key}': a seed must be an integer in [0, {MAX_SEED}], got {value!r}")
+
+
+def check_synthetic_split(source: str, split: str, key: str = "data.split") -> None:
+    """Training on the synthetic task reads its train split: the test split is the held-out set
+    every evaluation scores."""
+    if source == "synthetic" and split != "train":
+        raise ConfigError(f"config key '{key}': the synthetic task trains on 'train' (its 'test' split is the "
+                          f"held-out set evaluations score), got {split!r}")
+
+
+def check_training_model(model: "ModelConfig", prefix: str = "model") -> None:
+    """What a trainer's model settings need beyond :func:`check_model`: FlexAttention trains on CUDA only."""
+    if model.attn_backend == "flex":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"config key '{prefix}.attn_backend': flex needs CUDA to train (FlexAttention has "
+                              "no backward on CPU); use auto or sdpa")
+
+
+def check_logging(cfg: "LoggingConfig", prefix: str = "logging") -> None:
+    check_positive(f"{prefix}.log_every", cfg.log_every)
+    if cfg.wandb_project:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"config key '{prefix}.wandb_project': needs the wandb package (pip install wandb), "
+                              "which is not installed")
+
+
 def check_optim(optim: "OptimConfig", prefix: str = "optim") -> None:
     """The optimizer's settings in their ranges (AdamW's own checks come only once the model is built)."""
     check_positive(f"{prefix}.lr", optim.lr)
@@ -521,7 +560,9 @@ def check_tiny(tiny: "TinyModelConfig", prefix: str = "model.tiny") -> None:
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "intermediate_size", "max_position_embeddings", "block_size"):
         check_positive(f"{dot}{key}", getattr(tiny, key))
-    check_positive(f"{dot}seed", tiny.seed, allow_zero=True)
+    check_seed(f"{dot}seed", tiny.seed)
+    if tiny.head_dim % 2:
+        raise ConfigError(f"config key '{dot}head_dim': must be even (rotary embeddings rotate pairs), got {tiny.head_dim}")
     if tiny.num_attention_heads % tiny.num_key_value_heads:
         raise ConfigError(f"config key '{dot}num_attention_heads': {tiny.num_attention_heads} is not a multiple "
                           f"of num_key_value_heads {tiny.num_key_value_heads}")

@@ -7,6 +7,7 @@ run as real processes, where a traceback would show.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -33,6 +34,10 @@ def _w(path: Path, data) -> str:
     else:
         path.write_text(data)
     return str(path)
+
+
+def _rl(tmp: Path, *overrides: str) -> list[str]:
+    return ["rl", f"output_dir={tmp / 'runs'}", f"runs_dir={tmp / 'runs'}", *overrides]
 
 
 def _sft(tmp: Path, *overrides: str, config: str | None = None) -> list[str]:
@@ -111,6 +116,25 @@ CASES = [
     ("config bad override", "override", lambda t, m: _sft(t, "train.seed")),
     ("config section check", "config key 'dist.zero_stage': must be 0, 1 or 2", lambda t, m: _sft(t, "dist.zero_stage=3")),
     ("config dist timeout", "config key 'dist.timeout_s': must be > 0", lambda t, m: _sft(t, "dist.timeout_s=0")),
+    ("config synthetic test split", "config key 'data.split': the synthetic task trains on 'train'",
+     lambda t, m: _sft(t, "data.split=test")),
+    ("config huge seed", "config key 'train.seed': a seed must be an integer in [0, 4294967295]",
+     lambda t, m: _sft(t, "train.seed=99999999999999999999")),
+    ("config odd head_dim", "config key 'model.tiny.head_dim': must be even", lambda t, m: _sft(t, "model.tiny.head_dim=7")),
+    ("config flex on cpu", "config key 'model.attn_backend': flex needs CUDA to train",
+     lambda t, m: _sft(t, "model.attn_backend=flex")),
+    *([("config wandb missing", "config key 'logging.wandb_project': needs the wandb package",
+        lambda t, m: _sft(t, "logging.wandb_project=x"))] if importlib.util.find_spec("wandb") is None else []),
+    ("rl synthetic test split", "config key 'data.split'", lambda t, m: _rl(t, "data.split=test")),
+    ("rl digits", "config key 'data.digits': must be > 0", lambda t, m: _rl(t, "data.digits=0")),
+    ("rl eval benchmark", "config key 'eval.benchmark': unknown benchmark 'nope'", lambda t, m: _rl(t, "eval.benchmark=nope")),
+    ("rl eval seed", "config key 'eval.seed': a seed must be", lambda t, m: _rl(t, "eval.seed=-1")),
+    ("rl server device", "config key 'server.device': expected auto, cpu, cuda or cuda:N", lambda t, m: _rl(t, "server.device=gpu")),
+    ("rl every prompt too long", "config key 'data.max_prompt_tokens': 2 of the 2 prompts drawn were skipped",
+     lambda t, m: _rl(t, "data.max_prompt_tokens=1", "train.filter_groups=false", "train.steps=1",
+                      "train.prompts_per_step=2", "train.num_generations=2", "eval.every=0")),
+    ("rl custom reward shadows a built-in", "config key 'custom_rewards.accuracy': 'accuracy' is a built-in reward",
+     lambda t, m: _rl(t, "custom_rewards.accuracy=os:getcwd")),
     # -- checkpoints: the path
     ("ckpt missing folder", "does not exist", lambda t, m: _sft(t, f"model.path={t / 'nope'}")),
     ("ckpt is a file", "is not a folder", lambda t, m: _sft(t, f"model.path={_w(t / 'f.txt', 'x')}")),

@@ -47,6 +47,7 @@ from dirl.config import (
     check_block_sizes,
     check_decoding,
     check_positive,
+    check_seed,
     load_config,
     read_checkpoint_config,
     run_config_command,
@@ -119,6 +120,9 @@ class EvalConfig:
     def validate(self) -> None:
         check_decoding(self.decoding)
         check_positive("num_samples", self.num_samples)
+        for key, seed in (("seed", self.seed), ("data.subset_seed", self.data.subset_seed),
+                          ("data.synthetic_seed", self.data.synthetic_seed)):
+            check_seed(key, seed)
         check_positive("problems_per_batch", self.problems_per_batch)
         check_positive("batches_in_flight", self.batches_in_flight)
         check_positive("grading_timeout", self.grading_timeout)

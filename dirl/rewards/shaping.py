@@ -176,6 +176,7 @@ def _format(c: RewardContext) -> float:
 
 
 REWARDS: dict[str, RewardFn] = {"accuracy": _accuracy, "cosine": _cosine, "speed": _speed, "format": _format}
+BUILTIN_REWARDS = frozenset(REWARDS)  # a custom reward cannot take one of these names
 
 
 def register_reward(name: str, fn: RewardFn) -> None:

@@ -27,6 +27,7 @@ import atexit
 import ctypes
 import hmac
 import os
+import re
 import secrets
 import signal
 import socket
@@ -90,6 +91,8 @@ def check_server_config(sc: ServerConfig, prefix: str = "server") -> None:
     check_positive(f"{prefix}.retries", sc.retries, allow_zero=True)
     if sc.port is not None and not 0 < sc.port < 65536:
         raise ConfigError(f"config key '{prefix}.port': must be in 1..65535, got {sc.port!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(sc.device)):
+        raise ConfigError(f"config key '{prefix}.device': expected auto, cpu, cuda or cuda:N, got {sc.device!r}")
     if sc.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"config key '{prefix}.dtype': expected auto, float32, bfloat16 or float16, got {sc.dtype!r}")
     backend_options_to_argv(sc.backend_options)  # a value that cannot travel to the server fails here

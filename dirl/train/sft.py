@@ -42,8 +42,12 @@ from dirl.config import (
     model_folder,
     check_optim,
     check_path_exists,
+    check_logging,
     check_positive,
+    check_seed,
+    check_synthetic_split,
     check_tiny,
+    check_training_model,
     embedded_tiny_shape,
     load_config,
     run_config_command,
@@ -165,6 +169,7 @@ class SFTConfig:
             raise ConfigError(f"config key 'data.teacher_swap': must be in [0, 1], got {d.teacher_swap!r}")
         if d.source != "synthetic" and d.source.endswith((".json", ".jsonl")):
             check_path_exists("data.source", d.source)
+        check_synthetic_split(d.source, d.split)
         check_positive("train.global_batch_size", t.global_batch_size)
         check_positive("train.micro_batch_size", t.micro_batch_size)
         check_positive("train.max_steps", t.max_steps, allow_zero=True)
@@ -184,9 +189,10 @@ class SFTConfig:
         check_optim(self.optim)
         if not self.model.path:
             check_tiny(self.model.tiny)
-        check_positive("train.seed", t.seed, allow_zero=True)
-        check_positive("data.seed", self.data.seed, allow_zero=True)
-        check_positive("logging.log_every", self.logging.log_every)
+        check_seed("train.seed", t.seed)
+        check_seed("data.seed", self.data.seed)
+        check_logging(self.logging)
+        check_training_model(self.model)
 
 
 # --------------------------------------------------------------------------------------------

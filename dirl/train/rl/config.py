@@ -26,11 +26,16 @@ from dirl.config import (
     check_model,
     check_optim,
     check_path_exists,
+    check_logging,
     check_positive,
+    check_seed,
+    check_synthetic_split,
     check_tiny,
+    check_training_model,
     load_config,
 )
-from dirl.rewards.shaping import RewardConfig, register_reward
+from dirl.data.benchmarks import canonical_name
+from dirl.rewards.shaping import BUILTIN_REWARDS, RewardConfig, register_reward
 from dirl.rollout.launch import ServerConfig, check_server_config
 from dirl.train.common import DistConfig
 
@@ -214,9 +219,12 @@ class RLConfig:
         check_optim(self.optim)
         if not self.model.path:
             check_tiny(self.model.tiny)
-        check_positive("train.seed", self.train.seed, allow_zero=True)
-        check_positive("data.seed", self.data.seed, allow_zero=True)
-        check_positive("logging.log_every", self.logging.log_every)
+        check_seed("train.seed", self.train.seed)
+        check_seed("data.seed", self.data.seed)
+        check_synthetic_split(self.data.source, self.data.split)
+        check_positive("data.digits", self.data.digits)
+        check_logging(self.logging)
+        check_training_model(self.model)
         check_positive("data.max_prompt_tokens", self.data.max_prompt_tokens, allow_zero=True)
         check_positive("data.limit", self.data.limit)
         if "{question}" not in self.data.prompt_template:
@@ -249,6 +257,11 @@ class RLConfig:
         if self.server.backend == "lmdeploy" and not self.server.urls and not torch.cuda.is_available():
             raise ConfigError("config key 'server.backend': lmdeploy servers need CUDA; use 'reference' on CPU "
                               "or give server.urls of running servers")
+        try:
+            canonical_name(self.eval.benchmark)
+        except ValueError as e:
+            raise ConfigError(f"config key 'eval.benchmark': {e}") from None
+        check_seed("eval.seed", self.eval.seed)
         check_positive("eval.num_problems", self.eval.num_problems)
         check_positive("eval.num_samples", self.eval.num_samples)
         check_positive("eval.every", self.eval.every, allow_zero=True)
@@ -257,6 +270,9 @@ class RLConfig:
 def register_custom_rewards(custom: dict[str, str]) -> None:
     """Import ``module:function`` for each custom reward and register it under its name."""
     for name, target in custom.items():
+        if name in BUILTIN_REWARDS:
+            raise ConfigError(f"config key 'custom_rewards.{name}': {name!r} is a built-in reward; give yours another "
+                              f"name (built-in: {', '.join(sorted(BUILTIN_REWARDS))})")
         mod, _, fn = target.partition(":")
         if not mod or not fn:
             raise ConfigError(f"config key 'custom_rewards.{name}': expected 'module:function', got {target!r}")

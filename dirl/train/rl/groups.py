@@ -124,6 +124,7 @@ def collect_groups(draw: Callable[[int], list[tuple[dict, list[int]]]],
     keep = keep or (lambda g: keep_group(g.correct))
     stats = CollectStats()
     kept: list[Group] = []
+    rolled = 0  # prompts rolled out (the source skips those over data.max_prompt_tokens)
     for rnd in range(max_rounds if filter_groups else 1):
         missing = target - len(kept)
         n = math.ceil(missing * oversample) if filter_groups else target
@@ -132,6 +133,7 @@ def collect_groups(draw: Callable[[int], list[tuple[dict, list[int]]]],
         stats.rounds += 1
         if not drawn:
             continue
+        rolled += len(drawn)
         groups = generate([d[0] for d in drawn], [d[1] for d in drawn], rnd=rnd)
         stats.all_groups += groups
         for g in groups:
@@ -141,6 +143,10 @@ def collect_groups(draw: Callable[[int], list[tuple[dict, list[int]]]],
                 stats.dropped += 1
         if len(kept) >= target:
             break
+    if len(kept) < target and rolled < stats.drawn:
+        raise FillError(f"config key 'data.max_prompt_tokens': {stats.drawn - rolled} of the {stats.drawn} prompts "
+                        f"drawn were skipped as longer than it, leaving {len(kept)} of {target} groups for the "
+                        f"step; raise data.max_prompt_tokens (0: no limit) or use shorter prompts")
     if len(kept) < target:
         raise FillError(f"config key 'train.max_sampling_rounds': after {stats.rounds} sampling rounds "
                         f"({stats.drawn} prompts drawn) only {len(kept)} of {target} groups have mixed "
