@@ -133,6 +133,8 @@ CASES = [
     ("rl every prompt too long", "config key 'data.max_prompt_tokens': 2 of the 2 prompts drawn were skipped",
      lambda t, m: _rl(t, "data.max_prompt_tokens=1", "train.filter_groups=false", "train.steps=1",
                       "train.prompts_per_step=2", "train.num_generations=2", "eval.every=0")),
+    ("rl more mini-batches than responses", "config key 'train.num_mini_batches': 1000 is more than the",
+     lambda t, m: _rl(t, "train.num_mini_batches=1000")),
     ("rl custom reward shadows a built-in", "config key 'custom_rewards.accuracy': 'accuracy' is a built-in reward",
      lambda t, m: _rl(t, "custom_rewards.accuracy=os:getcwd")),
     # -- checkpoints: the path

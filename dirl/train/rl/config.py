@@ -199,6 +199,11 @@ class RLConfig:
         for key in ("steps", "prompts_per_step", "num_generations", "num_mini_batches", "num_iterations",
                     "micro_batch_size", "max_sampling_rounds"):
             check_positive(f"train.{key}", getattr(t, key))
+        if t.num_mini_batches > t.prompts_per_step * t.num_generations:
+            # an empty mini-batch would still be an optimizer step: Adam moves the weights on its momentum
+            raise ConfigError(f"config key 'train.num_mini_batches': {t.num_mini_batches} is more than the "
+                              f"{t.prompts_per_step * t.num_generations} responses of a step "
+                              f"(train.prompts_per_step x train.num_generations)")
         check_positive("train.save_every", t.save_every, allow_zero=True)
         check_positive("train.row_tokens", t.row_tokens, allow_zero=True)
         check_positive("train.keep_last", t.keep_last, allow_zero=True)
