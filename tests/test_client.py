@@ -313,6 +313,23 @@ def test_g_samples_of_one_prompt_at_t1_are_not_all_identical(pool, local):
     assert responses == [tuple(t["token_ids"]) for t in expected(local, reqs)]
 
 
+def test_a_dead_server_in_the_pool_costs_no_attempt_while_another_can_take_the_chunk(pool, local):
+    """A dead URL first in the pool, no retries allowed: its workers fail every chunk they take
+    at once, but a chunk's attempt is counted only once every server that is up has failed it, so
+    the live servers decode all of them. (Before, a chunk that met the dead server first, or met it
+    again while the live ones were busy, used up its attempts there and failed the whole call.)"""
+    dead = f"http://127.0.0.1:{free_port()}"
+    client = RolloutClient([dead] + [h.url for h in pool], max_concurrency=4, batch_size=1, retries=0, backoff=0.05)
+    reqs = [{"request_id": f"d{i}", "prompt": f"{i}+{i}=", "max_new_tokens": 8} for i in range(12)]
+    got = client.generate(reqs)
+    assert [g["request_id"] for g in got] == [r["request_id"] for r in reqs]
+    for g, w in zip(got, expected(local, reqs)):
+        assert (g["token_ids"], g["step_map"]) == (w["token_ids"], w["step_map"])
+    with RolloutClient([dead, f"http://127.0.0.1:{free_port()}"], retries=0, backoff=0.05, batch_size=1) as gone:
+        with pytest.raises(RolloutError, match="failed"):  # every server down: still an error, at once
+            gone.generate(reqs[:2])
+
+
 def test_a_server_killed_mid_run_is_retried_on_the_other(pool, local, tiny_dir):
     """A third server holds every request it gets (tests/helpers_gated_server.py); it is killed once
     its engine reports requests in flight, so the kill always lands during the run; the pool's

@@ -110,7 +110,9 @@ class RolloutClient:
     """``RolloutClient(urls, api_key=None, max_concurrency=8, retries=3, timeout=600)``.
 
     ``max_concurrency``: HTTP calls in flight per server; ``batch_size``: requests per call;
-    ``retries``: further attempts after the first; ``timeout``: seconds per HTTP call.
+    ``retries``: further attempts after the first (a chunk that fails on one server is first
+    handed to the others that are up; an attempt is counted once every one of them has failed it);
+    ``timeout``: seconds per HTTP call.
     """
 
     def __init__(self, urls: list[str] | str, api_key: Optional[str] = None, max_concurrency: int = 8,
@@ -264,7 +266,7 @@ class RolloutClient:
         chunks = [reqs[i:i + self.batch_size] for i in range(0, len(reqs), self.batch_size)]
         todo: asyncio.Queue = asyncio.Queue()
         for c in chunks:
-            todo.put_nowait((c, 0))
+            todo.put_nowait((c, 0, frozenset()))  # (chunk, attempts counted, servers it failed on since)
         results: dict[str, dict] = {}
         failure: list[BaseException] = []
         done = asyncio.Event()
@@ -306,16 +308,31 @@ class RolloutClient:
                 raise _Retry(f"{url}: the answer does not match the request ids {want}")
             return got
 
+        def elsewhere(failed_on: frozenset) -> bool:
+            """Whether a server this chunk has not failed on since its last counted attempt is up."""
+            now = loop.time()
+            return any(u not in failed_on and down_until[u] <= now for u in self.urls)
+
         async def worker(client, url: str):
             while not done.is_set():
                 wait = down_until[url] - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                chunk, attempt = await todo.get()
+                chunk, attempt, failed_on = await todo.get()
+                # a worker that was waiting for work when its server went down, or a chunk that
+                # already failed here while another server can take it: leave it to the others
+                if down_until[url] > loop.time() or (url in failed_on and elsewhere(failed_on)):
+                    todo.put_nowait((chunk, attempt, failed_on))
+                    await asyncio.sleep(max(down_until[url] - loop.time(), self.backoff))
+                    continue
                 try:
                     for res in await post(client, url, chunk):
                         results[res["request_id"]] = res
                 except _Retry as e:
+                    failed_on = failed_on | {url}
+                    if elsewhere(failed_on):  # another server has not tried it yet: not an attempt
+                        todo.put_nowait((chunk, attempt, failed_on))
+                        continue
                     if attempt >= self.retries:
                         ids = [r["request_id"] for r in chunk]
                         failure.append(RolloutError(
@@ -324,7 +341,7 @@ class RolloutClient:
                         done.set()
                         return
                     await asyncio.sleep(self.backoff * (2 ** attempt))
-                    todo.put_nowait((chunk, attempt + 1))
+                    todo.put_nowait((chunk, attempt + 1, frozenset({url})))
                     continue
                 except asyncio.CancelledError:
                     raise
