@@ -183,6 +183,25 @@ def test_local_formats(tmp_path):
         assert ps[0]["prompt"] == format_prompt("Q1") and ps[1]["id"] == "1"
 
 
+def test_json_object_files_name_their_rows(tmp_path):
+    """A JSON object file: its rows are under a known key (data, rows, ...) or in its only list;
+    several unnamed lists are an error, not a guess. A null id is the row's index, not "None"."""
+    from dirl.data.formats import DataError
+    from dirl.train.rl.config import RLDataConfig
+    from dirl.train.rl.prompts import load_problems
+
+    rows = [{"question": "Q1", "answer": "1", "id": None}, {"question": "Q2", "answer": "2"}]
+    meta = [{"author": "x"}]
+    (tmp_path / "named.json").write_text(json.dumps({"meta": meta, "data": rows}))
+    (tmp_path / "only.json").write_text(json.dumps({"version": 1, "items": rows}))
+    (tmp_path / "two.json").write_text(json.dumps({"meta": meta, "items": rows}))
+    for name in ("named.json", "only.json"):
+        assert [r["question"] for r in read_rows(tmp_path / name)] == ["Q1", "Q2"], name
+        assert [p["id"] for p in load_problems(RLDataConfig(source=str(tmp_path / name)))] == ["0", "1"]
+    with pytest.raises(DataError, match=r"two.json:1: several lists of objects \('meta', 'items'\)"):
+        read_rows(tmp_path / "two.json")
+
+
 def test_gsm8k_from_other_schema(tmp_path):
     (tmp_path / "g.jsonl").write_text(json.dumps({"question": "Q", "answer": "work\n#### 1,234"}) + "\n")
     assert load_benchmark("gsm8k", source=str(tmp_path / "g.jsonl"))[0]["answer"] == "1234"

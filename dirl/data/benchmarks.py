@@ -83,6 +83,7 @@ _ANSWER_FALLBACK = ("answer", "final_answer", "ground_truth", "gold", "target", 
 # fields that hold a worked solution: the gold answer is its \boxed{} (or GSM8K's ####) result
 WORKED_FIELDS = ("solution",)
 ROW_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+ROW_LIST_KEYS = ("data", "rows", "train", "test", "problems")  # the list of rows in a JSON object file
 
 
 def looks_like_file(source: str) -> bool:
@@ -110,7 +111,8 @@ def format_prompt(question: str, template: str = DIRL_TEMPLATE) -> str:
 
 
 def read_located_rows(path: str | Path) -> list[tuple[str, dict]]:
-    """``(where, row)`` for the rows of a local JSONL, JSON (a list, or a dict holding one) or parquet
+    """``(where, row)`` for the rows of a local JSONL, JSON (a list, or an object holding one: under
+    ``data``, ``rows``, ``train``, ``test`` or ``problems``, else its only list of objects) or parquet
     file; ``where`` is ``file:line`` (JSON Lines, a JSON array), ``file:key[i]`` or ``file row i``
     (parquet, from 0). A row that is not a JSON object, or a line that is not JSON, is a
     :class:`DataError` naming its line. JSON Lines split at ``\\n`` only: a U+2028 inside a string is
@@ -135,9 +137,14 @@ def read_located_rows(path: str | Path) -> list[tuple[str, dict]]:
                 data = json.loads(text)
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
-            key = next((k for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)), None)
-            if key is None:
+            lists = [k for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+            named = [k for k in ROW_LIST_KEYS if k in lists]
+            if not lists:
                 raise DataError(f"{p}:1: a JSON object without a list of rows")
+            if not named and len(lists) > 1:  # which one holds the problems is a guess: not made
+                raise DataError(f"{p}:1: several lists of objects ({', '.join(map(repr, lists[:5]))}) and none named "
+                                f"{', '.join(ROW_LIST_KEYS)}: put the rows under 'data'")
+            key = named[0] if named else lists[0]
             located = [(f"{p}:{key}[{j}]", r) for j, r in enumerate(data[key])]
         else:
             located = list(iter_json_array(p))

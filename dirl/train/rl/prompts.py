@@ -48,7 +48,8 @@ def load_problems(data: RLDataConfig) -> list[dict]:
         gold = problem_gold(raw_answer, loc, field=answer_field, hint="set data.answer_key to a field with the final answer")
         msgs = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
         msgs.append({"role": "user", "content": data.prompt_template.replace("{question}", q)})
-        out.append({"id": str(row.get("id", i)), "index": i, "question": q, "answer": gold, "messages": msgs})
+        rid = row.get("id")
+        out.append({"id": str(i if rid is None else rid), "index": i, "question": q, "answer": gold, "messages": msgs})
     if not out:
         raise ConfigError(f"config key 'data.source': '{data.source}' has no rows")
     return out
