@@ -46,6 +46,8 @@ from typing import Any, Iterator, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dirl.data.formats import (  # noqa: E402
+    END_OF_TURN,
+    TURN_START,
     DataError,
     _short,
     is_templated_prompt,
@@ -313,9 +315,9 @@ def convert_sft(row: Any, where: str, fields: Fields, system_prompt: str = "") -
 def _user_turn_of_templated(text: str, where: str, key: str) -> str:
     """The content of the last user turn of chat-templated text (RL rows hold the plain question:
     the trainer templates it)."""
-    head = "<|im_start|>user\n"
+    head = TURN_START + "user\n"
     start = text.rfind(head)
-    end = text.find("<|im_end|>", start + len(head)) if start >= 0 else -1
+    end = text.find(END_OF_TURN, start + len(head)) if start >= 0 else -1
     if end < 0:
         raise DataError(f"{where}: '{key}' is chat-templated text without a complete user turn to take the "
                         "question from")

@@ -96,6 +96,24 @@ def test_dapo_filter_refills_and_advances_the_cursor():
     assert len(kept3) == 3 and st3.rounds == 1 and s3.cursor == 3
 
 
+def test_a_step_short_of_groups_says_how_many_prompts_were_too_long():
+    """The source drops prompts over data.max_prompt_tokens: a step short because of them names that
+    key; with the filter on, the filter's own message counts them too."""
+    mixed = {i: [1, 0, 0, 0] for i in range(8)}
+    flat = {i: [0, 0, 0, 0] for i in range(8)}
+
+    def odd_only(sampler):  # the even prompts are "too long"
+        return lambda n: [({"i": i, "id": str(i)}, [i]) for i in sampler.draw(n) if i % 2]
+
+    with pytest.raises(FillError, match=r"^config key 'data.max_prompt_tokens': 2 of the 4 prompts drawn were skipped"):
+        collect_groups(odd_only(PromptSampler(8, seed=0)), _fake_generate(mixed), target=4, filter_groups=False,
+                       max_rounds=5)
+    with pytest.raises(FillError, match=r"^config key 'train.max_sampling_rounds': after 2 sampling rounds \(6 prompts "
+                                        r"drawn; 3 of them were skipped as longer than data.max_prompt_tokens\)"):
+        collect_groups(odd_only(PromptSampler(8, seed=0)), _fake_generate(flat), target=3, filter_groups=True,
+                       max_rounds=2)
+
+
 def test_oversampling_draws_more_and_keeps_exactly_the_target():
     verdicts = {i: ([1, 0, 0, 0] if i % 2 else [1, 1, 1, 1]) for i in range(20)}
     s = PromptSampler(20, seed=1)

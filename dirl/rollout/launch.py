@@ -80,7 +80,9 @@ class ServerConfig:
     startup_timeout_s: float = 600.0  # seconds for a started server to load the model
     max_concurrency: int = 8  # HTTP calls in flight per server
     request_batch_size: int = 16  # requests per HTTP call
-    retries: int = 3  # tries again after a connection error, timeout or 5xx (on any server of the pool)
+    # tries again after a connection error, timeout or 5xx; a call that fails on one server goes to
+    # the pool's other servers first, and counts as a retry once every server that is up failed it
+    retries: int = 3
     timeout_s: float = 3600.0  # seconds per HTTP call
 
 

@@ -37,6 +37,8 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from dirl.rollout.backend import _short  # a bad value named, not echoed whole
+
 TRANSPORTS = ("file", "inline", "ipc")
 PAYLOAD_FIELDS = ("transport", "path", "data", "buckets", "finished")
 DEFAULT_SEGMENT_BYTES = 512 << 20  # file and ipc segments, and LMDeploy's in-process buckets
@@ -294,12 +296,6 @@ def _int_field(where: str, h: dict, key: str, lo: int = 0, hi: int = MAX_INDEX) 
     if not (isinstance(v, int) and not isinstance(v, bool)) or not lo <= v <= hi:
         raise PayloadError(f"{where}: '{key}' must be an integer in [{lo}, {hi}], got {_short(v)}")
     return v
-
-
-def _short(v: Any, n: int = 64) -> str:
-    """``repr(v)`` cut to ``n`` characters: an error names a bad value without echoing all of it."""
-    s = repr(v)
-    return s if len(s) <= n else s[:n - 3] + "..."
 
 
 def decode_ipc_handle(h: Any, dtype: torch.dtype, numel: int, device_index: int = 0,
@@ -604,9 +600,9 @@ TensorSpecs = dict  # normalised name -> (shape tuple, torch.dtype)
 
 def check_update(pairs: Sequence[tuple[str, torch.Tensor]], specs: TensorSpecs, seen: Optional[set] = None) -> list[str]:
     """Refuse a segment unless every tensor is a parameter of the model (``specs``), with its shape,
-    a dtype of its kind (float16, bfloat16, float32 or float64 for a floating parameter, the same dtype
-    otherwise) and
-    only finite values; a name may come once per update (``seen``: names of earlier segments).
+    a dtype of its kind (float16, bfloat16, float32 or float64 for a floating parameter, the same
+    dtype otherwise) and only finite values; a name may come once per update (``seen``: names of
+    earlier segments).
     Returns the normalised names. Nothing is changed here."""
     seen = set() if seen is None else seen
     names = []

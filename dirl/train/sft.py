@@ -41,8 +41,8 @@ from dirl.config import (
     check_model,
     model_folder,
     check_optim,
-    check_path_exists,
     check_logging,
+    check_path_exists,
     check_positive,
     check_seed,
     check_synthetic_split,
@@ -99,6 +99,14 @@ def default_tiny_shape() -> TinyModelConfig:
 
 
 SYNTHETIC_NUM_SAMPLES = 7000  # data.num_samples unset, synthetic source
+
+
+def num_samples(data: "SFTDataConfig") -> int:
+    """``data.num_samples`` with its default resolved (also for a config built in code and never
+    validated): 7,000 for the synthetic task, 0 (every row) for anything else."""
+    if data.num_samples is not None:
+        return data.num_samples
+    return SYNTHETIC_NUM_SAMPLES if data.source == "synthetic" else 0
 
 
 @dataclass
@@ -159,8 +167,7 @@ class SFTConfig:
                               f"model.tiny.block_size {self.model.tiny.block_size}")
         d, t = self.data, self.train
         check_positive("data.max_length", d.max_length)
-        if d.num_samples is None:  # resolved here, so the saved config (and a resume check) holds the number
-            d.num_samples = SYNTHETIC_NUM_SAMPLES if d.source == "synthetic" else 0
+        d.num_samples = num_samples(d)  # resolved here, so the saved config (and a resume check) holds the number
         check_positive("data.num_samples", d.num_samples, allow_zero=True)
         check_positive("data.digits", d.digits)
         if not 0.0 <= d.teacher_error <= 1.0:
@@ -240,8 +247,7 @@ def nelbo_reference(model, input_ids, pos, doc, masked, p) -> torch.Tensor:
 
 
 def load_sft_examples(data: SFTDataConfig):
-    n = data.num_samples  # None (a config not validated, e.g. built in code): the default validate() resolves
-    limit = (SYNTHETIC_NUM_SAMPLES if data.source == "synthetic" else None) if n is None else (n or None)
+    limit = num_samples(data) or None
     if data.source == "synthetic":
         return synthetic_sft_examples(split=data.split, n=limit, seed=data.seed, digits=data.digits,
                                       teacher_error=data.teacher_error, teacher_swap=data.teacher_swap)

@@ -143,13 +143,15 @@ def collect_groups(draw: Callable[[int], list[tuple[dict, list[int]]]],
                 stats.dropped += 1
         if len(kept) >= target:
             break
-    if len(kept) < target and rolled < stats.drawn:
-        raise FillError(f"config key 'data.max_prompt_tokens': {stats.drawn - rolled} of the {stats.drawn} prompts "
-                        f"drawn were skipped as longer than it, leaving {len(kept)} of {target} groups for the "
-                        f"step; raise data.max_prompt_tokens (0: no limit) or use shorter prompts")
+    skipped = stats.drawn - rolled
+    if len(kept) < target and (rolled == 0 or not filter_groups):  # the skipped prompts are the shortfall
+        raise FillError(f"config key 'data.max_prompt_tokens': {skipped} of the {stats.drawn} prompts drawn were "
+                        f"skipped as longer than it, leaving {len(kept)} of {target} groups for the step; raise "
+                        f"data.max_prompt_tokens (0: no limit) or use shorter prompts")
     if len(kept) < target:
+        also = f"; {skipped} of them were skipped as longer than data.max_prompt_tokens" if skipped else ""
         raise FillError(f"config key 'train.max_sampling_rounds': after {stats.rounds} sampling rounds "
-                        f"({stats.drawn} prompts drawn) only {len(kept)} of {target} groups have mixed "
+                        f"({stats.drawn} prompts drawn{also}) only {len(kept)} of {target} groups have mixed "
                         f"correctness; raise train.max_sampling_rounds or train.oversample, or set "
                         f"train.filter_groups=false to train on flat groups too")
     stats.surplus = len(kept) - target
