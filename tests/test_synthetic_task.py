@@ -152,3 +152,81 @@ def test_teacher_swap_examples_seeding_and_config_key():
         a, b = numbers(r.prompt[-1]["content"])
         boxed, differ, swapped = check_columns_either_order(a, b, r.response)
         assert boxed == a + b and swapped == differ
+
+
+ECHO = re.compile(r"^(\d+)\+(\d+): (.*)$")
+STEP_C = re.compile(r"^(\d)\+(\d)(?:\+([01]))?=(\d+)$")
+
+
+def reread_styles(a: int, b: int, response: str) -> tuple[int, bool, bool]:
+    """A response of any of the teacher's styles, checked from the text: an optional restatement that
+    names exactly a and b, then the columns, each a true sum of a's and b's digits from the units up,
+    with its carry written as +1 always and +0 either never or in every column past the units. Returns
+    the boxed number, whether it restated and whether it wrote carries of 0."""
+    m = ECHO.fullmatch(response)
+    echo = m is not None
+    if echo:
+        assert (int(m.group(1)), int(m.group(2))) == (a, b), response
+        response = m.group(3)
+    body, boxed = re.fullmatch(r"(.*)\. \\boxed\{(\d+)\}", response).groups()
+    digits_a, digits_b = str(a)[::-1], str(b)[::-1]
+    steps = body.split(", ")
+    assert len(steps) == max(len(digits_a), len(digits_b)), response
+    carry, zeros, bare = 0, 0, 0
+    for i, step in enumerate(steps):
+        x, y, c, s = STEP_C.fullmatch(step).groups()
+        assert (x, y) == (digits_a[i], digits_b[i]), response
+        if c is None:
+            assert carry == 0, response  # a carry of 1 is always written
+            bare += i > 0
+        else:
+            assert i > 0 and int(c) == carry, response
+            zeros += c == "0"
+        assert int(s) == int(x) + int(y) + carry, response
+        carry = int(s) // 10
+    explicit = zeros > 0
+    assert not (explicit and bare), response  # one style per response
+    return int(boxed), echo, explicit
+
+
+@pytest.mark.parametrize("echo,carry", [(0.5, 0.0), (0.0, 0.5), (0.3, 0.7)])
+def test_the_teacher_restates_and_writes_zero_carries_at_their_rates_and_nothing_else(echo, carry):
+    rows = synthetic_problems("train", seed=5, teacher_error=0.3, teacher_echo=echo, teacher_carry=carry)
+    plain = synthetic_problems("train", seed=5, teacher_error=0.3)
+    n_echo = n_zero = could = 0
+    for p, q in zip(rows, plain):
+        a, b = numbers(p["question"])
+        boxed, e, z = reread_styles(a, b, p["response"])
+        assert (p["question"], p["answer"], p["teacher_correct"]) == (q["question"], q["answer"], q["teacher_correct"])
+        assert boxed == check_arithmetic(a, b, q["response"])  # the same slips as the plain teacher's
+        n_echo += e
+        if "=" in q["response"].split(", ", 1)[-1] and not re.search(r"\+1=", q["response"].split(", ", 1)[-1]):
+            could += 1  # a column past the units without a carry: the zero would show
+            n_zero += z
+    n = len(rows)
+    assert abs(n_echo / n - echo) <= 5 * math.sqrt(echo * (1 - echo) / n) + 1e-9, (n_echo, n)
+    assert could > 1000 and abs(n_zero / could - carry) <= 5 * math.sqrt(carry * (1 - carry) / could) + 1e-9, (n_zero, could)
+
+
+def test_teacher_echo_and_carry_examples_seeding_and_config_keys():
+    from dirl.config import ConfigError
+    from dirl.train.sft import SFTConfig, load_sft_config, load_sft_examples
+
+    assert make_problem(43, 75, teacher_echo=1.0)["response"] == "43+75: 3+5=8, 4+7=11. \\boxed{118}"
+    assert make_problem(43, 75, teacher_carry=1.0)["response"] == "3+5=8, 4+7+0=11. \\boxed{118}"
+    assert make_problem(47, 38, teacher_carry=1.0)["response"] == "7+8=15, 4+3+1=8. \\boxed{85}"
+    assert make_problem(43, 75, 1.0, teacher_echo=1.0, teacher_carry=1.0)["response"] == "43+75: 3+5=8, 4+7+0=11. \\boxed{119}"
+    assert make_problem(5, 8, teacher_carry=1.0)["response"] == "5+8=13. \\boxed{13}"  # no column past the units
+    kw = dict(n=200, seed=1, teacher_echo=0.4, teacher_carry=0.4)
+    assert synthetic_problems("train", **kw) == synthetic_problems("train", **kw)
+    assert synthetic_problems("train", **kw) != synthetic_problems("train", **dict(kw, seed=2))[:200]
+    for key in ("teacher_echo", "teacher_carry"):
+        with pytest.raises(ValueError, match=key):
+            synthetic_problems("train", n=3, **{key: 1.5})
+        assert getattr(SFTConfig().data, key) == 0.0  # the default task has one style
+        with pytest.raises(ConfigError, match=f"data.{key}"):
+            load_sft_config(None, [f"data.{key}=-0.1"])
+    rows = load_sft_examples(load_sft_config(None, ["data.num_samples=100", "data.teacher_echo=1", "data.teacher_error=0"]).data)
+    for r in rows:
+        a, b = numbers(r.prompt[-1]["content"])
+        assert reread_styles(a, b, r.response)[:2] == (a + b, True)

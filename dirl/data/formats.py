@@ -387,13 +387,15 @@ def read_sft_examples(
 
 
 def synthetic_sft_examples(split: str = "train", n: Optional[int] = None, seed: int = 0, digits: int = 2,
-                           teacher_error: float = 0.0, teacher_swap: float = 0.0) -> list[SFTExample]:
+                           teacher_error: float = 0.0, teacher_swap: float = 0.0, teacher_echo: float = 0.0,
+                           teacher_carry: float = 0.0) -> list[SFTExample]:
     """The built-in arithmetic task as SFT examples (held-out pairs never appear in ``train``), worked
     by the imperfect teacher when ``teacher_error`` or ``teacher_swap`` > 0 (dirl.data.synthetic)."""
     from dirl.data.synthetic import synthetic_problems
 
     rows = synthetic_problems(split, n=n, seed=seed, digits=digits,  # type: ignore[arg-type]
-                              teacher_error=teacher_error, teacher_swap=teacher_swap)
+                              teacher_error=teacher_error, teacher_swap=teacher_swap, teacher_echo=teacher_echo,
+                              teacher_carry=teacher_carry)
     return [parse_sft_row(r, f"synthetic[{split}] row {i}") for i, r in enumerate(rows)]
 
 

@@ -24,6 +24,13 @@ step when that probability is below the threshold: the teacher's open choices co
 stands for the stylistic freedom of real solutions (word choice, order of terms), which parallel
 decoding pays for; docs/QUICKSTART.md measures what RL, with and without the speed reward (SPEC
 section 7), does with it.
+Two more style choices, drawn per row, each with its own probability and its own draws, give correct
+answers in two texts. ``teacher_echo``: the teacher first restates the sum
+(``43+75: 3+5=8, 4+7=11. \\boxed{118}``); the restated digits are copies of the prompt's, so parallel
+decoding writes them many to a step and the answer decodes more tokens per step (in more steps).
+``teacher_carry``: the teacher writes a carry of 0 too (``3+5=8, 4+7+0=11``), two more tokens in a
+column without a carry. These stand for the choices between texts of different parallelism that the
+speed reward could act on (docs/QUICKSTART.md measures what RL does with them).
 Problems (``question`` / ``answer``) and the held-out split are always exact.
 
 Every pair (a, b) belongs to exactly one split,
@@ -48,9 +55,10 @@ def pair_split(a: int, b: int) -> Split:
     return "test" if h % 1000 < TEST_FRACTION_PER_MILLE else "train"
 
 
-def column_steps(a: int, b: int, swapped: Optional[Sequence[bool]] = None) -> list[str]:
+def column_steps(a: int, b: int, swapped: Optional[Sequence[bool]] = None, explicit_carry: bool = False) -> list[str]:
     """Schoolbook addition, one step a column from the units up: ``3+5=8``, then ``4+7=11``; a carry
-    shows as ``+1`` (``7+8=15, 4+3+1=8`` for 47+38). ``swapped[i]`` writes column i's digits in the
+    shows as ``+1`` (``7+8=15, 4+3+1=8`` for 47+38), and with ``explicit_carry`` a carry of 0 as
+    ``+0`` (``4+7+0=11``; never in the units column). ``swapped[i]`` writes column i's digits in the
     other order (``5+3=8``)."""
     steps, carry = [], 0
     while a or b or not steps:
@@ -58,7 +66,7 @@ def column_steps(a: int, b: int, swapped: Optional[Sequence[bool]] = None) -> li
         s = x + y + carry
         if swapped is not None and len(steps) < len(swapped) and swapped[len(steps)]:
             x, y = y, x
-        steps.append(f"{x}+{y}" + ("+1" if carry else "") + f"={s}")
+        steps.append(f"{x}+{y}" + (f"+{carry}" if carry or (explicit_carry and steps) else "") + f"={s}")
         carry, a, b = s // 10, a // 10, b // 10
     return steps
 
@@ -69,11 +77,14 @@ def slip_of(total: int) -> int:
     return total - total % 10 + (total % 10 + 1) % 10
 
 
-def make_problem(a: int, b: int, teacher_error: float = 0.0, seed: int = 0, teacher_swap: float = 0.0) -> dict:
+def make_problem(a: int, b: int, teacher_error: float = 0.0, seed: int = 0, teacher_swap: float = 0.0,
+                 teacher_echo: float = 0.0, teacher_carry: float = 0.0) -> dict:
     """The problem and its worked response. With ``teacher_error`` > 0 the response is the imperfect
     teacher's (the boxed sum slips with that probability; the draw depends on ``seed`` and the pair
     only); with ``teacher_swap`` > 0 each column's digits are written in the other order with that
-    probability (its own draws, so the slips stay those of ``teacher_swap`` = 0). ``answer`` is always
+    probability (its own draws, so the slips stay those of ``teacher_swap`` = 0); with ``teacher_echo``
+    or ``teacher_carry`` > 0 the response restates the sum first or shows carries of 0 with that
+    probability (their own draws too). ``answer`` is always
     the true sum, ``teacher_correct`` says whether the boxed sum is it."""
     slip = teacher_error > 0 and random.Random(f"teacher:{seed}:{a}+{b}").random() < teacher_error
     given = slip_of(a + b) if slip else a + b
@@ -81,8 +92,10 @@ def make_problem(a: int, b: int, teacher_error: float = 0.0, seed: int = 0, teac
     if teacher_swap > 0:
         rng = random.Random(f"teacher-order:{seed}:{a}+{b}")
         swapped = [rng.random() < teacher_swap for _ in range(len(str(max(a, b))))]
+    echo = teacher_echo > 0 and random.Random(f"teacher-echo:{seed}:{a}+{b}").random() < teacher_echo
+    carry = teacher_carry > 0 and random.Random(f"teacher-carry:{seed}:{a}+{b}").random() < teacher_carry
     question = f"What is {a}+{b}?"
-    response = ", ".join(column_steps(a, b, swapped)) + f". \\boxed{{{given}}}"
+    response = (f"{a}+{b}: " if echo else "") + ", ".join(column_steps(a, b, swapped, carry)) + f". \\boxed{{{given}}}"
     return {"question": question, "answer": str(a + b), "prompt": question, "response": response,
             "teacher_correct": given == a + b}
 
@@ -93,20 +106,22 @@ def all_pairs(digits: int = 2) -> list[tuple[int, int]]:
 
 
 def synthetic_problems(split: Split = "train", n: Optional[int] = None, seed: int = 0, digits: int = 2,
-                       teacher_error: float = 0.0, teacher_swap: float = 0.0) -> list[dict]:
+                       teacher_error: float = 0.0, teacher_swap: float = 0.0, teacher_echo: float = 0.0,
+                       teacher_carry: float = 0.0) -> list[dict]:
     """``n`` problems of ``split`` (all of them when ``n`` is None), in a seeded order, without repeats;
-    responses from the imperfect teacher when ``teacher_error`` or ``teacher_swap`` > 0 (see the
-    module text)."""
+    responses from the imperfect teacher when ``teacher_error``, ``teacher_swap``, ``teacher_echo`` or
+    ``teacher_carry`` > 0 (see the module text)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if not 0.0 <= teacher_error <= 1.0:
-        raise ValueError(f"teacher_error must be in [0, 1], got {teacher_error!r}")
-    if not 0.0 <= teacher_swap <= 1.0:
-        raise ValueError(f"teacher_swap must be in [0, 1], got {teacher_swap!r}")
+    for name, q in (("teacher_error", teacher_error), ("teacher_swap", teacher_swap),
+                    ("teacher_echo", teacher_echo), ("teacher_carry", teacher_carry)):
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {q!r}")
     pairs = [p for p in all_pairs(digits) if pair_split(*p) == split]
     random.Random(seed).shuffle(pairs)
     if n is not None:
         if n > len(pairs):
             raise ValueError(f"asked for {n} {split} problems but only {len(pairs)} exist with {digits} digits")
         pairs = pairs[:n]
-    return [dict(make_problem(a, b, teacher_error, seed, teacher_swap), id=f"add{digits}-{a}-{b}") for a, b in pairs]
+    return [dict(make_problem(a, b, teacher_error, seed, teacher_swap, teacher_echo, teacher_carry), id=f"add{digits}-{a}-{b}")
+            for a, b in pairs]

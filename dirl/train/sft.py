@@ -125,6 +125,11 @@ class SFTDataConfig:
     # synthetic only: with this probability, per column, the teacher writes the column's digits in
     # the other order (5+3=8 for 3+5): open choices that cost decoding steps (docs/QUICKSTART.md)
     teacher_swap: float = 0.0
+    # synthetic only: with this probability, per row, the teacher restates the sum first (43+75: ...),
+    # text that decodes many tokens a step: a second text the speed reward can choose (docs/QUICKSTART.md)
+    teacher_echo: float = 0.0
+    # synthetic only: with this probability, per row, the teacher writes carries of 0 too (4+7+0=11)
+    teacher_carry: float = 0.0
     max_length: int = 96  # tokens per packed row (the forward holds twice as many: [x_t ; x_0])
     # the fields of a row (docs/DATA.md): a chat in messages_field, else prompt_field + response_field
     messages_field: str = "messages"
@@ -170,10 +175,10 @@ class SFTConfig:
         d.num_samples = num_samples(d)  # resolved here, so the saved config (and a resume check) holds the number
         check_positive("data.num_samples", d.num_samples, allow_zero=True)
         check_positive("data.digits", d.digits)
-        if not 0.0 <= d.teacher_error <= 1.0:
-            raise ConfigError(f"config key 'data.teacher_error': must be in [0, 1], got {d.teacher_error!r}")
-        if not 0.0 <= d.teacher_swap <= 1.0:
-            raise ConfigError(f"config key 'data.teacher_swap': must be in [0, 1], got {d.teacher_swap!r}")
+        for key in ("teacher_error", "teacher_swap", "teacher_echo", "teacher_carry"):
+            q = getattr(d, key)
+            if not 0.0 <= q <= 1.0:
+                raise ConfigError(f"config key 'data.{key}': must be in [0, 1], got {q!r}")
         if d.source != "synthetic" and d.source.endswith((".json", ".jsonl")):
             check_path_exists("data.source", d.source)
         check_synthetic_split(d.source, d.split)
@@ -250,7 +255,8 @@ def load_sft_examples(data: SFTDataConfig):
     limit = num_samples(data) or None
     if data.source == "synthetic":
         return synthetic_sft_examples(split=data.split, n=limit, seed=data.seed, digits=data.digits,
-                                      teacher_error=data.teacher_error, teacher_swap=data.teacher_swap)
+                                      teacher_error=data.teacher_error, teacher_swap=data.teacher_swap,
+                                      teacher_echo=data.teacher_echo, teacher_carry=data.teacher_carry)
     names = FieldNames(messages=data.messages_field, prompt=data.prompt_field, response=data.response_field)
     return read_sft_examples(data.source, split=data.split, names=names, limit=limit, subset=data.subset or None)
 
