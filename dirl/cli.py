@@ -43,7 +43,7 @@ def _input_error_classes() -> tuple[type, ...]:
     classes: list[type] = [ConfigError, DataError]
     for mod, name in (("dirl.train.layouts", "TrajectoryError"), ("dirl.rollout.weights", "PayloadError"),
                       ("dirl.rollout.client", "RolloutError"), ("dirl.quickstart", "StageError"),
-                      ("dirl.rollout.lmdeploy_patch", "PatchError")):
+                      ("dirl.rollout.lmdeploy_patch", "PatchError"), ("dirl.rewards.shaping", "RewardError")):
         m = sys.modules.get(mod)  # only what the command imported can have been raised
         if m is not None and hasattr(m, name):
             classes.append(getattr(m, name))

@@ -137,6 +137,13 @@ CASES = [
      lambda t, m: _rl(t, "train.num_mini_batches=1000")),
     ("rl custom reward shadows a built-in", "config key 'custom_rewards.accuracy': 'accuracy' is a built-in reward",
      lambda t, m: _rl(t, "custom_rewards.accuracy=os:getcwd")),
+    ("rl custom reward not a function", "config key 'custom_rewards.x': 'os:sep' is not a function",
+     lambda t, m: _rl(t, "custom_rewards.x=os:sep", "rewards.weights={x: 1.0}")),
+    ("rl custom reward takes no argument", "config key 'custom_rewards.x': 'os:getcwd' must take one argument",
+     lambda t, m: _rl(t, "custom_rewards.x=os:getcwd", "rewards.weights={x: 1.0}")),
+    ("rl custom reward fails on a trajectory", "reward 'x' failed on trajectory 0 of the batch (TypeError",
+     lambda t, m: _rl(t, "custom_rewards.x=math:sqrt", "rewards.weights={x: 1.0}", "train.filter_groups=false",
+                      "train.steps=1", "train.prompts_per_step=2", "train.num_generations=2", "eval.every=0")),
     # -- checkpoints: the path
     ("ckpt missing folder", "does not exist", lambda t, m: _sft(t, f"model.path={t / 'nope'}")),
     ("ckpt is a file", "is not a folder", lambda t, m: _sft(t, f"model.path={_w(t / 'f.txt', 'x')}")),

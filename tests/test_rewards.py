@@ -306,3 +306,25 @@ def test_reward_config_from_yaml(tmp_path):
     assert cfg.rewards.cosine_correct == (1.0, 0.6)
     with pytest.raises(ConfigError, match="rewards.weights.nope"):
         load_config(Top, p, ["rewards.weights.nope=1"])
+
+
+def test_a_failing_or_non_finite_custom_reward_is_named_with_its_trajectory():
+    from dirl.rewards import REWARDS, RewardError, register_reward
+
+    trajs = [_traj("\\boxed{5}"), _traj("\\boxed{6}")]
+    cases = {"boom": lambda c: 1.0 if c.correct else 1 / 0, "nan": lambda c: math.nan if not c.correct else 0.5,
+             "text": lambda c: "high"}
+    try:
+        for name, fn in cases.items():
+            register_reward(name, fn)
+        with pytest.raises(RewardError, match=r"reward 'boom' failed on trajectory 1 of the batch \(ZeroDivisionError"):
+            score_trajectories(trajs, ["5", "5"], RewardConfig(weights={"boom": 1.0}))
+        with pytest.raises(RewardError, match=r"reward 'nan' returned nan for trajectory 1 .* must be finite"):
+            score_trajectories(trajs, ["5", "5"], RewardConfig(weights={"nan": 1.0}))
+        with pytest.raises(RewardError, match=r"reward 'text' failed on trajectory 0 .*ValueError"):
+            score_trajectories(trajs, ["5", "5"], RewardConfig(weights={"text": 1.0}))
+        with pytest.raises(TypeError, match="not callable"):
+            register_reward("seven", 7)
+    finally:
+        for name in cases:
+            REWARDS.pop(name, None)

@@ -151,6 +151,10 @@ class RewardContext:
 RewardFn = Callable[[RewardContext], float]
 
 
+class RewardError(ValueError):
+    """A reward function failed on a trajectory or returned no finite number (the message names it)."""
+
+
 def _need(value: Optional[int], what: str, name: str) -> int:
     if value is None:
         raise ValueError(f"the '{name}' reward needs {what}: set it in the reward config or pass it to compute_rewards")
@@ -181,7 +185,23 @@ BUILTIN_REWARDS = frozenset(REWARDS)  # a custom reward cannot take one of these
 
 def register_reward(name: str, fn: RewardFn) -> None:
     """Make ``fn(ctx: RewardContext) -> float`` usable as ``weights: {name: w}``."""
+    if not callable(fn):
+        raise TypeError(f"reward {name!r}: {fn!r} is not callable")
     REWARDS[name] = fn
+
+
+def _call_reward(name: str, ctx: RewardContext, index: int) -> float:
+    """``REWARDS[name](ctx)`` as a finite float; a failure names the reward and the trajectory
+    (``dirl --debug`` shows the traceback)."""
+    try:
+        out = REWARDS[name](ctx)
+        v = float(out)
+    except Exception as e:  # noqa: BLE001 - the reward is the user's code; say which one failed where
+        raise RewardError(f"reward {name!r} failed on trajectory {index} of the batch "
+                          f"({type(e).__name__}: {e})") from e
+    if not math.isfinite(v):
+        raise RewardError(f"reward {name!r} returned {v} for trajectory {index} of the batch; rewards must be finite")
+    return v
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,7 +295,7 @@ def score_trajectories(
         )
         total = 0.0
         for name in names:
-            v = float(REWARDS[name](ctx))
+            v = _call_reward(name, ctx, len(rewards))
             components[name].append(v)
             total += cfg.weights[name] * v
         rewards.append(total)

@@ -10,6 +10,7 @@ table. An old key name is a one-line :class:`~dirl.config.ConfigError` naming th
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
 
@@ -285,6 +286,15 @@ def register_custom_rewards(custom: dict[str, str]) -> None:
             f = getattr(importlib.import_module(mod), fn)
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"config key 'custom_rewards.{name}': cannot import {target!r}: {e}") from None
+        if not callable(f):
+            raise ConfigError(f"config key 'custom_rewards.{name}': {target!r} is not a function")
+        try:
+            inspect.signature(f).bind(None)
+        except TypeError:
+            raise ConfigError(f"config key 'custom_rewards.{name}': {target!r} must take one argument (a "
+                              f"dirl.rewards.RewardContext) and return a float") from None
+        except ValueError:
+            pass  # no signature to read (some built-in callables): checked when it is called
         register_reward(name, f)
 
 
