@@ -52,25 +52,49 @@ def chance_margin(p1: float, p2: float, problems: int, samples: int, z: float) -
 
 
 def per_problem(responses: Path) -> dict[str, dict[str, float]]:
-    """Each problem's mean tokens per step, steps and correctness over its samples, and the share of
-    its samples that restate the sum, from an evaluation's responses.jsonl."""
+    """Each problem's mean tokens per step and steps over its samples and the share of its samples
+    that restate the sum, from an evaluation's responses.jsonl. Like the evaluation's own metric,
+    samples with no step map or no tokens are left out of the first two (a problem with none left has
+    None there). Keyed by benchmark and problem id, with the question, so two evaluations can be
+    paired."""
     by: dict[str, list[dict]] = {}
     with open(responses, encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
             by.setdefault(f"{r['benchmark']}/{r['problem_id']}", []).append(r)
-    return {k: {"tps": statistics.fmean(float(r["tokens_per_step"] or 0) for r in v),
-                "steps": statistics.fmean(float(r["num_steps"] or 0) for r in v),
-                "restated": statistics.fmean(float(bool(RESTATED.match(r["text"]))) for r in v)}
-            for k, v in by.items()}
+
+    def mean(vals: list[float]):
+        return statistics.fmean(vals) if vals else None
+
+    out = {}
+    for k, v in by.items():
+        timed = [r for r in v if r.get("tokens_per_step") is not None and (r.get("response_length") or 0) > 0]
+        out[k] = {"question": v[0].get("question"),
+                  "tps": mean([float(r["tokens_per_step"]) for r in timed]),
+                  "steps": mean([float(r["num_steps"]) for r in timed]),
+                  "restated": statistics.fmean(float(bool(RESTATED.match(r["text"]))) for r in v)}
+    if not any(x["tps"] is not None for x in out.values()):
+        raise ValueError(f"{responses} has no response with tokens per step")
+    return out
 
 
 def paired(a: dict, b: dict, key: str) -> tuple[float, float]:
-    """Mean over the common problems of b's value minus a's, and its standard error."""
-    d = [b[k][key] - a[k][key] for k in a if k in b]
+    """Mean over the problems of b's value minus a's, and its standard error. The two evaluations
+    must pose the same problems (ids and questions); problems without a value in either are left out."""
+    if set(a) != set(b):
+        raise ValueError(f"the two evaluations pose different problems ({len(set(a) ^ set(b))} ids in one only)")
+    bad = [k for k in a if a[k]["question"] != b[k]["question"]]
+    if bad:
+        raise ValueError(f"the two evaluations pose different questions under one id ({bad[0]})")
+    d = [b[k][key] - a[k][key] for k in a if a[k][key] is not None and b[k][key] is not None]
     if len(d) < 2:
-        raise ValueError("the two evaluations have fewer than 2 problems in common")
+        raise ValueError(f"fewer than 2 problems have {key} in both evaluations")
     return statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d))
+
+
+def overall(x: dict, key: str):
+    vals = [v[key] for v in x.values() if v[key] is not None]
+    return statistics.fmean(vals) if vals else None
 
 
 def run_seed(seed: int, out: Path, speed: bool, extra: list[str]) -> Path:
@@ -118,13 +142,13 @@ def row_of(path: Path) -> dict:
                 raise ValueError(f"the {name} evaluation's responses are not at {f}")
         a, b = per_problem(found[RL]), per_problem(found[SPEED])
         row["dtps"], row["dtps_se"] = paired(a, b, "tps")
-        row["steps_rl"], row["steps_speed"] = (statistics.fmean(v["steps"] for v in x.values()) for x in (a, b))
-        row["restated_rl"], row["restated_speed"] = (100 * statistics.fmean(v["restated"] for v in x.values()) for x in (a, b))
+        row["steps_rl"], row["steps_speed"] = overall(a, "steps"), overall(b, "steps")
+        row["restated_rl"], row["restated_speed"] = (100 * overall(x, "restated") for x in (a, b))
         sft = path.parent / "eval_sft" / "responses.jsonl"
         if sft.is_file():
             c = per_problem(sft)
-            row["steps_sft"] = statistics.fmean(v["steps"] for v in c.values())
-            row["restated_sft"] = 100 * statistics.fmean(v["restated"] for v in c.values())
+            row["steps_sft"] = overall(c, "steps")
+            row["restated_sft"] = 100 * overall(c, "restated")
     return row
 
 
@@ -176,7 +200,7 @@ def speed_misses(r: dict) -> list[str]:
     """The speed reward's claim on one seed: more tokens per step than accuracy-only RL by more than
     2 standard errors of the per-problem difference, and no accuracy lost beyond 2 standard errors."""
     tag, out = f"seed {r['seed']}", []
-    if r["speed"] is None:
+    if r["speed"] is None or r.get("dtps") is None:
         return [f"{tag}: no speed-reward evaluation"]
     margin = chance_margin(r["rl"] / 100, r["speed"] / 100, r["n"], r["k"], 2.0) * 100
     if r["speed"] < r["rl"] - margin:
@@ -236,8 +260,8 @@ def gain_table(rows: list[dict], args) -> tuple[list[str], list[str]]:
         line = (f"| {fmt(r['seed'], 'd') if isinstance(r['seed'], int) else '?'} | {fmt(r['sft'])}% | {fmt(r['rl'])}% | "
                 f"{fmt(r['ctl'])}% | {gain:+.1f} | {fmt(over, '+.1f')} | {r['slips']} | {r['minutes']:.1f} |")
         if speed:
-            line += (f" {fmt(r['speed'])}% | {fmt(r['tps_rl'], '.2f')} → {fmt(r['tps_speed'], '.2f')} "
-                     f"({r['dtps']:+.3f} ± {r['dtps_se']:.3f}) |")
+            diff = "" if r.get("dtps") is None else f" ({r['dtps']:+.3f} ± {r['dtps_se']:.3f})"
+            line += f" {fmt(r['speed'])}% | {fmt(r['tps_rl'], '.2f')} → {fmt(r['tps_speed'], '.2f')}{diff} |"
         lines.append(line)
         tag = f"seed {r['seed']}"
         if gain < args.min_gain:

@@ -193,19 +193,22 @@ def reread_styles(a: int, b: int, response: str) -> tuple[int, bool, bool]:
 def test_the_teacher_restates_and_writes_zero_carries_at_their_rates_and_nothing_else(echo, carry):
     rows = synthetic_problems("train", seed=5, teacher_error=0.3, teacher_echo=echo, teacher_carry=carry)
     plain = synthetic_problems("train", seed=5, teacher_error=0.3)
-    n_echo = n_zero = could = 0
+    n_echo = n_zero = n_both = could = 0
     for p, q in zip(rows, plain):
         a, b = numbers(p["question"])
         boxed, e, z = reread_styles(a, b, p["response"])
         assert (p["question"], p["answer"], p["teacher_correct"]) == (q["question"], q["answer"], q["teacher_correct"])
         assert boxed == check_arithmetic(a, b, q["response"])  # the same slips as the plain teacher's
         n_echo += e
-        if "=" in q["response"].split(", ", 1)[-1] and not re.search(r"\+1=", q["response"].split(", ", 1)[-1]):
-            could += 1  # a column past the units without a carry: the zero would show
+        if a % 10 + b % 10 < 10:  # two digits and no carry out of the units: a zero carry would show
+            could += 1
             n_zero += z
+            n_both += e and z
     n = len(rows)
     assert abs(n_echo / n - echo) <= 5 * math.sqrt(echo * (1 - echo) / n) + 1e-9, (n_echo, n)
     assert could > 1000 and abs(n_zero / could - carry) <= 5 * math.sqrt(carry * (1 - carry) / could) + 1e-9, (n_zero, could)
+    both = echo * carry  # independent draws
+    assert abs(n_both / could - both) <= 5 * math.sqrt(both * (1 - both) / could) + 1e-9, (n_both, could)
 
 
 def test_teacher_echo_and_carry_examples_seeding_and_config_keys():
@@ -226,6 +229,8 @@ def test_teacher_echo_and_carry_examples_seeding_and_config_keys():
         assert getattr(SFTConfig().data, key) == 0.0  # the default task has one style
         with pytest.raises(ConfigError, match=f"data.{key}"):
             load_sft_config(None, [f"data.{key}=-0.1"])
+        with pytest.raises(ConfigError, match=f"config key 'data.{key}': the synthetic task's teacher only"):
+            load_sft_config(None, [f"data.{key}=0.5", "data.source=some/dataset"])
     rows = load_sft_examples(load_sft_config(None, ["data.num_samples=100", "data.teacher_echo=1", "data.teacher_error=0"]).data)
     for r in rows:
         a, b = numbers(r.prompt[-1]["content"])

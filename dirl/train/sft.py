@@ -179,6 +179,9 @@ class SFTConfig:
             q = getattr(d, key)
             if not 0.0 <= q <= 1.0:
                 raise ConfigError(f"config key 'data.{key}': must be in [0, 1], got {q!r}")
+            if key != "teacher_error" and q and d.source != "synthetic":  # (teacher_error's default is not 0)
+                raise ConfigError(f"config key 'data.{key}': the synthetic task's teacher only; data.source is "
+                                  f"{d.source!r}")
         if d.source != "synthetic" and d.source.endswith((".json", ".jsonl")):
             check_path_exists("data.source", d.source)
         check_synthetic_split(d.source, d.split)
