@@ -39,7 +39,7 @@ from pathlib import Path
 SFT, RL, CTL, SPEED = "SFT", "SFT + RL", "SFT + more SFT", "SFT + RL (speed reward)"
 EXTRA_STAGES = ("RL (speed)", "eval SFT + RL (speed)")  # not part of the default pipeline's time
 EVAL_DIRS = {RL: "eval_rl", SPEED: "eval_rl_speed"}  # the quick-start's folders of these evaluations
-RESTATED = re.compile(r"^\s*\d+\+\d+:")
+RESTATED = re.compile(r"^\s*\d+\+\d+:|\(\d+\+\d+\)\s*$")  # data.teacher_echo's text, at the start or the end
 
 
 def chance_margin(p1: float, p2: float, problems: int, samples: int, z: float) -> float:
@@ -72,7 +72,7 @@ def per_problem(responses: Path) -> dict[str, dict[str, float]]:
         out[k] = {"question": v[0].get("question"),
                   "tps": mean([float(r["tokens_per_step"]) for r in timed]),
                   "steps": mean([float(r["num_steps"]) for r in timed]),
-                  "restated": statistics.fmean(float(bool(RESTATED.match(r["text"]))) for r in v)}
+                  "restated": statistics.fmean(float(bool(RESTATED.search(r["text"]))) for r in v)}
     if not any(x["tps"] is not None for x in out.values()):
         raise ValueError(f"{responses} has no response with tokens per step")
     return out

@@ -31,7 +31,8 @@ def write_run(out: Path, seed: int, speed_gain: float, problems: int = 200, samp
             for j in range(samples):
                 tps = base + (speed_gain if folder == "eval_rl_speed" else 0.0) + rng.gauss(0, 0.05)
                 restate = folder == "eval_rl_speed" or j % 2 == 0
-                text = ("12+34: " if restate else "") + "2+4=6, 1+3=4. \\boxed{46}"
+                text = "2+4=6, 1+3=4. \\boxed{46}"  # restated first or, every other problem, after the answer
+                text = (f"{text} (12+34)" if i % 2 else f"12+34: {text}") if restate else text
                 pid = f"{speed_ids if folder == 'eval_rl_speed' else 'p'}{i}"
                 recs.append({"benchmark": "synthetic", "problem_id": pid, "sample": j, "text": text,
                              "question": f"q{i}", "correct": True, "tokens_per_step": tps, "num_steps": 10,

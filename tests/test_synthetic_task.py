@@ -220,6 +220,15 @@ def test_teacher_echo_and_carry_examples_seeding_and_config_keys():
     assert make_problem(47, 38, teacher_carry=1.0)["response"] == "7+8=15, 4+3+1=8. \\boxed{85}"
     assert make_problem(43, 75, 1.0, teacher_echo=1.0, teacher_carry=1.0)["response"] == "43+75: 3+5=8, 4+7+0=11. \\boxed{119}"
     assert make_problem(5, 8, teacher_carry=1.0)["response"] == "5+8=13. \\boxed{13}"  # no column past the units
+    assert make_problem(43, 75, teacher_echo=1.0, echo_at="end")["response"] == "3+5=8, 4+7=11. \\boxed{118} (43+75)"
+    at_end = synthetic_problems("train", n=300, seed=1, teacher_echo=0.5, teacher_echo_at="end")
+    at_start = synthetic_problems("train", n=300, seed=1, teacher_echo=0.5)
+    for p, q in zip(at_end, at_start):  # the same rows restate, only the place differs
+        assert p["response"].endswith(")") == (":" in q["response"])
+    with pytest.raises(ValueError, match="teacher_echo_at"):
+        synthetic_problems("train", n=3, teacher_echo_at="middle")
+    with pytest.raises(ConfigError, match="data.teacher_echo_at"):
+        load_sft_config(None, ["data.teacher_echo_at=middle"])
     kw = dict(n=200, seed=1, teacher_echo=0.4, teacher_carry=0.4)
     assert synthetic_problems("train", **kw) == synthetic_problems("train", **kw)
     assert synthetic_problems("train", **kw) != synthetic_problems("train", **dict(kw, seed=2))[:200]

@@ -388,14 +388,14 @@ def read_sft_examples(
 
 def synthetic_sft_examples(split: str = "train", n: Optional[int] = None, seed: int = 0, digits: int = 2,
                            teacher_error: float = 0.0, teacher_swap: float = 0.0, teacher_echo: float = 0.0,
-                           teacher_carry: float = 0.0) -> list[SFTExample]:
+                           teacher_carry: float = 0.0, teacher_echo_at: str = "start") -> list[SFTExample]:
     """The built-in arithmetic task as SFT examples (held-out pairs never appear in ``train``), worked
     by the imperfect teacher when ``teacher_error`` or ``teacher_swap`` > 0 (dirl.data.synthetic)."""
     from dirl.data.synthetic import synthetic_problems
 
     rows = synthetic_problems(split, n=n, seed=seed, digits=digits,  # type: ignore[arg-type]
                               teacher_error=teacher_error, teacher_swap=teacher_swap, teacher_echo=teacher_echo,
-                              teacher_carry=teacher_carry)
+                              teacher_carry=teacher_carry, teacher_echo_at=teacher_echo_at)
     return [parse_sft_row(r, f"synthetic[{split}] row {i}") for i, r in enumerate(rows)]
 
 

@@ -27,7 +27,9 @@ section 7), does with it.
 Two more style choices, drawn per row, each with its own probability and its own draws, give correct
 answers in two texts. ``teacher_echo``: the teacher first restates the sum
 (``43+75: 3+5=8, 4+7=11. \\boxed{118}``); the restated digits are copies of the prompt's, so parallel
-decoding writes them many to a step and the answer decodes more tokens per step (in more steps).
+decoding writes them many to a step and the answer decodes more tokens per step (in more steps);
+``teacher_echo_at="end"`` puts the restatement after the boxed answer (``... \\boxed{118} (43+75)``),
+where it cannot help the sum, so accuracy has no reason to prefer either text.
 ``teacher_carry``: the teacher writes a carry of 0 too (``3+5=8, 4+7+0=11``), two more tokens in a
 column without a carry. These stand for the choices between texts of different parallelism that the
 speed reward could act on (docs/QUICKSTART.md measures what RL does with them).
@@ -77,14 +79,17 @@ def slip_of(total: int) -> int:
     return total - total % 10 + (total % 10 + 1) % 10
 
 
+ECHO_PLACES = ("start", "end")
+
+
 def make_problem(a: int, b: int, teacher_error: float = 0.0, seed: int = 0, teacher_swap: float = 0.0,
-                 teacher_echo: float = 0.0, teacher_carry: float = 0.0) -> dict:
+                 teacher_echo: float = 0.0, teacher_carry: float = 0.0, echo_at: str = "start") -> dict:
     """The problem and its worked response. With ``teacher_error`` > 0 the response is the imperfect
     teacher's (the boxed sum slips with that probability; the draw depends on ``seed`` and the pair
     only); with ``teacher_swap`` > 0 each column's digits are written in the other order with that
     probability (its own draws, so the slips stay those of ``teacher_swap`` = 0); with ``teacher_echo``
-    or ``teacher_carry`` > 0 the response restates the sum first or shows carries of 0 with that
-    probability (their own draws too). ``answer`` is always
+    or ``teacher_carry`` > 0 the response restates the sum (first, or after the answer with
+    ``echo_at="end"``) or shows carries of 0 with that probability (their own draws too). ``answer`` is always
     the true sum, ``teacher_correct`` says whether the boxed sum is it."""
     slip = teacher_error > 0 and random.Random(f"teacher:{seed}:{a}+{b}").random() < teacher_error
     given = slip_of(a + b) if slip else a + b
@@ -95,7 +100,9 @@ def make_problem(a: int, b: int, teacher_error: float = 0.0, seed: int = 0, teac
     echo = teacher_echo > 0 and random.Random(f"teacher-echo:{seed}:{a}+{b}").random() < teacher_echo
     carry = teacher_carry > 0 and random.Random(f"teacher-carry:{seed}:{a}+{b}").random() < teacher_carry
     question = f"What is {a}+{b}?"
-    response = (f"{a}+{b}: " if echo else "") + ", ".join(column_steps(a, b, swapped, carry)) + f". \\boxed{{{given}}}"
+    response = ", ".join(column_steps(a, b, swapped, carry)) + f". \\boxed{{{given}}}"
+    if echo:
+        response = f"{a}+{b}: {response}" if echo_at == "start" else f"{response} ({a}+{b})"
     return {"question": question, "answer": str(a + b), "prompt": question, "response": response,
             "teacher_correct": given == a + b}
 
@@ -107,7 +114,7 @@ def all_pairs(digits: int = 2) -> list[tuple[int, int]]:
 
 def synthetic_problems(split: Split = "train", n: Optional[int] = None, seed: int = 0, digits: int = 2,
                        teacher_error: float = 0.0, teacher_swap: float = 0.0, teacher_echo: float = 0.0,
-                       teacher_carry: float = 0.0) -> list[dict]:
+                       teacher_carry: float = 0.0, teacher_echo_at: str = "start") -> list[dict]:
     """``n`` problems of ``split`` (all of them when ``n`` is None), in a seeded order, without repeats;
     responses from the imperfect teacher when ``teacher_error``, ``teacher_swap``, ``teacher_echo`` or
     ``teacher_carry`` > 0 (see the module text)."""
@@ -117,11 +124,14 @@ def synthetic_problems(split: Split = "train", n: Optional[int] = None, seed: in
                     ("teacher_echo", teacher_echo), ("teacher_carry", teacher_carry)):
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {q!r}")
+    if teacher_echo_at not in ECHO_PLACES:
+        raise ValueError(f"teacher_echo_at must be one of {', '.join(ECHO_PLACES)}, got {teacher_echo_at!r}")
     pairs = [p for p in all_pairs(digits) if pair_split(*p) == split]
     random.Random(seed).shuffle(pairs)
     if n is not None:
         if n > len(pairs):
             raise ValueError(f"asked for {n} {split} problems but only {len(pairs)} exist with {digits} digits")
         pairs = pairs[:n]
-    return [dict(make_problem(a, b, teacher_error, seed, teacher_swap, teacher_echo, teacher_carry), id=f"add{digits}-{a}-{b}")
+    return [dict(make_problem(a, b, teacher_error, seed, teacher_swap, teacher_echo, teacher_carry, teacher_echo_at),
+                 id=f"add{digits}-{a}-{b}")
             for a, b in pairs]

@@ -125,9 +125,10 @@ class SFTDataConfig:
     # synthetic only: with this probability, per column, the teacher writes the column's digits in
     # the other order (5+3=8 for 3+5): open choices that cost decoding steps (docs/QUICKSTART.md)
     teacher_swap: float = 0.0
-    # synthetic only: with this probability, per row, the teacher restates the sum first (43+75: ...),
-    # text that decodes many tokens a step: a second text the speed reward can choose (docs/QUICKSTART.md)
+    # synthetic only: with this probability, per row, the teacher restates the sum (43+75: ...), text
+    # that decodes many tokens a step: a second text the speed reward can choose (docs/QUICKSTART.md)
     teacher_echo: float = 0.0
+    teacher_echo_at: str = "start"  # synthetic only: where the restatement goes: start, or end (after the answer)
     # synthetic only: with this probability, per row, the teacher writes carries of 0 too (4+7+0=11)
     teacher_carry: float = 0.0
     max_length: int = 96  # tokens per packed row (the forward holds twice as many: [x_t ; x_0])
@@ -182,6 +183,8 @@ class SFTConfig:
             if key != "teacher_error" and q and d.source != "synthetic":  # (teacher_error's default is not 0)
                 raise ConfigError(f"config key 'data.{key}': the synthetic task's teacher only; data.source is "
                                   f"{d.source!r}")
+        if d.teacher_echo_at not in ("start", "end"):
+            raise ConfigError(f"config key 'data.teacher_echo_at': expected start or end, got {d.teacher_echo_at!r}")
         if d.source != "synthetic" and d.source.endswith((".json", ".jsonl")):
             check_path_exists("data.source", d.source)
         check_synthetic_split(d.source, d.split)
@@ -259,7 +262,8 @@ def load_sft_examples(data: SFTDataConfig):
     if data.source == "synthetic":
         return synthetic_sft_examples(split=data.split, n=limit, seed=data.seed, digits=data.digits,
                                       teacher_error=data.teacher_error, teacher_swap=data.teacher_swap,
-                                      teacher_echo=data.teacher_echo, teacher_carry=data.teacher_carry)
+                                      teacher_echo=data.teacher_echo, teacher_carry=data.teacher_carry,
+                                      teacher_echo_at=data.teacher_echo_at)
     names = FieldNames(messages=data.messages_field, prompt=data.prompt_field, response=data.response_field)
     return read_sft_examples(data.source, split=data.split, names=names, limit=limit, subset=data.subset or None)
 
