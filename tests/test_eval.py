@@ -54,7 +54,7 @@ def test_default_pass_ks():
 
 def _rec(pid, sample, correct, n=10, tps=2.0, finish="stop"):
     return {"problem_id": pid, "sample": sample, "correct": correct, "response_length": n, "tokens_per_step": tps,
-            "finish_reason": finish, "has_answer": True}
+            "num_steps": n / tps if tps else 0, "finish_reason": finish, "has_answer": True}
 
 
 def test_benchmark_metrics_hand_made():
@@ -68,6 +68,7 @@ def test_benchmark_metrics_hand_made():
     assert m["pass@1"] == pytest.approx(0.25)
     assert m["pass@2"] == pytest.approx(0.5)
     assert m["tokens_per_step"] == pytest.approx(2.0)
+    assert m["steps_per_response"] == pytest.approx((5 + 5 + 30 + 40) / 4)
     assert m["mean_response_length"] == pytest.approx(25.0)
     assert m["truncation_rate"] == pytest.approx(0.25)
     assert m["answer_rate"] == 1.0
@@ -76,6 +77,8 @@ def test_benchmark_metrics_hand_made():
     # a missing step map (backend without one) leaves tokens/step out
     m2 = benchmark_metrics([dict(r, tokens_per_step=None) for r in recs], pass_ks=[1])
     assert m2["tokens_per_step"] is None and "pass@2" not in m2
+    m3 = benchmark_metrics([dict(r, num_steps=None) for r in recs] + [_rec("c", 0, True, n=0, tps=0.0)])
+    assert m3["steps_per_response"] is None  # no step map, and an empty response has no steps
     avg = average_metrics({"x": m, "y": dict(m, accuracy=0.75)})
     assert avg["accuracy"] == pytest.approx(0.5) and avg["num_benchmarks"] == 2
     assert avg["pass@2"] == pytest.approx(0.5)
@@ -88,7 +91,8 @@ def test_report_files(tmp_path):
     table = markdown_table(per, avg)
     lines = table.strip().splitlines()
     assert lines[0].startswith("| benchmark | problems | k | accuracy (avg@k) % | pass@1 % | pass@2 %")
-    assert lines[2].startswith("| synthetic | 1 | 2 | 50.0 | 50.0 | 100.0 | 2.00 | 10.0 | 0.0 | 100.0 |")
+    assert lines[0].endswith("| tokens/step | steps/response | mean length | truncated % | boxed % |")
+    assert lines[2].startswith("| synthetic | 1 | 2 | 50.0 | 50.0 | 100.0 | 2.00 | 5.0 | 10.0 | 0.0 | 100.0 |")
     assert lines[-1].startswith("| **average** |  |  | 75.0 |")
     jpath, mpath = write_report(tmp_path, per, avg, {"model": "m"})
     data = json.loads(jpath.read_text())

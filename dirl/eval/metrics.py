@@ -51,7 +51,9 @@ def benchmark_metrics(records: Iterable[Mapping], pass_ks: Optional[Sequence[int
     """Metrics of one benchmark from its response records.
 
     A record needs ``problem_id``, ``correct``, ``response_length``, ``finish_reason`` and
-    ``tokens_per_step`` (None when the backend gave no step map), optionally ``has_answer``.
+    ``tokens_per_step`` (None when the backend gave no step map), optionally ``has_answer`` and
+    ``num_steps`` (the decoding steps that kept a token of the response; ``steps_per_response`` is
+    their mean, the forwards an answer costs, which tokens per step alone does not show).
     pass@j is reported for the requested j that do not exceed the smallest sample count of a
     problem.
     """
@@ -80,6 +82,8 @@ def benchmark_metrics(records: Iterable[Mapping], pass_ks: Optional[Sequence[int
         out["accuracy_std_over_samples"] = math.sqrt(sum((x - m) ** 2 for x in per_round) / len(per_round))
     tps = [float(r["tokens_per_step"]) for r in flat if r.get("tokens_per_step") is not None and r.get("response_length", 0) > 0]
     out["tokens_per_step"] = _mean(tps)
+    out["steps_per_response"] = _mean([float(r["num_steps"]) for r in flat
+                                       if r.get("num_steps") is not None and r.get("response_length", 0) > 0])
     out["mean_response_length"] = _mean([float(r["response_length"]) for r in flat])
     out["truncation_rate"] = _mean([1.0 if r.get("finish_reason") == "length" else 0.0 for r in flat])
     if all("has_answer" in r for r in flat):
@@ -87,7 +91,7 @@ def benchmark_metrics(records: Iterable[Mapping], pass_ks: Optional[Sequence[int
     return out
 
 
-AVERAGED = ("accuracy", "tokens_per_step", "mean_response_length", "truncation_rate", "answer_rate")
+AVERAGED = ("accuracy", "tokens_per_step", "steps_per_response", "mean_response_length", "truncation_rate", "answer_rate")
 
 
 def average_metrics(per_benchmark: Mapping[str, Mapping]) -> dict:

@@ -26,15 +26,16 @@ def pass_columns(per_benchmark: Mapping[str, Mapping]) -> list[str]:
 
 def markdown_table(per_benchmark: Mapping[str, Mapping], average: Optional[Mapping] = None) -> str:
     """One row per benchmark (and the average): problems, samples, avg@k accuracy, pass@j,
-    tokens per step, mean response length, truncation rate (percentages for rates)."""
+    tokens per step, decoding steps per response, mean response length, truncation rate
+    (percentages for rates)."""
     passes = pass_columns(per_benchmark)
     head = ["benchmark", "problems", "k", "accuracy (avg@k) %"] + [f"{p} %" for p in passes]
-    head += ["tokens/step", "mean length", "truncated %", "boxed %"]
+    head += ["tokens/step", "steps/response", "mean length", "truncated %", "boxed %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
 
     def row(name: str, m: Mapping, n: str, k: str) -> str:
         cells = [name, n, k, _pct(m.get("accuracy"))] + [_pct(m.get(p)) for p in passes]
-        cells += [_num(m.get("tokens_per_step")), _num(m.get("mean_response_length"), 1), _pct(m.get("truncation_rate")), _pct(m.get("answer_rate"))]
+        cells += [_num(m.get("tokens_per_step")), _num(m.get("steps_per_response"), 1), _num(m.get("mean_response_length"), 1), _pct(m.get("truncation_rate")), _pct(m.get("answer_rate"))]
         return "| " + " | ".join(cells) + " |"
 
     for name, m in per_benchmark.items():
