@@ -4,7 +4,8 @@ the real size).
 
     python scripts/check_quickstart_gain.py                        # `dirl quickstart --seed S`, S = 0 1 2
     python scripts/check_quickstart_gain.py --seeds 0 1 2 --speed-reward
-    python scripts/check_quickstart_gain.py --speed-only -- --no-control --sft data.teacher_echo=0.5 data.max_length=112
+    python scripts/check_quickstart_gain.py --speed-only -- --no-control --sft data.teacher_echo=0.5 \
+        data.teacher_echo_at=end data.max_length=112     # the speed reward with two texts per answer
     python scripts/check_quickstart_gain.py --summary runs/qs-seed0/summary.json runs/qs-seed1/summary.json
 
 For each seed (the tiny model's initialisation, the SFT data and noise, the RL prompts and samples

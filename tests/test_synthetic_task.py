@@ -227,6 +227,8 @@ def test_teacher_echo_and_carry_examples_seeding_and_config_keys():
         assert p["response"].endswith(")") == (":" in q["response"])
     with pytest.raises(ValueError, match="teacher_echo_at"):
         synthetic_problems("train", n=3, teacher_echo_at="middle")
+    with pytest.raises(ValueError, match="teacher_echo_at"):
+        make_problem(43, 75, teacher_echo=1.0, echo_at="middle")
     with pytest.raises(ConfigError, match="data.teacher_echo_at"):
         load_sft_config(None, ["data.teacher_echo_at=middle"])
     kw = dict(n=200, seed=1, teacher_echo=0.4, teacher_carry=0.4)

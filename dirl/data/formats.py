@@ -390,7 +390,7 @@ def synthetic_sft_examples(split: str = "train", n: Optional[int] = None, seed: 
                            teacher_error: float = 0.0, teacher_swap: float = 0.0, teacher_echo: float = 0.0,
                            teacher_carry: float = 0.0, teacher_echo_at: str = "start") -> list[SFTExample]:
     """The built-in arithmetic task as SFT examples (held-out pairs never appear in ``train``), worked
-    by the imperfect teacher when ``teacher_error`` or ``teacher_swap`` > 0 (dirl.data.synthetic)."""
+    by the imperfect teacher (slips, swapped digits, restatements, carries of 0: dirl.data.synthetic)."""
     from dirl.data.synthetic import synthetic_problems
 
     rows = synthetic_problems(split, n=n, seed=seed, digits=digits,  # type: ignore[arg-type]

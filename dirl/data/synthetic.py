@@ -82,6 +82,11 @@ def slip_of(total: int) -> int:
 ECHO_PLACES = ("start", "end")
 
 
+def check_echo_at(place: str) -> None:
+    if place not in ECHO_PLACES:
+        raise ValueError(f"teacher_echo_at must be one of {', '.join(ECHO_PLACES)}, got {place!r}")
+
+
 def make_problem(a: int, b: int, teacher_error: float = 0.0, seed: int = 0, teacher_swap: float = 0.0,
                  teacher_echo: float = 0.0, teacher_carry: float = 0.0, echo_at: str = "start") -> dict:
     """The problem and its worked response. With ``teacher_error`` > 0 the response is the imperfect
@@ -91,6 +96,7 @@ def make_problem(a: int, b: int, teacher_error: float = 0.0, seed: int = 0, teac
     or ``teacher_carry`` > 0 the response restates the sum (first, or after the answer with
     ``echo_at="end"``) or shows carries of 0 with that probability (their own draws too). ``answer`` is always
     the true sum, ``teacher_correct`` says whether the boxed sum is it."""
+    check_echo_at(echo_at)
     slip = teacher_error > 0 and random.Random(f"teacher:{seed}:{a}+{b}").random() < teacher_error
     given = slip_of(a + b) if slip else a + b
     swapped = None
@@ -124,8 +130,7 @@ def synthetic_problems(split: Split = "train", n: Optional[int] = None, seed: in
                     ("teacher_echo", teacher_echo), ("teacher_carry", teacher_carry)):
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {q!r}")
-    if teacher_echo_at not in ECHO_PLACES:
-        raise ValueError(f"teacher_echo_at must be one of {', '.join(ECHO_PLACES)}, got {teacher_echo_at!r}")
+    check_echo_at(teacher_echo_at)
     pairs = [p for p in all_pairs(digits) if pair_split(*p) == split]
     random.Random(seed).shuffle(pairs)
     if n is not None:

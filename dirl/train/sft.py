@@ -183,8 +183,11 @@ class SFTConfig:
             if key != "teacher_error" and q and d.source != "synthetic":  # (teacher_error's default is not 0)
                 raise ConfigError(f"config key 'data.{key}': the synthetic task's teacher only; data.source is "
                                   f"{d.source!r}")
-        if d.teacher_echo_at not in ("start", "end"):
-            raise ConfigError(f"config key 'data.teacher_echo_at': expected start or end, got {d.teacher_echo_at!r}")
+        from dirl.data.synthetic import ECHO_PLACES
+
+        if d.teacher_echo_at not in ECHO_PLACES:
+            raise ConfigError(f"config key 'data.teacher_echo_at': expected {' or '.join(ECHO_PLACES)}, "
+                              f"got {d.teacher_echo_at!r}")
         if d.source != "synthetic" and d.source.endswith((".json", ".jsonl")):
             check_path_exists("data.source", d.source)
         check_synthetic_split(d.source, d.split)
